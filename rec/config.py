@@ -1,0 +1,164 @@
+"""Typed configuration: one pydantic model per component, all gathered in `RecConfig`.
+
+Every field has a default that runs on a 2-core laptop and a description; unknown keys are
+errors (`extra="forbid"`) so a typo in a YAML file never passes silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EventLogConfig(_Config):
+    segment_max_records: int = Field(
+        500_000, gt=0, description="Records per segment file before a new one is started."
+    )
+    tail_cache_records: int = Field(
+        200_000, gt=0, description="Newest records kept in memory to serve followers without disk reads."
+    )
+    max_batch_events: int = Field(
+        10_000, gt=0, description="Largest batch accepted by one POST /events call."
+    )
+
+
+class ProfileConfig(_Config):
+    max_recent: int = Field(200, gt=0, description="Recent interactions kept per user (the sequence).")
+    tag_half_life_s: float = Field(
+        7 * 86400.0, gt=0, description="Half-life of interest-tag weights, in seconds of event time."
+    )
+    type_weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "view": 1.0,
+            "click": 2.0,
+            "add_to_cart": 3.0,
+            "purchase": 4.0,
+            "rating": 1.0,
+            "like": 3.0,
+            "share": 3.0,
+            "skip": -1.0,
+            "dislike": -2.0,
+        },
+        description="Interaction strength per event type; negative types push the user away.",
+    )
+    rating_center: float = Field(
+        3.0, description="A rating event's weight is value - rating_center (scaled to ±2 at most)."
+    )
+
+
+class RecallConfig(_Config):
+    similarity: Literal["cosine", "pearson"] = Field(
+        "cosine", description="Similarity for item-based and user-based CF."
+    )
+    itemcf_neighbors: int = Field(50, gt=0, description="Neighbours kept per item in item-CF.")
+    usercf_neighbors: int = Field(50, gt=0, description="Similar users consulted in user-CF.")
+    shrinkage: float = Field(10.0, ge=0, description="Similarity shrinkage toward 0 for small overlaps.")
+    embedding_dim: int = Field(64, gt=0, description="Dimension of the item/user embeddings.")
+    embedding_reg: float = Field(
+        10.0, ge=0, description="Ridge regulariser of the closed-form embedding factorisation."
+    )
+    index: Literal["hnsw", "brute"] = Field("hnsw", description="Index serving the embeddings.")
+    hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
+    hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")
+    hnsw_ef_search: int = Field(128, gt=0, description="HNSW query-time candidate list.")
+    index_headroom: int = Field(
+        10_000, ge=0, description="Free slots pre-allocated in the index for items added while serving."
+    )
+    per_source: int = Field(100, gt=0, description="Candidates asked from each recall source.")
+    recent_for_itemcf: int = Field(20, gt=0, description="Most recent items that seed item-CF recall.")
+    trending_half_life_s: float = Field(
+        86400.0, gt=0, description="Half-life of the trending counter, in seconds of event time."
+    )
+
+
+class RankerConfig(_Config):
+    item_embedding_dim: int = Field(32, gt=0, description="Learned item-id embedding size.")
+    hidden: list[int] = Field(default_factory=lambda: [128, 64], description="MLP hidden layer sizes.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between MLP layers.")
+    epochs: int = Field(4, gt=0, description="Training epochs over the assembled examples.")
+    batch_size: int = Field(1024, gt=0, description="Training mini-batch size.")
+    learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay.")
+    negatives: int = Field(4, gt=0, description="Sampled negatives per positive when assembling examples.")
+    max_examples: int = Field(
+        30_000, gt=0, description="Cap on training positives (the newest are kept)."
+    )
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda[:N]'.")
+    seed: int = Field(0, description="Seed for initialisation, sampling and shuffling.")
+
+
+class AggregateConfig(_Config):
+    default_k: int = Field(10, gt=0, description="Items returned when the request gives no k.")
+    max_k: int = Field(200, gt=0, description="Largest k a request may ask for.")
+    candidates: int = Field(300, gt=0, description="Merged candidates passed to the ranker.")
+    explore_fraction: float = Field(
+        0.1, ge=0, le=1, description="Share of the list given to fresh/trending items (exploration)."
+    )
+    max_per_category: int | None = Field(
+        None, gt=0, description="Diversity rule: at most this many items of one category (None: off)."
+    )
+
+
+class TrainConfig(_Config):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0, description="CPUs reserved per Train worker; keep the sum below what Serve leaves."
+    )
+    use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers ask for one each).")
+    torch_threads: int = Field(1, gt=0, description="torch/BLAS threads inside a Train worker.")
+    min_events: int = Field(10, ge=0, description="Retrain refuses to run on fewer events.")
+
+
+class ServingConfig(_Config):
+    topology: Literal["fused", "split"] = Field(
+        "fused",
+        description="'fused': one ingress deployment runs every stage in process (fewest hops); "
+        "'split': Aggregator -> Profile -> Recall -> Ranker deployments.",
+    )
+    ann_shards: int = Field(
+        0, ge=0, description="HNSW shard actors for the embedding index; 0 keeps it in process."
+    )
+    api_key: str = Field("change-me", description="Key for /admin endpoints (header X-API-Key).")
+    max_body_bytes: int = Field(4_000_000, gt=0, description="Largest accepted request body.")
+    reload_poll_s: float = Field(1.0, gt=0, description="How often replicas check for a new model.")
+    accept_unknown_items: bool = Field(
+        True, description="Accept events on items not in the catalogue (the catalogue grows)."
+    )
+    ranker_num_gpus: float = Field(0.0, ge=0, description="GPUs per ranker replica (split topology).")
+    replica_cpus: float = Field(0.25, gt=0, description="num_cpus reserved per Serve replica.")
+
+
+class RecConfig(_Config):
+    """Everything one rec deployment needs; loadable from and dumpable to YAML."""
+
+    data_dir: Path = Field(Path("var"), description="Where the event log and model versions live.")
+    seed: int = Field(0, description="Global seed.")
+    eventlog: EventLogConfig = Field(default_factory=EventLogConfig, description="Event log.")
+    profile: ProfileConfig = Field(default_factory=ProfileConfig, description="User profiles.")
+    recall: RecallConfig = Field(default_factory=RecallConfig, description="Recall sources.")
+    ranker: RankerConfig = Field(default_factory=RankerConfig, description="Ranking model.")
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Final list.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Retraining job.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Serve graph.")
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.data_dir) / "log"
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.data_dir) / "models"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RecConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()) or {})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

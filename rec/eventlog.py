@@ -1,0 +1,507 @@
+"""Append-only, durable event log on local disk: framed Arrow IPC segments, one writer.
+
+Why its own framing: every frame carries its length and a CRC32 of its body, so a write torn by a
+crash is always detectable at the end of the newest segment and is cut on open; readers only ever
+see whole frames. One `append` is one frame and one fsync (the group-commit unit).
+
+Each frame also records its offset range in its Arrow schema metadata. Offsets are therefore
+never reused, even after `forget_user` removes rows (a frame keeps its range, possibly with no
+rows left), and the next offset survives a reopen.
+
+Segment files are named `{first_offset:020d}.seg`; a frame is
+`MAGIC | length (uint32 LE) | crc32 (uint32 LE) | body`, the body a complete Arrow IPC stream
+(schema + one record batch + EOS).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+import threading
+import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rec.config import EventLogConfig
+from rec.events import KIND_EVENT
+
+RECORD_FIELDS = (
+    "kind",
+    "user_id",
+    "item_id",
+    "type",
+    "value",
+    "ts",
+    "context",
+    "request_id",
+    "payload",
+)
+_FLOAT_FIELDS = frozenset({"value", "ts"})
+_FIELD_SET = frozenset(RECORD_FIELDS)
+
+SCHEMA = pa.schema(
+    [pa.field("offset", pa.int64(), nullable=False)]
+    + [pa.field(k, pa.float64() if k in _FLOAT_FIELDS else pa.string()) for k in RECORD_FIELDS]
+)
+_VALUE_SCHEMA = pa.schema(list(SCHEMA)[1:])
+
+MAGIC = b"RECF"
+_HEADER = struct.Struct("<4sII")
+_MAX_BODY = 0xFFFFFFFF
+_META_FIRST = b"rec.first"
+_META_LAST = b"rec.last"
+_READ_BUFFER = 1 << 20
+
+
+class CorruptLogError(Exception):
+    """The log is damaged somewhere other than a torn tail, so it cannot be repaired by a cut."""
+
+
+@dataclass(slots=True)
+class _Frame:
+    """Where a frame sits in its segment file and which offsets it covers."""
+
+    pos: int
+    size: int
+    first: int
+    last: int
+
+
+@dataclass(slots=True)
+class _Segment:
+    first: int
+    path: Path
+    frames: list[_Frame] | None = None  # None: a sealed segment not scanned yet
+
+
+@dataclass(slots=True)
+class _Cached:
+    first: int
+    last: int
+    batch: pa.RecordBatch
+
+
+class EventLog:
+    """Durable append-only log with offsets, a tail cache, Parquet snapshots and user erasure.
+
+    Thread-safety: `_write_lock` guards the files and the segment index (appends, disk reads,
+    snapshots, erasure); `_state_lock` guards the published tail cache, so reads served from the
+    cache never wait for an fsync.
+    """
+
+    def __init__(self, path: str | Path, config: EventLogConfig | None = None) -> None:
+        self.path = Path(path)
+        self.config = config or EventLogConfig()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        for stale in self.path.glob("*.tmp"):  # an erasure or snapshot that never got replaced in
+            stale.unlink()
+        self._segments = [_Segment(int(p.stem), p) for p in sorted(self.path.glob("*.seg"))]
+        if not self._segments:
+            self._segments.append(_Segment(0, self._segment_path(0), []))
+            self._segments[0].path.touch()
+            _fsync_dir(self.path)
+        active = self._segments[-1]
+        self.recovered_bytes_cut: int = _recover(active)
+        assert active.frames is not None
+        self._next_offset = active.frames[-1].last + 1 if active.frames else active.first
+        self._active_size = active.frames[-1].pos + active.frames[-1].size if active.frames else 0
+        self._file = open(active.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
+        self._tail: deque[_Cached] = deque()
+        self._tail_rows = 0
+        self._tail_start = self._next_offset
+        self._closed = False
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def next_offset(self) -> int:
+        """Offset the next appended record gets."""
+        return self._next_offset
+
+    def append(self, records: list[dict[str, Any]]) -> tuple[int, int]:
+        """Append `records` as one fsynced frame; returns (first, last) offsets, last inclusive.
+
+        Missing keys are stored as None; unknown keys or values of the wrong type raise
+        ValueError before anything is written. If the write or fsync fails the file is cut back,
+        so nothing half-written stays and `next_offset` is unchanged.
+        """
+        if not records:
+            raise ValueError("append needs at least one record")
+        with self._write_lock:
+            self._check_open()
+            first = self._next_offset
+            last = first + len(records) - 1
+            batch = _to_batch(records, first)
+            frame = _encode(first, last, batch)
+            if first - self._segments[-1].first >= self.config.segment_max_records:
+                self._roll()
+            pos = self._active_size
+            try:
+                _write_all(self._file, frame)
+                os.fsync(self._file.fileno())
+            except BaseException:
+                # No fsync needed after the cut: a partial frame that reaches disk is a torn tail.
+                self._file.truncate(pos)
+                raise
+            frames = self._segments[-1].frames
+            assert frames is not None
+            frames.append(_Frame(pos, len(frame), first, last))
+            self._active_size = pos + len(frame)
+            with self._state_lock:
+                self._next_offset = last + 1
+                self._cache(_Cached(first, last, batch))
+        return first, last
+
+    def read(self, start: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        """Records with offset >= start in offset order (at most `limit`), each with "offset"."""
+        return pa.Table.from_batches(self._batches(start, None, limit), SCHEMA).to_pylist()
+
+    def table(self, start: int = 0, end: int | None = None) -> pa.Table:
+        """Records with start <= offset < end (end None: to the newest) as a SCHEMA table."""
+        return pa.Table.from_batches(self._batches(start, end, None), SCHEMA)
+
+    def snapshot(self, dest: str | Path) -> tuple[Path, int]:
+        """Write everything in the log now to one zstd Parquet file, atomically.
+
+        `dest` ending in ".parquet" is the file itself; otherwise it is a directory and the file
+        is named after the offset it runs up to. Returns (path, next_offset at the snapshot).
+        Appends wait while the snapshot is written, so it is exactly the log up to that offset.
+        """
+        dest = Path(dest)
+        with self._write_lock:
+            self._check_open()
+            upto = self._next_offset
+            target = dest if dest.suffix == ".parquet" else dest / f"{upto:020d}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+                for idx in range(len(self._segments)):
+                    batches = [
+                        b for *_, b in self._segment_batches(idx, 0, None) if b.num_rows
+                    ]
+                    if batches:
+                        writer.write_table(pa.Table.from_batches(batches, SCHEMA))
+            _fsync_file(tmp)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        return target, upto
+
+    def forget_user(self, user_id: str) -> int:
+        """Physically erase every "event" record of `user_id`; returns how many were removed.
+
+        Each affected segment is rewritten to a temporary file, fsynced and renamed over the old
+        one. Other records keep their offsets; frames keep their offset ranges. Records of other
+        kinds (notably the user_delete tombstone followers need) are kept.
+        """
+        needle = user_id.encode()
+        removed = 0
+        with self._write_lock:
+            self._check_open()
+            for idx, seg in enumerate(self._segments):
+                data = seg.path.read_bytes()
+                if needle not in data:  # bodies are uncompressed Arrow, so strings appear as is
+                    continue
+                out = bytearray()
+                frames: list[_Frame] = []
+                seg_removed = 0
+                for fr in self._frames(idx):
+                    raw: bytes | memoryview = memoryview(data)[fr.pos : fr.pos + fr.size]
+                    body = _valid_body(raw, 0)
+                    if body is None:
+                        raise CorruptLogError(f"{seg.path}: bad frame at byte {fr.pos}")
+                    if data.find(needle, fr.pos, fr.pos + fr.size) != -1:
+                        batch = _read_batch(body)
+                        kept = batch.filter(pc.invert(_of_user(batch, user_id)))
+                        if kept.num_rows < batch.num_rows:
+                            seg_removed += batch.num_rows - kept.num_rows
+                            raw = _encode(fr.first, fr.last, kept)
+                    frames.append(_Frame(len(out), len(raw), fr.first, fr.last))
+                    out += raw
+                if not seg_removed:
+                    continue
+                tmp = seg.path.with_name(seg.path.name + ".tmp")
+                tmp.write_bytes(out)
+                _fsync_file(tmp)
+                os.replace(tmp, seg.path)
+                _fsync_dir(self.path)
+                seg.frames = frames
+                removed += seg_removed
+                if idx == len(self._segments) - 1:  # the append handle points at the old file
+                    self._file.close()
+                    self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115
+                    self._active_size = len(out)
+            if removed:
+                with self._state_lock:
+                    self._tail = deque(
+                        _Cached(c.first, c.last, c.batch.filter(pc.invert(_of_user(c.batch, user_id))))
+                        for c in self._tail
+                    )
+                    self._tail_rows = sum(c.batch.num_rows for c in self._tail)
+        return removed
+
+    def close(self) -> None:
+        """Close the append handle; the log can be reopened by a new EventLog."""
+        with self._write_lock:
+            if not self._closed:
+                self._file.close()
+                self._closed = True
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"event log {self.path} is closed")
+
+    def _segment_path(self, first: int) -> Path:
+        return self.path / f"{first:020d}.seg"
+
+    def _roll(self) -> None:
+        """Start a new segment at next_offset; the directory is fsynced so the file survives."""
+        seg = _Segment(self._next_offset, self._segment_path(self._next_offset), [])
+        new_file = open(seg.path, "ab", buffering=0)  # noqa: SIM115
+        self._file.close()
+        self._file = new_file
+        self._segments.append(seg)
+        self._active_size = 0
+        _fsync_dir(self.path)
+
+    def _cache(self, item: _Cached) -> None:
+        """Add a committed frame to the tail cache, evicting whole old frames beyond the cap."""
+        self._tail.append(item)
+        self._tail_rows += item.batch.num_rows
+        while self._tail and self._tail_rows > self.config.tail_cache_records:
+            self._tail_rows -= self._tail.popleft().batch.num_rows
+        self._tail_start = self._tail[0].first if self._tail else self._next_offset
+
+    def _batches(self, start: int, end: int | None, limit: int | None) -> list[pa.RecordBatch]:
+        """Batches of records in [start, end), at most `limit` rows: from the cache if it covers
+        `start`, else from disk."""
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        self._check_open()
+        picked: list[_Cached] = []
+        with self._state_lock:
+            cached = start >= self._tail_start
+            if cached:
+                for c in reversed(self._tail):
+                    if c.last < start:
+                        break
+                    picked.append(c)
+        if cached:
+            return _clip(((c.first, c.batch) for c in reversed(picked)), start, end, limit)
+        with self._write_lock:
+            first_seg = max(bisect.bisect_right([s.first for s in self._segments], start) - 1, 0)
+            frames = (
+                (first, batch)
+                for idx in range(first_seg, len(self._segments))
+                for first, _, batch in self._segment_batches(idx, start, end)
+            )
+            return _clip(frames, start, end, limit)
+
+    def _segment_batches(
+        self, idx: int, start: int, end: int | None
+    ) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+        """(first, last, batch) of the frames of segment `idx` that overlap [start, end)."""
+        frames = self._frames(idx)
+        j = bisect.bisect_left(frames, start, key=lambda f: f.last)
+        if j == len(frames) or (end is not None and frames[j].first >= end):
+            return
+        path = self._segments[idx].path
+        with open(path, "rb", buffering=_READ_BUFFER) as fh:
+            fh.seek(frames[j].pos)
+            for fr in frames[j:]:
+                if end is not None and fr.first >= end:
+                    return
+                body = _valid_body(fh.read(fr.size), 0)
+                if body is None:
+                    raise CorruptLogError(f"{path}: bad frame at byte {fr.pos}")
+                yield fr.first, fr.last, _read_batch(body)
+
+    def _frames(self, idx: int) -> list[_Frame]:
+        """The frame index of segment `idx`, scanning a sealed segment strictly on first use."""
+        seg = self._segments[idx]
+        if seg.frames is None:
+            data = seg.path.read_bytes()
+            frames, good = _scan(data, seg.first, seg.path)
+            if good != len(data):
+                raise CorruptLogError(f"{seg.path}: bad frame at byte {good} of a sealed segment")
+            end = frames[-1].last + 1 if frames else seg.first
+            following = self._segments[idx + 1].first
+            if end != following:
+                raise CorruptLogError(
+                    f"{seg.path} ends at offset {end} but the next segment starts at {following}"
+                )
+            seg.frames = frames
+        return seg.frames
+
+
+# -- frames --------------------------------------------------------------------------------
+
+
+def _to_batch(records: list[dict[str, Any]], first: int) -> pa.RecordBatch:
+    """Records in log format -> a SCHEMA batch with offsets from `first`; ValueError if bad."""
+    if not all(isinstance(r, dict) and r.keys() <= _FIELD_SET for r in records):
+        bad = next(r for r in records if not (isinstance(r, dict) and r.keys() <= _FIELD_SET))
+        if not isinstance(bad, dict):
+            raise ValueError(f"a record must be a dict, got {type(bad).__name__}")
+        raise ValueError(f"unknown record keys: {sorted(bad.keys() - _FIELD_SET)}")
+    try:
+        values = pa.RecordBatch.from_pylist(records, schema=_VALUE_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ValueError(f"bad record value: {exc}") from exc
+    offsets = pa.array(np.arange(first, first + len(records), dtype=np.int64))
+    return pa.RecordBatch.from_arrays([offsets, *values.columns], schema=SCHEMA)
+
+
+def _encode(first: int, last: int, batch: pa.RecordBatch) -> bytes:
+    """One frame: header + an Arrow IPC stream whose schema metadata holds the offset range."""
+    meta = {_META_FIRST: str(first).encode(), _META_LAST: str(last).encode()}
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, SCHEMA.with_metadata(meta)) as writer:
+        writer.write_batch(batch)
+    body = sink.getvalue()
+    if body.size > _MAX_BODY:
+        raise ValueError(f"frame of {body.size} bytes is too large")
+    return _HEADER.pack(MAGIC, body.size, zlib.crc32(body)) + body.to_pybytes()
+
+
+def _valid_body(data: bytes | memoryview, pos: int) -> memoryview | None:
+    """The body of the frame at `pos` if it is whole and its checksum matches, else None."""
+    if len(data) - pos < _HEADER.size:
+        return None
+    magic, length, crc = _HEADER.unpack_from(data, pos)
+    start = pos + _HEADER.size
+    if magic != MAGIC or start + length > len(data):
+        return None
+    body = memoryview(data)[start : start + length]
+    return body if zlib.crc32(body) == crc else None
+
+
+def _open_body(body: memoryview) -> pa.ipc.RecordBatchStreamReader:
+    try:
+        return pa.ipc.open_stream(pa.py_buffer(body))
+    except pa.ArrowInvalid as exc:  # checksum matched, so this is not a torn write
+        raise CorruptLogError(f"undecodable frame body: {exc}") from exc
+
+
+def _read_batch(body: memoryview) -> pa.RecordBatch:
+    try:
+        batch = _open_body(body).read_next_batch()
+    except (pa.ArrowInvalid, StopIteration) as exc:
+        raise CorruptLogError(f"undecodable frame body: {exc}") from exc
+    return batch.replace_schema_metadata(None)
+
+
+def _frame_range(body: memoryview) -> tuple[int, int]:
+    meta = _open_body(body).schema.metadata or {}
+    try:
+        return int(meta[_META_FIRST]), int(meta[_META_LAST])
+    except (KeyError, ValueError) as exc:
+        raise CorruptLogError("frame without an offset range") from exc
+
+
+def _scan(data: bytes, first: int, path: Path) -> tuple[list[_Frame], int]:
+    """Index the leading run of valid frames of a segment; returns them and where they end.
+
+    Frames must cover consecutive offsets starting at the segment's first offset.
+    """
+    frames: list[_Frame] = []
+    pos = 0
+    expected = first
+    while (body := _valid_body(data, pos)) is not None:
+        f_first, f_last = _frame_range(body)
+        if f_first != expected or f_last < f_first:
+            raise CorruptLogError(
+                f"{path}: frame at byte {pos} covers {f_first}..{f_last}, expected {expected}.."
+            )
+        size = _HEADER.size + len(body)
+        frames.append(_Frame(pos, size, f_first, f_last))
+        pos += size
+        expected = f_last + 1
+    return frames, pos
+
+
+def _recover(seg: _Segment) -> int:
+    """Scan the last segment and cut a torn tail (fsynced); returns the bytes cut.
+
+    Bad bytes after the last good frame are a torn tail only if no valid frame follows them;
+    otherwise the damage is in the middle of the log and CorruptLogError is raised.
+    """
+    data = seg.path.read_bytes()
+    seg.frames, good = _scan(data, seg.first, seg.path)
+    if good == len(data):
+        return 0
+    at = data.find(MAGIC, good + 1)
+    while at != -1:
+        if _valid_body(data, at) is not None:
+            raise CorruptLogError(f"{seg.path}: bad frame at byte {good} followed by valid data")
+        at = data.find(MAGIC, at + 1)
+    with open(seg.path, "r+b") as fh:
+        fh.truncate(good)
+        os.fsync(fh.fileno())
+    return len(data) - good
+
+
+def _clip(
+    frames: Iterable[tuple[int, pa.RecordBatch]], start: int, end: int | None, limit: int | None
+) -> list[pa.RecordBatch]:
+    """Slice (first, batch) pairs in offset order to [start, end), at most `limit` rows."""
+    out: list[pa.RecordBatch] = []
+    taken = 0
+    for first, batch in frames:
+        if (end is not None and first >= end) or (limit is not None and taken >= limit):
+            break
+        offsets = batch.column(0).to_numpy()
+        lo = int(np.searchsorted(offsets, start))
+        hi = len(offsets) if end is None else int(np.searchsorted(offsets, end))
+        if limit is not None:
+            hi = min(hi, lo + limit - taken)
+        if hi > lo:
+            out.append(batch.slice(lo, hi - lo))
+            taken += hi - lo
+    return out
+
+
+def _of_user(batch: pa.RecordBatch, user_id: str) -> pa.Array:
+    """Mask of the rows that are "event" records of `user_id` (nulls count as no)."""
+    mask = pc.and_(pc.equal(batch["kind"], KIND_EVENT), pc.equal(batch["user_id"], user_id))
+    return pc.fill_null(mask, False)
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def _write_all(fh: Any, data: bytes) -> None:
+    """Write all of `data` to an unbuffered file (raw writes may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view) :]
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make file creations and renames in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,131 @@
+"""A model version: everything training produces, saved as a directory of safe formats.
+
+    models/<version>/meta.json     version, log offset it was trained up to, metrics, config
+    models/<version>/arrays.npz    item ids, embeddings, item-CF and user-CF matrices (no pickle)
+    models/<version>/ranker/       safetensors weights + JSON
+    models/<version>/index/        the HNSW (or brute-force) shards over the item vectors
+    models/CURRENT                 name of the live version (written atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rec.config import RecallConfig
+from rec.index import Index, ShardedIndex, load_index, make_index
+from rec.ranker import Ranker
+from rec.recall import Embeddings, ItemCF, UserCF
+
+
+@dataclass
+class ModelBundle:
+    version: str
+    item_ids: list[str]
+    user_ids: list[str]
+    embeddings: Embeddings
+    itemcf: ItemCF
+    usercf: UserCF
+    item_categories: list[str | None]
+    ranker: Ranker | None = None
+    log_offset: int = 0
+    metrics: dict = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def build_index(self, config: RecallConfig, shards: int = 1) -> Index:
+        """An index over the item vectors, `shards` ways (item index i goes to shard i % shards)."""
+        parts = []
+        ids = np.arange(self.n_items, dtype=np.int64)
+        for s in range(max(shards, 1)):
+            mine = ids[ids % max(shards, 1) == s]
+            params = {}
+            if config.index == "hnsw":
+                params = dict(max_elements=len(mine) + config.index_headroom + 1, m=config.hnsw_m,
+                              ef_construction=config.hnsw_ef_construction,
+                              ef_search=config.hnsw_ef_search, num_threads=1)
+            index = make_index(config.index, self.embeddings.dim, **params)
+            if len(mine):
+                index.add(mine, self.embeddings.item[mine])
+            parts.append(index)
+        return ShardedIndex(parts)
+
+    def save(self, root: str | Path, index: Index | None = None) -> Path:
+        """Write this version under root/<version> (atomically, via a temporary directory)."""
+        root = Path(root)
+        final = root / self.version
+        tmp = root / f".{self.version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        arrays = {
+            "item_ids": np.asarray(self.item_ids, dtype=str),
+            "user_ids": np.asarray(self.user_ids, dtype=str),
+            "item_categories": np.asarray([c or "" for c in self.item_categories], dtype=str),
+            **self.embeddings.arrays(),
+            **self.itemcf.arrays(),
+            **self.usercf.arrays(),
+        }
+        np.savez(tmp / "arrays.npz", **arrays)
+        if self.ranker is not None:
+            self.ranker.save(tmp / "ranker")
+        if index is not None:
+            index.save(tmp / "index")
+        meta = {"version": self.version, "log_offset": self.log_offset, "metrics": self.metrics,
+                "created": self.created}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> ModelBundle:
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        with np.load(path / "arrays.npz", allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        ranker = Ranker.load(path / "ranker", device=device) if (path / "ranker").exists() else None
+        return cls(
+            version=meta["version"],
+            item_ids=arrays["item_ids"].tolist(),
+            user_ids=arrays["user_ids"].tolist(),
+            embeddings=Embeddings.from_arrays(arrays),
+            itemcf=ItemCF.from_arrays(arrays),
+            usercf=UserCF.from_arrays(arrays),
+            item_categories=[c or None for c in arrays["item_categories"].tolist()],
+            ranker=ranker,
+            log_offset=int(meta["log_offset"]),
+            metrics=meta.get("metrics", {}),
+            created=float(meta.get("created", 0.0)),
+        )
+
+
+def load_saved_index(version_dir: str | Path) -> Index | None:
+    path = Path(version_dir) / "index"
+    return load_index(path) if path.exists() else None
+
+
+def new_version_name(now: float | None = None) -> str:
+    t = time.time() if now is None else now
+    return time.strftime("v%Y%m%d-%H%M%S", time.gmtime(t)) + f"-{int((t % 1) * 1e6):06d}"
+
+
+def publish(root: str | Path, version: str) -> None:
+    """Point CURRENT at `version` atomically."""
+    root = Path(root)
+    tmp = root / ".CURRENT.tmp"
+    tmp.write_text(version)
+    os.replace(tmp, root / "CURRENT")
+
+
+def current_version(root: str | Path) -> str | None:
+    path = Path(root) / "CURRENT"
+    return path.read_text().strip() if path.exists() else None

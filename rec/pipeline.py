@@ -1,0 +1,480 @@
+"""The serving pipeline as plain Python: live state followed from the log, and the four stages
+(profile → recall → rank → aggregate) as methods.
+
+The same object runs in one process (the fused topology, offline evaluation, tests) or split
+across Serve deployments, each calling only its stage; what crosses a stage boundary carries
+item ids as strings, so replicas whose catalogues differ for a moment never mix items up.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from rec.catalog import Catalog
+from rec.config import RecConfig
+from rec.events import (
+    KIND_EVENT,
+    KIND_ITEM,
+    KIND_ITEM_DELETE,
+    KIND_USER_DELETE,
+    parse_payload,
+)
+from rec.index import Index
+from rec.model import ModelBundle
+from rec.profile import ProfileStore, ProfileView, event_weight
+from rec.recall import Cooccurrence, Trending, top_n
+
+SOURCES = ("itemcf", "usercf", "ann", "pop", "new")
+DENSE_FEATURES = (
+    "s_itemcf",
+    "s_usercf",
+    "s_ann",
+    "log_pop",
+    "log_trend",
+    "log_age_days",
+    "cat_affinity",
+    "tag_affinity",
+    "last_cat_match",
+    "log_user_events",
+    "hour_sin",
+    "hour_cos",
+)
+NEW_ITEMS_KEPT = 200
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Merged recall output: one row per candidate item."""
+
+    item_ids: tuple[str, ...]
+    sources: tuple[tuple[str, ...], ...]
+    scores: np.ndarray  # [n, 3]: itemcf, usercf, ann scores of every candidate
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+class Recommender:
+    def __init__(self, config: RecConfig, model: ModelBundle | None = None,
+                 index: Index | None = None) -> None:
+        self.config = config
+        self.catalog = Catalog()
+        self.profiles = ProfileStore(config.profile)
+        self.cooc = Cooccurrence(config.recall.recent_for_itemcf)
+        self.pop_counts: dict[str, float] = {}
+        self.pop_trend = Trending(config.recall.trending_half_life_s)
+        self.new_items: deque[str] = deque(maxlen=NEW_ITEMS_KEPT)
+        self.offset = 0  # next log offset to apply
+        self.model: ModelBundle | None = None
+        self.index: Index | None = None
+        self._item_vecs = np.zeros((0, 1), np.float32)
+        self._query_vecs = np.zeros((0, 1), np.float32)
+        if model is not None:
+            self.swap_model(model, index, [])
+
+    # ---- live state -------------------------------------------------------------------------
+
+    @property
+    def version(self) -> str | None:
+        return self.model.version if self.model else None
+
+    def apply(self, records: list[dict]) -> None:
+        """Fold log records (in offset order) into the live state; already-applied ones are skipped."""
+        for r in records:
+            off = r.get("offset")
+            if off is not None:
+                if off < self.offset:
+                    continue
+                self.offset = off + 1
+            kind = r["kind"]
+            if kind == KIND_EVENT:
+                self._apply_event(r)
+            elif kind == KIND_ITEM:
+                p = parse_payload(r)
+                is_new = r["item_id"] not in self.catalog.index
+                idx = self.catalog.upsert(r["item_id"], p.get("category"), p.get("tags") or [],
+                                          p.get("title"), r["ts"])
+                self._ensure_vectors(idx)
+                if is_new or idx >= (self.model.n_items if self.model else 0):
+                    self.new_items.append(r["item_id"])
+            elif kind == KIND_ITEM_DELETE:
+                idx = self.catalog.delete(r["item_id"])
+                if idx is not None and self.index is not None:
+                    self.index.mark_deleted(np.asarray([idx]))
+            elif kind == KIND_USER_DELETE:
+                self.profiles.forget(r["user_id"])
+
+    def _apply_event(self, r: dict) -> None:
+        item_id, ts = r["item_id"], float(r["ts"])
+        idx = self.catalog.ensure(item_id, ts)
+        self._ensure_vectors(idx)
+        prof = self.profiles.users.get(r["user_id"])
+        first_time = prof is None or item_id not in prof.items
+        recent = [i for i, w, _ in prof.recent if w > 0] if prof else []
+        w = event_weight(r["type"], r.get("value"), self.config.profile)
+        self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
+                                  self.version)
+        if w > 0:
+            self.cooc.add(item_id, recent, first_time)
+            self.pop_counts[item_id] = self.pop_counts.get(item_id, 0.0) + 1.0
+            self.pop_trend.add(item_id, ts)
+
+    def _ensure_vectors(self, idx: int) -> None:
+        """Give catalogue items the model does not know a vector: the mean of their category's
+        (content cold start), so new items can be found by the ANN index at once."""
+        if self.model is None or idx < len(self._item_vecs):
+            return
+        n = len(self.catalog)
+        dim = self._item_vecs.shape[1]
+        add_item = np.zeros((n - len(self._item_vecs), dim), np.float32)
+        add_query = np.zeros_like(add_item)
+        for row, i in enumerate(range(len(self._item_vecs), n)):
+            cat = self.catalog.category(self.catalog.ids[i])
+            members = self._category_members.get(cat)
+            if members is not None and len(members):
+                add_item[row] = self.model.embeddings.item[members].mean(axis=0)
+                add_query[row] = self.model.embeddings.query[members].mean(axis=0)
+        start = len(self._item_vecs)
+        self._item_vecs = np.vstack([self._item_vecs, add_item])
+        self._query_vecs = np.vstack([self._query_vecs, add_query])
+        if self.index is not None:
+            live = np.flatnonzero(np.abs(add_item).sum(axis=1) > 0)
+            if len(live):
+                self.index.add(np.arange(start, n, dtype=np.int64)[live], add_item[live])
+
+    def _query_vector(self, item_id: str) -> np.ndarray | None:
+        idx = self.catalog.index.get(item_id)
+        if idx is None or idx >= len(self._query_vecs):
+            return None
+        return self._query_vecs[idx]
+
+    def swap_model(self, model: ModelBundle, index: Index | None,
+                   records_since: list[dict]) -> None:
+        """Switch to a new model version: re-base the catalogue on its item order, rebuild the
+        vectors, and recount online co-occurrence from the records after its training offset."""
+        self.model = model
+        self.catalog = self.catalog.rebase(model.item_ids)
+        for item_id, cat in zip(model.item_ids, model.item_categories, strict=True):
+            if self.catalog.meta[item_id].category is None:
+                self.catalog.meta[item_id].category = cat
+        members: dict[str | None, list[int]] = {}
+        for i, cat in enumerate(model.item_categories):
+            members.setdefault(cat, []).append(i)
+        self._category_members = {c: np.asarray(v) for c, v in members.items() if c is not None}
+        self._item_vecs = model.embeddings.item.copy()
+        self._query_vecs = model.embeddings.query.copy()
+        self.index = index if index is not None else model.build_index(self.config.recall)
+        self._ensure_vectors(len(self.catalog) - 1)
+        deleted = [self.catalog.index[i] for i in self.catalog.deleted if i in self.catalog.index]
+        if deleted and self.index is not None:
+            self.index.mark_deleted(np.asarray(deleted))
+        self.cooc = Cooccurrence(self.config.recall.recent_for_itemcf)
+        replay_profiles = ProfileStore(self.config.profile)
+        for r in records_since:
+            if r["kind"] == KIND_EVENT and r.get("offset", model.log_offset) >= model.log_offset:
+                prof = replay_profiles.users.get(r["user_id"])
+                recent = [i for i, w, _ in prof.recent if w > 0] if prof else []
+                first = prof is None or r["item_id"] not in prof.items
+                replay_profiles.apply_event(r, None, lambda _: None, None)
+                if event_weight(r["type"], r.get("value"), self.config.profile) > 0:
+                    self.cooc.add(r["item_id"], recent, first)
+
+    # ---- stage 1: profile ------------------------------------------------------------------
+
+    def view(self, user_id: str) -> ProfileView:
+        return self.profiles.view(user_id, self._query_vector, self.version)
+
+    # ---- stage 2: recall -------------------------------------------------------------------
+
+    def ann_query(self, view: ProfileView) -> np.ndarray | None:
+        return view.vec
+
+    def ann_filter(self, view: ProfileView) -> np.ndarray:
+        return self._indices(view.seen)
+
+    def recall(self, view: ProfileView,
+               ann: tuple[np.ndarray, np.ndarray] | None = None) -> CandidateSet:
+        """Candidates from every source, merged and deduplicated, seen and deleted items out.
+        `ann` is the embedding search result when the index lives elsewhere (shard actors)."""
+        n = self.config.recall.per_source
+        n_total = len(self.catalog)
+        exclude = self._exclude(view)
+        found: dict[int, list[str]] = {}
+        dense = self._dense_scores(view, n_total)
+        for name in ("itemcf", "usercf"):
+            idx, _ = top_n(dense[name], n, exclude)
+            for i in idx.tolist():
+                found.setdefault(i, []).append(name)
+        if view.vec is not None:
+            if ann is None and self.index is not None and len(self.index):
+                ids, _ = self.index.search(view.vec, n, filter_ids=exclude)
+                ann = (ids[0], None)
+            if ann is not None:
+                bad = set(exclude.tolist())
+                for i in ann[0].tolist():
+                    if i >= 0 and i not in bad:
+                        found.setdefault(int(i), []).append("ann")
+        trend = self.pop_trend.vector(self.catalog)
+        idx, _ = top_n(trend, n, exclude)
+        for i in idx.tolist():
+            found.setdefault(i, []).append("pop")
+        for item_id in list(self.new_items)[-n:]:
+            i = self.catalog.index[item_id]
+            if i not in found and item_id not in view.seen and item_id not in self.catalog.deleted:
+                found.setdefault(i, []).append("new")
+        cand = np.fromiter(found.keys(), np.int64, len(found))
+        if len(cand) > self.config.aggregate.candidates:
+            prior = dense["itemcf"][cand] + dense["usercf"][cand] + 1e-3 * trend[cand]
+            cand = cand[np.argsort(-prior, kind="stable")[: self.config.aggregate.candidates]]
+        scores = self._score_matrix(view, cand, dense)
+        return CandidateSet(tuple(self.catalog.ids[i] for i in cand.tolist()),
+                            tuple(tuple(found[i]) for i in cand.tolist()), scores)
+
+    def score_candidates(self, view: ProfileView, item_ids: list[str]) -> CandidateSet:
+        """The same per-source scores for items chosen elsewhere (training examples)."""
+        idx = np.asarray([self.catalog.ensure(i) for i in item_ids], np.int64)
+        self._ensure_vectors(len(self.catalog) - 1)
+        scores = self._score_matrix(view, idx, self._dense_scores(view, len(self.catalog)))
+        return CandidateSet(tuple(item_ids), tuple(() for _ in item_ids), scores)
+
+    def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
+        out = {"itemcf": np.zeros(n_total, np.float32), "usercf": np.zeros(n_total, np.float32)}
+        if not view.recent:
+            return out
+        seeds = self._seeds(view)
+        if self.model is not None and seeds:
+            idx = np.asarray([i for i, _ in seeds], np.int64)
+            w = np.asarray([w for _, w in seeds], np.float32)
+            out["itemcf"] = self.model.itemcf.scores(idx, w, n_total)
+            hist = [(self.catalog.index[i], wt) for i, wt in self._history(view)]
+            if hist:
+                hidx = np.asarray([i for i, _ in hist], np.int64)
+                hw = np.asarray([w for _, w in hist], np.float32)
+                out["usercf"] = self.model.usercf.scores(hidx, hw, n_total)
+        for i, w in seeds:  # online co-occurrence, including items newer than the model
+            for j, s in self.cooc.neighbors(self.catalog.ids[i]).items():
+                jdx = self.catalog.index.get(j)
+                if jdx is not None and jdx < n_total:
+                    out["itemcf"][jdx] += w * s
+        return out
+
+    def _seeds(self, view: ProfileView) -> list[tuple[int, float]]:
+        """The most recent positively-rated distinct items, weighted by recency."""
+        seeds: dict[int, float] = {}
+        limit = self.config.recall.recent_for_itemcf
+        for item_id, w, _ in reversed(view.recent):
+            idx = self.catalog.index.get(item_id)
+            if idx is None or w <= 0 or idx in seeds:
+                continue
+            seeds[idx] = 1.0 / (1.0 + 0.1 * len(seeds))
+            if len(seeds) >= limit:
+                break
+        return list(seeds.items())
+
+    def _history(self, view: ProfileView) -> list[tuple[str, float]]:
+        weights: dict[str, float] = {}
+        for item_id, w, _ in view.recent:
+            weights[item_id] = weights.get(item_id, 0.0) + w
+        return [(i, w) for i, w in weights.items() if i in self.catalog.index]
+
+    def _score_matrix(self, view: ProfileView, idx: np.ndarray,
+                      dense: dict[str, np.ndarray]) -> np.ndarray:
+        ann = np.zeros(len(idx), np.float32)
+        if view.vec is not None and len(self._item_vecs):
+            ok = idx < len(self._item_vecs)
+            ann[ok] = self._item_vecs[idx[ok]] @ view.vec.astype(np.float32)
+        return np.stack([dense["itemcf"][idx], dense["usercf"][idx], ann], axis=1).astype(
+            np.float32)
+
+    def _exclude(self, view: ProfileView) -> np.ndarray:
+        return self._indices(view.seen | self.catalog.deleted)
+
+    def _indices(self, item_ids) -> np.ndarray:
+        get = self.catalog.index.get
+        return np.asarray([i for i in map(get, item_ids) if i is not None], np.int64)
+
+    # ---- stage 3: rank ---------------------------------------------------------------------
+
+    def features(self, view: ProfileView, cands: CandidateSet,
+                 context: dict | None = None) -> np.ndarray:
+        """Dense ranker features of each candidate (names in DENSE_FEATURES)."""
+        n = len(cands)
+        f = np.zeros((n, len(DENSE_FEATURES)), np.float32)
+        if n == 0:
+            return f
+        f[:, 0:3] = cands.scores
+        now = self.pop_trend.latest or view.last_ts or time.time()
+        cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
+        last_cat = self.catalog.category(view.recent[-1][0]) if view.recent else None
+        for row, item_id in enumerate(cands.item_ids):
+            f[row, 3] = math.log1p(self.pop_counts.get(item_id, 0.0))
+            f[row, 4] = math.log1p(self.pop_trend.get(item_id))
+            meta = self.catalog.meta.get(item_id)
+            if meta is None:
+                continue
+            if meta.first_ts is not None:
+                f[row, 5] = math.log1p(max(now - meta.first_ts, 0.0) / 86400.0)
+            if meta.category is not None:
+                f[row, 6] = view.tags.get(meta.category, 0.0) / cat_total
+                f[row, 8] = float(meta.category == last_cat)
+            if meta.tags:
+                f[row, 7] = sum(view.tags.get(t, 0.0) for t in meta.tags) / cat_total
+        f[:, 9] = math.log1p(view.n_events)
+        hour = _hour(context, now)
+        f[:, 10] = math.sin(2 * math.pi * hour / 24)
+        f[:, 11] = math.cos(2 * math.pi * hour / 24)
+        return f
+
+    def rank(self, view: ProfileView, cands: CandidateSet,
+             context: dict | None = None) -> np.ndarray:
+        """Calibrated relevance probability per candidate (a recall-score blend before the first
+        ranker exists)."""
+        if len(cands) == 0:
+            return np.zeros(0, np.float32)
+        dense = self.features(view, cands, context)
+        if self.model is None or self.model.ranker is None:
+            return _fallback_scores(dense)
+        idx = np.asarray([self.catalog.index.get(i, len(self.catalog)) for i in cands.item_ids],
+                         np.int64)
+        known = idx < len(self._item_vecs)
+        item_vec = np.zeros((len(idx), self._item_vecs.shape[1]), np.float32)
+        item_vec[known] = self._item_vecs[idx[known]]
+        user = view.vec if view.vec is not None else np.zeros(item_vec.shape[1], np.float32)
+        user_vec = np.broadcast_to(user.astype(np.float32), item_vec.shape)
+        model_idx = np.where(idx < self.model.n_items, idx, self.model.n_items)
+        return self.model.ranker.predict(model_idx, user_vec, item_vec, dense)
+
+    # ---- stage 4: aggregate ------------------------------------------------------------------
+
+    def finalize(self, view: ProfileView, cands: CandidateSet, scores: np.ndarray, k: int,
+                 exclude: frozenset[str] = frozenset(), request_id: str | None = None) -> dict:
+        """Order by score, drop excluded/seen/deleted, apply diversity, mix in exploration items,
+        and explain each item."""
+        agg = self.config.aggregate
+        blocked = view.seen | self.catalog.deleted | exclude
+        order = np.argsort(-np.asarray(scores), kind="stable")
+        n_explore = int(round(k * agg.explore_fraction)) if view.known else 0
+        per_cat: dict[str | None, int] = {}
+        chosen: list[dict] = []
+        explore: list[dict] = []
+        for row in order.tolist():
+            item_id = cands.item_ids[row]
+            if item_id in blocked:
+                continue
+            cat = self.catalog.category(item_id)
+            if agg.max_per_category is not None and cat is not None:
+                if per_cat.get(cat, 0) >= agg.max_per_category:
+                    continue
+                per_cat[cat] = per_cat.get(cat, 0) + 1
+            entry = {"item_id": item_id, "score": round(float(scores[row]), 6),
+                     "sources": list(cands.sources[row])}
+            is_explore = set(entry["sources"]) <= {"pop", "new"}
+            if is_explore and len(explore) < n_explore:
+                explore.append(entry)
+            elif not is_explore or len(chosen) < k - n_explore:
+                chosen.append(entry)
+            if len(chosen) + len(explore) >= k and len(explore) >= n_explore:
+                break
+        items = chosen[: k - len(explore)] + explore
+        items = items[:k]
+        for entry in items:
+            entry["reason"] = self._reason(view, entry)
+        return {"user_id": view.user_id, "items": items, "model_version": self.version,
+                "request_id": request_id or uuid.uuid4().hex}
+
+    def _reason(self, view: ProfileView, entry: dict) -> str:
+        sources = entry["sources"]
+        item_id = entry["item_id"]
+        if "itemcf" in sources and view.recent:
+            anchor = self._anchor(view, item_id)
+            if anchor is not None:
+                return f"because you interacted with {anchor}"
+        if "usercf" in sources:
+            return "popular with users like you"
+        if "ann" in sources:
+            cat = self.catalog.category(item_id)
+            return f"matches your taste for {cat}" if cat else "matches your taste"
+        if "new" in sources:
+            cat = self.catalog.category(item_id)
+            return f"new in {cat}" if cat else "new arrival"
+        return "trending now"
+
+    def _anchor(self, view: ProfileView, item_id: str) -> str | None:
+        """The recent item that contributes most to item_id's item-CF score."""
+        j = self.catalog.index.get(item_id)
+        best, best_s = None, 0.0
+        for idx, w in self._seeds(view):
+            s = 0.0
+            if self.model is not None and idx < self.model.itemcf.n_items and j is not None \
+                    and j < self.model.itemcf.n_items:
+                s = float(self.model.itemcf.sim[idx, j])
+            s += self.cooc.neighbors(self.catalog.ids[idx]).get(item_id, 0.0)
+            if s * w > best_s:
+                best, best_s = self.catalog.ids[idx], s * w
+        return best
+
+    # ---- one process, whole pipeline -------------------------------------------------------
+
+    def recommend(self, user_id: str, k: int | None = None, *, exclude: frozenset[str] = frozenset(),
+                  context: dict | None = None, request_id: str | None = None) -> dict:
+        k = k or self.config.aggregate.default_k
+        view = self.view(user_id)
+        cands = self.recall(view)
+        scores = self.rank(view, cands, context)
+        return self.finalize(view, cands, scores, k, exclude, request_id)
+
+    def similar(self, item_id: str, k: int = 10) -> list[dict] | None:
+        """Item-to-item neighbours (item-CF, then embedding cosine); None for an unknown item."""
+        i = self.catalog.index.get(item_id)
+        if i is None:
+            return None
+        scores: dict[int, float] = {}
+        if self.model is not None:
+            nb, sim = self.model.itemcf.neighbors(i)
+            scores.update(zip(nb.tolist(), sim.tolist(), strict=True))
+            for j, s in self.cooc.neighbors(item_id).items():
+                jdx = self.catalog.index[j]
+                scores[jdx] = scores.get(jdx, 0.0) + s
+            if len(scores) < k and i < len(self._item_vecs):
+                v = self._item_vecs
+                norms = np.linalg.norm(v, axis=1) * (np.linalg.norm(v[i]) or 1.0)
+                cos = (v @ v[i]) / np.where(norms > 0, norms, 1.0)
+                for j in top_n(cos, k + 1)[0].tolist():
+                    scores.setdefault(j, 0.0)
+                    scores[j] = max(scores[j], 1e-3 * float(cos[j]))
+        scores.pop(i, None)
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        out = []
+        for j, s in ranked:
+            jid = self.catalog.ids[j]
+            if jid not in self.catalog.deleted:
+                out.append({"item_id": jid, "score": round(float(s), 6)})
+            if len(out) >= k:
+                break
+        return out
+
+    def item_info(self, item_id: str) -> dict | None:
+        meta = self.catalog.meta.get(item_id)
+        if meta is None:
+            return None
+        return {"item_id": item_id, "category": meta.category, "tags": list(meta.tags),
+                "title": meta.title, "deleted": item_id in self.catalog.deleted,
+                "first_ts": meta.first_ts}
+
+
+def _hour(context: dict | None, now: float) -> float:
+    if context and isinstance(context.get("hour"), int | float):
+        return float(context["hour"]) % 24
+    return (now % 86400) / 3600.0
+
+
+def _fallback_scores(dense: np.ndarray) -> np.ndarray:
+    """Before any ranker is trained: a fixed blend of the recall scores and popularity."""
+    blend = dense[:, 0] + dense[:, 1] + 0.5 * dense[:, 2] + 0.05 * dense[:, 3]
+    return (1.0 / (1.0 + np.exp(-blend))).astype(np.float32)

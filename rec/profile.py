@@ -1,0 +1,132 @@
+"""Per-user state, updated on every event: the recent sequence, interest tags with time decay,
+counts per type, and a user vector folded in against the current item factors.
+
+A profile is a pure view of the log: replaying the same records gives the same profiles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rec.catalog import ItemMeta
+from rec.config import ProfileConfig
+
+# item id -> its current factor row, or None when the model does not know it
+ItemVector = Callable[[str], np.ndarray | None]
+
+
+def event_weight(type_: str, value: float | None, config: ProfileConfig) -> float:
+    """Interaction strength of one event; ratings are centred so a low rating is negative."""
+    if type_ == "rating":
+        v = 3.0 if value is None else float(value)
+        return max(-2.0, min(2.0, v - config.rating_center)) or 0.25
+    return config.type_weights.get(type_, 1.0)
+
+
+def _contribution(weight: float) -> float:
+    """How much an item's accumulated weight moves the user vector (implicit fold-in)."""
+    if weight > 0:
+        return 1.0
+    return -0.5 if weight < 0 else 0.0
+
+
+@dataclass
+class UserProfile:
+    user_id: str
+    recent: deque = field(default_factory=deque)  # (item_id, weight, ts), newest last
+    items: dict[str, float] = field(default_factory=dict)  # every item touched -> summed weight
+    tags: dict[str, tuple[float, float]] = field(default_factory=dict)  # tag -> (weight, at ts)
+    counts: dict[str, int] = field(default_factory=dict)
+    vec: np.ndarray | None = None
+    vec_version: str | None = None
+    last_ts: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProfileView:
+    """What one request needs of a profile: small, immutable, cheap to send between stages."""
+
+    user_id: str
+    known: bool
+    recent: tuple[tuple[str, float, float], ...]
+    seen: frozenset[str]
+    vec: np.ndarray | None
+    tags: dict[str, float]
+    counts: dict[str, int]
+    last_ts: float
+
+    @property
+    def n_events(self) -> int:
+        return sum(self.counts.values())
+
+
+class ProfileStore:
+    """All profiles of the users this process serves."""
+
+    def __init__(self, config: ProfileConfig) -> None:
+        self.config = config
+        self.users: dict[str, UserProfile] = {}
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def apply_event(self, record: dict, meta: ItemMeta | None, item_vector: ItemVector,
+                    version: str | None) -> None:
+        """Fold one behaviour record into its user's profile."""
+        user_id, item_id, ts = record["user_id"], record["item_id"], float(record["ts"])
+        p = self.users.get(user_id)
+        if p is None:
+            p = self.users[user_id] = UserProfile(user_id, recent=deque(maxlen=self.config.max_recent))
+        w = event_weight(record["type"], record.get("value"), self.config)
+        p.recent.append((item_id, w, ts))
+        old = p.items.get(item_id, 0.0)
+        new = p.items[item_id] = old + w
+        p.counts[record["type"]] = p.counts.get(record["type"], 0) + 1
+        p.last_ts = max(p.last_ts, ts)
+        if meta is not None:
+            for tag in (meta.category, *meta.tags):
+                if tag:
+                    prev_w, prev_ts = p.tags.get(tag, (0.0, ts))
+                    p.tags[tag] = (self._decay(prev_w, ts - prev_ts) + w, max(ts, prev_ts))
+        if p.vec is not None and p.vec_version == version:
+            delta = _contribution(new) - _contribution(old)
+            vec = item_vector(item_id) if delta else None
+            if vec is not None:
+                p.vec = p.vec + delta * vec
+
+    def forget(self, user_id: str) -> bool:
+        return self.users.pop(user_id, None) is not None
+
+    def view(self, user_id: str, item_vector: ItemVector, version: str | None,
+             now: float | None = None, n_recent: int = 50) -> ProfileView:
+        """A snapshot of the user's profile; the user vector is (re)folded when stale."""
+        p = self.users.get(user_id)
+        if p is None:
+            return ProfileView(user_id, False, (), frozenset(), None, {}, {}, 0.0)
+        if p.vec is None or p.vec_version != version:
+            p.vec = self._fold_in(p, item_vector)
+            p.vec_version = version
+        at = p.last_ts if now is None else now
+        tags = {t: self._decay(w, at - ts) for t, (w, ts) in p.tags.items()}
+        top = dict(sorted(tags.items(), key=lambda kv: -kv[1])[:10])
+        recent = tuple(list(p.recent)[-n_recent:])
+        vec = None if p.vec is None else p.vec.copy()
+        return ProfileView(user_id, True, recent, frozenset(p.items), vec, top, dict(p.counts),
+                           p.last_ts)
+
+    def _fold_in(self, p: UserProfile, item_vector: ItemVector) -> np.ndarray | None:
+        total = None
+        for item_id, weight in p.items.items():
+            c = _contribution(weight)
+            vec = item_vector(item_id) if c else None
+            if vec is not None:
+                total = c * vec if total is None else total + c * vec
+        return total
+
+    def _decay(self, weight: float, dt: float) -> float:
+        return weight * math.pow(0.5, max(dt, 0.0) / self.config.tag_half_life_s)

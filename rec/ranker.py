@@ -1,0 +1,362 @@
+"""Ranking model: a small torch MLP that scores (user, item) candidates from pre-computed features.
+
+The caller assembles the features (embeddings, recall scores, popularity, context ...); this
+module only sees arrays, so the same code trains inside a distributed worker and serves in any
+process. Probabilities are Platt-calibrated on a held-out split so that scores keep their meaning
+across retrains. Persistence is safetensors + JSON: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.typing import ArrayLike
+from safetensors.torch import load_file, save_file
+from scipy.special import expit
+from scipy.stats import rankdata
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from rec.config import RankerConfig
+
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "ranker.json"
+FORMAT_VERSION = 1
+PREDICT_BATCH = 65536
+# Share of training rows whose item id is hidden (mapped to the unknown row) so that row learns
+# the prior of a new item instead of staying at its random initialisation.
+UNKNOWN_ID_RATE = 0.05
+CALIBRATION_STEPS = 200
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; anything else is passed to torch.device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch's global RNG (init, dropout) without disturbing the caller's RNG state."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _take(arrays: Arrays, rows: np.ndarray) -> Arrays:
+    """The given rows of every feature array."""
+    idx, user, item, dense = arrays
+    return idx[rows], user[rows], item[rows], dense[rows]
+
+
+class RankerNet(nn.Module):
+    """Item-id embedding + user/item vectors + standardised dense features -> one logit.
+
+    Row `n_items` of the embedding is the shared "unknown item" row: any index outside
+    [0, n_items) maps to it. Buffers hold the dense standardisation and the Platt calibration,
+    so one state_dict is the whole model.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        user_dim: int,
+        n_dense: int,
+        item_embedding_dim: int,
+        hidden: list[int],
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.item_emb = nn.Embedding(n_items + 1, item_embedding_dim)
+        self.register_buffer("dense_mean", torch.zeros(n_dense))
+        self.register_buffer("dense_std", torch.ones(n_dense))
+        self.register_buffer("calib_a", torch.ones(()))
+        self.register_buffer("calib_b", torch.zeros(()))
+        layers: list[nn.Module] = []
+        width = item_embedding_dim + 3 * user_dim + n_dense + 1
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(
+        self, item_idx: Tensor, user_vec: Tensor, item_vec: Tensor, dense: Tensor
+    ) -> Tensor:
+        """Raw (uncalibrated) logits [n]: what training optimises."""
+        known = (item_idx >= 0) & (item_idx < self.n_items)
+        idx = torch.where(known, item_idx, self.n_items)
+        product = user_vec * item_vec
+        x = torch.cat(
+            [
+                self.item_emb(idx),
+                user_vec,
+                item_vec,
+                product,
+                (dense - self.dense_mean) / self.dense_std,
+                product.sum(dim=-1, keepdim=True),
+            ],
+            dim=-1,
+        )
+        return self.mlp(x).squeeze(-1)
+
+    def calibrate(self, logits: Tensor) -> Tensor:
+        """Platt-scaled logits: a * logit + b."""
+        return self.calib_a * logits + self.calib_b
+
+
+class Ranker:
+    """Trains, calibrates, scores and persists a `RankerNet` over numpy feature arrays."""
+
+    def __init__(
+        self,
+        config: RankerConfig,
+        n_items: int,
+        user_dim: int,
+        n_dense: int,
+        dense_names: list[str] | None = None,
+    ) -> None:
+        if dense_names is not None and len(dense_names) != n_dense:
+            raise ValueError(f"{len(dense_names)} dense_names for n_dense={n_dense}")
+        self.config = config
+        self.n_items = n_items
+        self.user_dim = user_dim
+        self.n_dense = n_dense
+        self.dense_names = list(dense_names) if dense_names is not None else None
+        self.device = resolve_device(config.device)
+        # Initialised on the CPU so that a seed gives the same weights on every device.
+        with _seeded(config.seed, torch.device("cpu")):
+            self.net = RankerNet(
+                n_items, user_dim, n_dense, config.item_embedding_dim, config.hidden, config.dropout
+            )
+        self.net.to(self.device)
+
+    def fit(
+        self,
+        item_idx: ArrayLike,
+        user_vec: ArrayLike,
+        item_vec: ArrayLike,
+        dense: ArrayLike,
+        labels: ArrayLike,
+        *,
+        valid_fraction: float = 0.1,
+        prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None,
+    ) -> dict[str, float]:
+        """Train on the examples (warm-starting from the current weights), then calibrate.
+
+        A seeded random `valid_fraction` of the rows is held out: it reports AUC each epoch and
+        fits the Platt calibration afterwards. `prepare_model` may wrap the net (e.g. for
+        distributed data parallel); training runs through the wrapper while `self.net` stays the
+        unwrapped module. `on_epoch(epoch, {"loss", "valid_auc"})` is called after each epoch
+        (epochs count from 0). Validation metrics are NaN when no row is held out.
+        """
+        cfg = self.config
+        arrays = self._arrays(item_idx, user_vec, item_vec, dense)
+        y = np.ascontiguousarray(labels, dtype=np.float32).reshape(-1)
+        n = len(y)
+        if len(arrays[0]) != n:
+            raise ValueError(f"{len(arrays[0])} feature rows for {n} labels")
+        if not 0.0 <= valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+        if not all(np.isfinite(a).all() for a in (*arrays[1:], y)):
+            raise ValueError("non-finite values in the features or labels")
+
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(n)
+        n_valid = int(round(n * valid_fraction))
+        valid_rows, train_rows = order[:n_valid], order[n_valid:]
+        if train_rows.size == 0:
+            raise ValueError("no training rows")
+        train, valid = _take(arrays, train_rows), _take(arrays, valid_rows)
+        y_valid = y[valid_rows]
+
+        dense_train = train[3].astype(np.float64)
+        std = dense_train.std(axis=0)
+        std[std < 1e-6] = 1.0
+        self.net.dense_mean.copy_(torch.from_numpy(dense_train.mean(axis=0)))
+        self.net.dense_std.copy_(torch.from_numpy(std))
+
+        model = prepare_model(self.net) if prepare_model is not None else self.net
+        self.net = getattr(model, "module", model)
+        self.device = next(self.net.parameters()).device
+        t_idx, t_user, t_item, t_dense = (torch.from_numpy(a).to(self.device) for a in train)
+        t_y = torch.from_numpy(y[train_rows]).to(self.device)
+        n_train = len(train_rows)
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+
+        train_loss = math.nan
+        with _seeded(cfg.seed, self.device):
+            for epoch in range(cfg.epochs):
+                model.train()
+                perm = torch.from_numpy(rng.permutation(n_train)).to(self.device)
+                hide = torch.from_numpy(rng.random(n_train) < UNKNOWN_ID_RATE).to(self.device)
+                total = torch.zeros((), device=self.device)
+                for start in range(0, n_train, cfg.batch_size):
+                    rows = perm[start : start + cfg.batch_size]
+                    idx = torch.where(hide[rows], self.n_items, t_idx[rows])
+                    logits = model(idx, t_user[rows], t_item[rows], t_dense[rows])
+                    loss = F.binary_cross_entropy_with_logits(logits, t_y[rows])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += loss.detach() * len(rows)
+                train_loss = float(total) / n_train
+                valid_auc = (
+                    auc(y_valid, self._logits(valid, calibrated=False)) if n_valid else math.nan
+                )
+                if on_epoch is not None:
+                    on_epoch(epoch, {"loss": train_loss, "valid_auc": valid_auc})
+
+        return {"train_loss": train_loss, **self._calibrate(valid, y_valid)}
+
+    def predict(
+        self, item_idx: ArrayLike, user_vec: ArrayLike, item_vec: ArrayLike, dense: ArrayLike
+    ) -> np.ndarray:
+        """Calibrated click/like probabilities, float32 [n]."""
+        return expit(
+            self._logits(self._arrays(item_idx, user_vec, item_vec, dense), calibrated=True)
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write `model.safetensors` (weights and buffers) and `ranker.json` into directory `path`."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE)
+        meta = {
+            "format": FORMAT_VERSION,
+            "n_items": self.n_items,
+            "user_dim": self.user_dim,
+            "n_dense": self.n_dense,
+            "dense_names": self.dense_names,
+            "config": self.config.model_dump(mode="json"),
+        }
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Ranker:
+        """Read a directory written by `save`; `device` overrides the saved config's device."""
+        directory = Path(path)
+        meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported ranker format {meta.get('format')!r} in {directory}")
+        config = meta["config"] if device is None else {**meta["config"], "device": device}
+        ranker = cls(
+            RankerConfig.model_validate(config),
+            meta["n_items"],
+            meta["user_dim"],
+            meta["n_dense"],
+            meta["dense_names"],
+        )
+        ranker.net.load_state_dict(load_file(directory / WEIGHTS_FILE))
+        ranker.net.eval()
+        return ranker
+
+    def _arrays(
+        self, item_idx: ArrayLike, user_vec: ArrayLike, item_vec: ArrayLike, dense: ArrayLike
+    ) -> Arrays:
+        """Contiguous int64/float32 arrays, shapes checked against the model's dimensions."""
+        idx = np.ascontiguousarray(item_idx, dtype=np.int64).reshape(-1)
+        n = len(idx)
+        user = np.ascontiguousarray(user_vec, dtype=np.float32)
+        item = np.ascontiguousarray(item_vec, dtype=np.float32)
+        dns = np.ascontiguousarray(dense, dtype=np.float32)
+        for name, array, width in (
+            ("user_vec", user, self.user_dim),
+            ("item_vec", item, self.user_dim),
+            ("dense", dns, self.n_dense),
+        ):
+            if array.shape != (n, width):
+                raise ValueError(f"{name} has shape {array.shape}, expected {(n, width)}")
+        return idx, user, item, dns
+
+    def _logits(self, arrays: Arrays, *, calibrated: bool) -> np.ndarray:
+        """Logits (raw or Platt-scaled) in eval mode, in batches of at most PREDICT_BATCH rows."""
+        net = self.net
+        net.eval()
+        n = len(arrays[0])
+        out = np.empty(n, dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, n, PREDICT_BATCH):
+                batch = (
+                    torch.from_numpy(a[start : start + PREDICT_BATCH]).to(self.device)
+                    for a in arrays
+                )
+                logits = net(*batch)
+                if calibrated:
+                    logits = net.calibrate(logits)
+                out[start : start + PREDICT_BATCH] = logits.float().cpu().numpy()
+        return out
+
+    def _calibrate(self, valid: Arrays, y_valid: np.ndarray) -> dict[str, float]:
+        """Fit Platt scaling on the validation split; return its AUC, log loss and ECE."""
+        if len(y_valid) == 0:
+            self.net.calib_a.fill_(1.0)
+            self.net.calib_b.fill_(0.0)
+            return {"valid_auc": math.nan, "valid_logloss": math.nan, "ece": math.nan}
+        logits = torch.from_numpy(self._logits(valid, calibrated=False)).double()
+        target = torch.from_numpy(y_valid).double()
+        ab = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+        if 0.0 < float(target.mean()) < 1.0:  # with one class the optimum is at infinity
+            optimizer = torch.optim.LBFGS(
+                [ab], max_iter=CALIBRATION_STEPS, line_search_fn="strong_wolfe"
+            )
+
+            def closure() -> Tensor:
+                optimizer.zero_grad()
+                loss = F.binary_cross_entropy_with_logits(ab[0] * logits + ab[1], target)
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+        a, b = (float(v) for v in ab.detach())
+        self.net.calib_a.fill_(a)
+        self.net.calib_b.fill_(b)
+        scaled = a * logits + b
+        return {
+            "valid_auc": auc(y_valid, logits.numpy()),
+            "valid_logloss": float(F.binary_cross_entropy_with_logits(scaled, target)),
+            "ece": expected_calibration_error(y_valid, torch.sigmoid(scaled).numpy()),
+        }
+
+
+def auc(labels: ArrayLike, scores: ArrayLike) -> float:
+    """ROC AUC by the Mann-Whitney rank statistic, ties averaged; 0.5 when one class is missing."""
+    y = np.asarray(labels).reshape(-1) > 0.5
+    ranks = rankdata(np.asarray(scores, dtype=np.float64).reshape(-1))
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def expected_calibration_error(labels: ArrayLike, probs: ArrayLike, bins: int = 10) -> float:
+    """Sum over equal-width probability bins of (share of rows) * |mean label - mean prob|.
+
+    NaN for empty input.
+    """
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    if len(p) == 0:
+        return math.nan
+    which = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    label_sum = np.bincount(which, weights=y, minlength=bins)
+    prob_sum = np.bincount(which, weights=p, minlength=bins)
+    return float(np.abs(label_sum - prob_sum).sum() / len(p))

@@ -1,0 +1,85 @@
+"""Shared pieces of the recall sources."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Scored candidates of one source: item indices and scores, best first."""
+
+    source: str
+    idx: np.ndarray
+    scores: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+
+def top_n(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
+          min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and values of the n largest scores above `min_score`, best first."""
+    s = np.asarray(scores, dtype=np.float32).copy()
+    if exclude is not None and len(exclude):
+        ex = exclude[exclude < len(s)]
+        s[ex] = -np.inf
+    n = min(n, len(s))
+    if n <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    part = np.argpartition(-s, n - 1)[:n] if n < len(s) else np.arange(len(s))
+    order = part[np.argsort(-s[part], kind="stable")]
+    keep = s[order] > min_score
+    return order[keep].astype(np.int64), s[order][keep]
+
+
+def interaction_matrix(users: np.ndarray, items: np.ndarray, values: np.ndarray,
+                       n_users: int, n_items: int) -> sp.csr_matrix:
+    """users × items CSR, duplicate (user, item) pairs summed."""
+    m = sp.coo_matrix(
+        (values.astype(np.float32), (users.astype(np.int64), items.astype(np.int64))),
+        shape=(n_users, n_items),
+    ).tocsr()
+    m.sum_duplicates()
+    return m
+
+
+def center_rows(m: sp.csr_matrix) -> sp.csr_matrix:
+    """Subtract each row's mean over its stored entries (Pearson's centring over co-rated
+    entries); rows without variance are left as they are so implicit data keeps its signal."""
+    m = m.tocsr(copy=True).astype(np.float32)
+    counts = np.diff(m.indptr)
+    row_of = np.repeat(np.arange(m.shape[0]), counts)
+    sums = np.bincount(row_of, weights=m.data, minlength=m.shape[0])
+    means = np.divide(sums, counts, out=np.zeros(m.shape[0]), where=counts > 0)
+    centred = m.data - means[row_of]
+    has_var = np.zeros(m.shape[0], bool)
+    np.logical_or.at(has_var, row_of, np.abs(centred) > 1e-9)
+    m.data = np.where(has_var[row_of], centred, m.data).astype(np.float32)
+    return m
+
+
+def normalize_rows(m: sp.csr_matrix) -> sp.csr_matrix:
+    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
+    inv = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+    return sp.diags(inv.astype(np.float32)) @ m
+
+
+def save_csr(prefix: str, m: sp.csr_matrix) -> dict[str, np.ndarray]:
+    return {
+        f"{prefix}_data": m.data.astype(np.float32),
+        f"{prefix}_indices": m.indices.astype(np.int32),
+        f"{prefix}_indptr": m.indptr.astype(np.int64),
+        f"{prefix}_shape": np.asarray(m.shape, np.int64),
+    }
+
+
+def load_csr(prefix: str, arrays) -> sp.csr_matrix:
+    shape = tuple(int(x) for x in arrays[f"{prefix}_shape"])
+    return sp.csr_matrix(
+        (arrays[f"{prefix}_data"], arrays[f"{prefix}_indices"], arrays[f"{prefix}_indptr"]),
+        shape=shape,
+    )

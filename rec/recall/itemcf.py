@@ -1,0 +1,119 @@
+"""Item-based collaborative filtering: top-K neighbour lists from the training snapshot plus
+co-occurrence counted online, so pairs formed after training (and new items) count at once."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import scipy.sparse as sp
+
+from rec.recall.base import center_rows, load_csr, normalize_rows, save_csr
+
+
+def item_similarity(x: sp.csr_matrix, kind: str, k: int, shrink: float,
+                    block: int = 2048) -> sp.csr_matrix:
+    """items × items similarity (cosine, or Pearson = cosine of item-centred columns), keeping
+    each item's k best neighbours; computed in row blocks so memory stays O(block × items)."""
+    xt = x.T.tocsr().astype(np.float32)  # items × users
+    if kind == "pearson":
+        xt = center_rows(xt)
+    binary = xt.copy()
+    binary.data = np.ones_like(binary.data)
+    xn = normalize_rows(xt)
+    n = xn.shape[0]
+    rows, cols, vals = [], [], []
+    xn_t = xn.T.tocsc()
+    bt = binary.T.tocsc()
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        sim = (xn[start:stop] @ xn_t).toarray()
+        if shrink > 0:
+            overlap = (binary[start:stop] @ bt).toarray()
+            sim *= overlap / (overlap + shrink)
+        sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
+        kk = min(k, n - 1)
+        if kk <= 0:
+            continue
+        part = np.argpartition(-sim, kk - 1, axis=1)[:, :kk]
+        v = np.take_along_axis(sim, part, axis=1)
+        keep = v > 0
+        r = np.repeat(np.arange(start, stop), kk).reshape(-1, kk)
+        rows.append(r[keep])
+        cols.append(part[keep])
+        vals.append(v[keep])
+    if not rows:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    return sp.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n, n),
+    )
+
+
+class Cooccurrence:
+    """Online item co-occurrence from the live event stream (string ids, survives model swaps).
+
+    A positive event on item j pairs it with the user's recent distinct items; the similarity
+    is count / sqrt(n_i n_j) (cosine on binary user sets)."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window = window
+        self.pairs: dict[str, dict[str, float]] = defaultdict(dict)
+        self.item_users: dict[str, int] = defaultdict(int)
+
+    def add(self, item_id: str, recent_items: list[str], first_time: bool) -> None:
+        if not first_time:
+            return
+        self.item_users[item_id] += 1
+        for other in recent_items[-self.window:]:
+            if other == item_id:
+                continue
+            self.pairs[item_id][other] = self.pairs[item_id].get(other, 0.0) + 1.0
+            self.pairs[other][item_id] = self.pairs[other].get(item_id, 0.0) + 1.0
+
+    def neighbors(self, item_id: str) -> dict[str, float]:
+        row = self.pairs.get(item_id)
+        if not row:
+            return {}
+        ni = self.item_users.get(item_id, 1)
+        return {j: c / math.sqrt(ni * max(self.item_users.get(j, 1), 1)) for j, c in row.items()}
+
+
+class ItemCF:
+    name = "itemcf"
+
+    def __init__(self, sim: sp.csr_matrix) -> None:
+        self.sim = sim.tocsr()
+
+    @classmethod
+    def fit(cls, x: sp.csr_matrix, similarity: str = "cosine", k: int = 50,
+            shrink: float = 10.0) -> ItemCF:
+        return cls(item_similarity(x, similarity, k, shrink))
+
+    @property
+    def n_items(self) -> int:
+        return self.sim.shape[0]
+
+    def scores(self, idx: np.ndarray, weights: np.ndarray, n_total: int) -> np.ndarray:
+        """Σ_r w_r · sim[r, :] over the seed items known to the model, length n_total."""
+        out = np.zeros(n_total, np.float32)
+        known = idx < self.n_items
+        if known.any():
+            rows = self.sim[idx[known]]
+            out[: self.n_items] = np.asarray(rows.T @ weights[known].astype(np.float32)).ravel()
+        return out
+
+    def neighbors(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if i >= self.n_items:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        row = self.sim[i]
+        order = np.argsort(-row.data)
+        return row.indices[order].astype(np.int64), row.data[order]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return save_csr("itemcf", self.sim)
+
+    @classmethod
+    def from_arrays(cls, arrays) -> ItemCF:
+        return cls(load_csr("itemcf", arrays))

@@ -1,0 +1,204 @@
+"""Training from a log snapshot: recall models, ranker examples, the ranker, one model version.
+
+The ranker learns from the future: recall models are fitted on the first part of the log
+(before a time cut), the events after the cut are replayed through the serving pipeline, and
+each positive event becomes one example (the item that came next) plus sampled negatives, with
+features computed by the very code that serves. The final recall models are then refitted on
+the whole log and their embeddings rotated onto the basis the ranker learned on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from scipy.linalg import orthogonal_procrustes
+
+from rec.config import RecConfig
+from rec.eventlog import SCHEMA
+from rec.events import KIND_EVENT, KIND_ITEM, parse_context
+from rec.model import ModelBundle, new_version_name
+from rec.pipeline import DENSE_FEATURES, Recommender
+from rec.profile import event_weight
+from rec.ranker import Ranker
+from rec.recall import Embeddings, ItemCF, UserCF, interaction_matrix
+
+log = logging.getLogger(__name__)
+
+# Hook that trains the ranker on assembled examples (Ray Train supplies a distributed one).
+FitRanker = Callable[[Ranker, "Examples"], dict]
+
+
+@dataclass
+class Examples:
+    item_idx: np.ndarray
+    user_vec: np.ndarray
+    item_vec: np.ndarray
+    dense: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def fit_ranker_locally(ranker: Ranker, ex: Examples) -> dict:
+    return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels)
+
+
+def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
+          fit_ranker: FitRanker | None = fit_ranker_locally, version: str | None = None) -> ModelBundle:
+    """A new model version from a log snapshot (`rec.eventlog.SCHEMA` columns)."""
+    t0 = time.perf_counter()
+    records = table.to_pylist()
+    events = [r for r in records if r["kind"] == KIND_EVENT]
+    if not events:
+        raise ValueError("the log holds no events to train on")
+    events.sort(key=lambda r: (r["ts"], r.get("offset", 0)))
+    item_ids, categories = _item_order(records)
+    user_ids = list(dict.fromkeys(r["user_id"] for r in events))
+    item_index = {i: n for n, i in enumerate(item_ids)}
+    user_index = {u: n for n, u in enumerate(user_ids)}
+
+    ts = np.asarray([r["ts"] for r in events])
+    cut = float(np.quantile(ts, 0.8)) if len(events) >= 50 else float("inf")
+    n_prefix = int(np.searchsorted(ts, cut, side="left"))
+    metrics: dict = {"events": len(events), "users": len(user_ids), "items": len(item_ids)}
+
+    ranker = None
+    basis: Embeddings | None = None
+    if fit_ranker is not None and 0 < n_prefix < len(events):
+        prefix = _fit_recall(events[:n_prefix], item_index, user_index, config, categories,
+                             item_ids, user_ids)
+        basis = prefix.embeddings
+        ex = assemble_examples(prefix, records, events, n_prefix, config)
+        metrics["ranker_examples"] = len(ex)
+        if len(ex) and 0 < ex.labels.mean() < 1:
+            ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
+                            list(DENSE_FEATURES))
+            metrics["ranker"] = fit_ranker(ranker, ex)
+
+    final = _fit_recall(events, item_index, user_index, config, categories, item_ids, user_ids)
+    if basis is not None:
+        rot, _ = orthogonal_procrustes(final.embeddings.item, basis.item)
+        final.embeddings = Embeddings(final.embeddings.query @ rot, final.embeddings.item @ rot)
+    final.ranker = ranker
+    final.version = version or new_version_name()
+    final.log_offset = (log_offset if log_offset is not None
+                        else max((r.get("offset") or 0) for r in records) + 1)
+    metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
+    final.metrics = metrics
+    return final
+
+
+def _item_order(records: list[dict]) -> tuple[list[str], dict[str, str | None]]:
+    """Items in order of first appearance, with the latest category seen for each."""
+    order: dict[str, None] = {}
+    categories: dict[str, str | None] = {}
+    for r in records:
+        if r["kind"] in (KIND_EVENT, KIND_ITEM) and r["item_id"]:
+            order.setdefault(r["item_id"], None)
+            if r["kind"] == KIND_ITEM and r.get("payload"):
+                categories[r["item_id"]] = json.loads(r["payload"]).get("category")
+    return list(order), categories
+
+
+def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict[str, int],
+                config: RecConfig, categories: dict[str, str | None], item_ids: list[str],
+                user_ids: list[str]) -> ModelBundle:
+    rc = config.recall
+    users = np.asarray([user_index[r["user_id"]] for r in events], np.int64)
+    items = np.asarray([item_index[r["item_id"]] for r in events], np.int64)
+    w = np.asarray([event_weight(r["type"], r.get("value"), config.profile) for r in events],
+                   np.float32)
+    x = interaction_matrix(users, items, w, len(user_ids), len(item_ids))
+    x.data = np.clip(x.data, -2.0, 4.0)
+    positive = x.copy()
+    positive.data = (positive.data > 0).astype(np.float32)
+    positive.eliminate_zeros()
+    cf_input = x if rc.similarity == "pearson" else positive
+    cf_input = cf_input.copy()
+    cf_input.eliminate_zeros()
+    return ModelBundle(
+        version="",
+        item_ids=item_ids,
+        user_ids=user_ids,
+        embeddings=Embeddings.fit(positive, rc.embedding_dim, seed=config.seed),
+        itemcf=ItemCF.fit(cf_input, rc.similarity, rc.itemcf_neighbors, rc.shrinkage),
+        usercf=UserCF.fit(cf_input, rc.similarity, rc.usercf_neighbors),
+        item_categories=[categories.get(i) for i in item_ids],
+    )
+
+
+def assemble_examples(prefix: ModelBundle, records: list[dict], events: list[dict],
+                      n_prefix: int, config: RecConfig) -> Examples:
+    """Replay the events after the cut through a pipeline holding the prefix model: each
+    positive event is a positive example and `negatives` popularity-sampled unseen items."""
+    rc = config.ranker
+    rng = np.random.default_rng(rc.seed)
+    rec = Recommender(config, prefix, index=None)
+    rec.apply([r for r in records if r["kind"] == KIND_ITEM])
+    rec.apply(events[:n_prefix])
+    suffix = events[n_prefix:]
+    positive = [n for n, r in enumerate(suffix)
+                if event_weight(r["type"], r.get("value"), config.profile) > 0]
+    if len(positive) > rc.max_examples:
+        positive = positive[-rc.max_examples:]
+    take = set(positive)
+    counts = np.asarray([rec.pop_counts.get(i, 0.0) for i in prefix.item_ids]) + 1.0
+    probs = counts**0.75 / (counts**0.75).sum()
+
+    rows_item, rows_user, rows_dense, rows_label = [], [], [], []
+    for n, r in enumerate(suffix):
+        if n in take:
+            view = rec.view(r["user_id"])
+            negs: list[str] = []
+            draws = rng.choice(prefix.n_items, size=rc.negatives * 3, p=probs)
+            for d in draws.tolist():
+                cand = prefix.item_ids[d]
+                if cand != r["item_id"] and cand not in view.seen and cand not in negs:
+                    negs.append(cand)
+                if len(negs) == rc.negatives:
+                    break
+            cands = rec.score_candidates(view, [r["item_id"], *negs])
+            context = _context_of(r)
+            rows_dense.append(rec.features(view, cands, context))
+            rows_item.append([rec.catalog.index[i] for i in cands.item_ids])
+            user = view.vec if view.vec is not None else np.zeros(prefix.embeddings.dim)
+            rows_user.append(np.broadcast_to(user, (len(cands), len(user))))
+            rows_label.append([1.0] + [0.0] * len(negs))
+        rec.apply([r])
+    if not rows_label:
+        d = prefix.embeddings.dim
+        return Examples(np.zeros(0, np.int64), np.zeros((0, d), np.float32),
+                        np.zeros((0, d), np.float32), np.zeros((0, len(DENSE_FEATURES)), np.float32),
+                        np.zeros(0, np.float32))
+    item_idx = np.concatenate([np.asarray(x, np.int64) for x in rows_item])
+    item_vec = np.zeros((len(item_idx), prefix.embeddings.dim), np.float32)
+    known = item_idx < prefix.n_items
+    item_vec[known] = prefix.embeddings.item[item_idx[known]]
+    return Examples(
+        item_idx=np.where(known, item_idx, prefix.n_items),
+        user_vec=np.concatenate(rows_user).astype(np.float32),
+        item_vec=item_vec,
+        dense=np.concatenate(rows_dense).astype(np.float32),
+        labels=np.concatenate([np.asarray(x, np.float32) for x in rows_label]),
+    )
+
+
+def _context_of(record: dict) -> dict | None:
+    ctx = parse_context(record)
+    if "hour" not in ctx:
+        ctx["hour"] = (float(record["ts"]) % 86400) / 3600.0
+    return ctx
+
+
+def snapshot_table(records: list[dict]) -> pa.Table:
+    """An Arrow table in log format from plain records (tests and offline use)."""
+    rows = [{**r, "offset": r.get("offset", n)} for n, r in enumerate(records)]
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
