@@ -189,14 +189,16 @@ class EventLog:
             target = dest if dest.suffix == ".parquet" else dest / f"{upto:020d}.parquet"
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(target.name + ".tmp")
-            with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-                for idx in range(len(self._segments)):
-                    batches = [
-                        b for *_, b in self._segment_batches(idx, 0, None) if b.num_rows
-                    ]
-                    if batches:
-                        writer.write_table(pa.Table.from_batches(batches, SCHEMA))
-            _fsync_file(tmp)
+            try:
+                with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+                    for idx in range(len(self._segments)):
+                        batches = [b for _, b in self._segment_batches(idx, 0, None) if b.num_rows]
+                        if batches:
+                            writer.write_table(pa.Table.from_batches(batches, SCHEMA))
+                _fsync_file(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, target)
             _fsync_dir(target.parent)
         return target, upto
@@ -248,7 +250,9 @@ class EventLog:
             if removed:
                 with self._state_lock:
                     self._tail = deque(
-                        _Cached(c.first, c.last, c.batch.filter(pc.invert(_of_user(c.batch, user_id))))
+                        _Cached(
+                            c.first, c.last, c.batch.filter(pc.invert(_of_user(c.batch, user_id)))
+                        )
                         for c in self._tail
                     )
                     self._tail_rows = sum(c.batch.num_rows for c in self._tail)
@@ -307,16 +311,16 @@ class EventLog:
         with self._write_lock:
             first_seg = max(bisect.bisect_right([s.first for s in self._segments], start) - 1, 0)
             frames = (
-                (first, batch)
+                frame
                 for idx in range(first_seg, len(self._segments))
-                for first, _, batch in self._segment_batches(idx, start, end)
+                for frame in self._segment_batches(idx, start, end)
             )
             return _clip(frames, start, end, limit)
 
     def _segment_batches(
         self, idx: int, start: int, end: int | None
-    ) -> Iterator[tuple[int, int, pa.RecordBatch]]:
-        """(first, last, batch) of the frames of segment `idx` that overlap [start, end)."""
+    ) -> Iterator[tuple[int, pa.RecordBatch]]:
+        """(first offset, batch) of the frames of segment `idx` that overlap [start, end)."""
         frames = self._frames(idx)
         j = bisect.bisect_left(frames, start, key=lambda f: f.last)
         if j == len(frames) or (end is not None and frames[j].first >= end):
@@ -330,7 +334,7 @@ class EventLog:
                 body = _valid_body(fh.read(fr.size), 0)
                 if body is None:
                     raise CorruptLogError(f"{path}: bad frame at byte {fr.pos}")
-                yield fr.first, fr.last, _read_batch(body)
+                yield fr.first, _read_batch(body)
 
     def _frames(self, idx: int) -> list[_Frame]:
         """The frame index of segment `idx`, scanning a sealed segment strictly on first use."""
@@ -463,8 +467,10 @@ def _clip(
     """Slice (first, batch) pairs in offset order to [start, end), at most `limit` rows."""
     out: list[pa.RecordBatch] = []
     taken = 0
+    if limit == 0:
+        return out
     for first, batch in frames:
-        if (end is not None and first >= end) or (limit is not None and taken >= limit):
+        if end is not None and first >= end:
             break
         offsets = batch.column(0).to_numpy()
         lo = int(np.searchsorted(offsets, start))
@@ -474,6 +480,8 @@ def _clip(
         if hi > lo:
             out.append(batch.slice(lo, hi - lo))
             taken += hi - lo
+            if limit is not None and taken >= limit:
+                break
     return out
 
 

@@ -121,7 +121,8 @@ class Recommender:
         self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
                                   self.version)
         if w > 0:
-            self.cooc.add(item_id, recent, first_time)
+            if self.model is None or r.get("offset", self.offset) >= self.model.log_offset:
+                self.cooc.add(item_id, recent, first_time)  # older pairs are in the model
             self.pop_counts[item_id] = self.pop_counts.get(item_id, 0.0) + 1.0
             self.pop_trend.add(item_id, ts)
 
@@ -176,8 +177,9 @@ class Recommender:
             self.index.mark_deleted(np.asarray(deleted))
         self.cooc = Cooccurrence(self.config.recall.recent_for_itemcf)
         replay_profiles = ProfileStore(self.config.profile)
-        for r in records_since:
-            if r["kind"] == KIND_EVENT and r.get("offset", model.log_offset) >= model.log_offset:
+        for r in records_since:  # those not applied yet will be counted by apply()
+            off = r.get("offset", model.log_offset)
+            if r["kind"] == KIND_EVENT and model.log_offset <= off < self.offset:
                 prof = replay_profiles.users.get(r["user_id"])
                 recent = [i for i, w, _ in prof.recent if w > 0] if prof else []
                 first = prof is None or r["item_id"] not in prof.items
@@ -335,20 +337,31 @@ class Recommender:
              context: dict | None = None) -> np.ndarray:
         """Calibrated relevance probability per candidate (a recall-score blend before the first
         ranker exists)."""
-        if len(cands) == 0:
-            return np.zeros(0, np.float32)
+        return self.rank_many([(view, cands, context)])[0]
+
+    def rank_many(self, requests: list[tuple[ProfileView, CandidateSet, dict | None]]
+                  ) -> list[np.ndarray]:
+        """Rank several requests' candidates in one model call (batching across requests)."""
+        inputs = [self._rank_inputs(*req) for req in requests]
+        sizes = [len(x[0]) for x in inputs]
+        if self.model is None or self.model.ranker is None or sum(sizes) == 0:
+            return [_fallback_scores(x[3]) for x in inputs]
+        probs = self.model.ranker.predict(*(np.concatenate(col) for col in zip(*inputs, strict=True)))
+        return np.split(probs, np.cumsum(sizes)[:-1])
+
+    def _rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         dense = self.features(view, cands, context)
-        if self.model is None or self.model.ranker is None:
-            return _fallback_scores(dense)
+        dim = self._item_vecs.shape[1]
         idx = np.asarray([self.catalog.index.get(i, len(self.catalog)) for i in cands.item_ids],
                          np.int64)
         known = idx < len(self._item_vecs)
-        item_vec = np.zeros((len(idx), self._item_vecs.shape[1]), np.float32)
+        item_vec = np.zeros((len(idx), dim), np.float32)
         item_vec[known] = self._item_vecs[idx[known]]
-        user = view.vec if view.vec is not None else np.zeros(item_vec.shape[1], np.float32)
+        user = view.vec if view.vec is not None else np.zeros(dim, np.float32)
         user_vec = np.broadcast_to(user.astype(np.float32), item_vec.shape)
-        model_idx = np.where(idx < self.model.n_items, idx, self.model.n_items)
-        return self.model.ranker.predict(model_idx, user_vec, item_vec, dense)
+        n_model = self.model.n_items if self.model else 0
+        return np.where(idx < n_model, idx, n_model), user_vec, item_vec, dense
 
     # ---- stage 4: aggregate ------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Ray Serve apps and actors: thin shells that put the `rec` library on Ray."""

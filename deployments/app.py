@@ -1,0 +1,48 @@
+"""Builds the Serve application from a `RecConfig`: fused (one ingress running every stage)
+or split (Aggregator -> Profile -> Recall -> Ranker), chosen by `serving.topology`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray.serve import Application
+
+from deployments.eventlog import get_or_create_log
+from deployments.ingress import Aggregator
+from deployments.runtime import actor_options
+from deployments.stages import ProfileStage, RankerStage, RecallStage
+from deployments.trainer import get_or_create_trainer
+from rec.config import RecConfig
+
+MAX_ONGOING = 64
+MAX_QUEUED = 256  # beyond this the ingress answers 503 at once instead of queueing forever
+
+
+def build_app(config: RecConfig) -> Application:
+    """The Serve app; also creates the EventLog and Trainer actors it needs."""
+    get_or_create_log(config.log_dir, config.eventlog)
+    trainer = get_or_create_trainer(config)
+    cfg = config.model_dump(mode="json")
+    s = config.serving
+
+    def opts(num_gpus: float = 0.0) -> dict:
+        return {"ray_actor_options": actor_options(s.replica_cpus, num_gpus),
+                "max_ongoing_requests": MAX_ONGOING}
+
+    ingress = Aggregator.options(max_queued_requests=MAX_QUEUED, **opts())
+    if s.topology == "fused":
+        return ingress.bind(cfg, trainer=trainer)
+    profile = ProfileStage.options(**opts()).bind(cfg)
+    recall = RecallStage.options(**opts()).bind(cfg)
+    ranker = RankerStage.options(**opts(s.ranker_num_gpus)).bind(cfg)
+    return ingress.bind(cfg, profile, recall, ranker, trainer=trainer)
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point for `serve run` / `serve deploy`: args {config: path/to/rec.yaml}."""
+    path = args.get("config")
+    config = RecConfig.from_yaml(Path(path)) if path else RecConfig()
+    overrides = {k: v for k, v in args.items() if k != "config"}
+    if overrides:
+        config = RecConfig.model_validate({**config.model_dump(mode="json"), **overrides})
+    return build_app(config)

@@ -1,0 +1,113 @@
+"""The EventLog actor: the single writer of the durable log, with group commit.
+
+Concurrent appends queue up while one fsync is in flight and go to disk together as one frame;
+each caller's call returns only after its records are on disk. Followers (every stateful
+replica) read committed records from memory by offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import deque
+from pathlib import Path
+
+import ray
+
+from deployments.runtime import actor_options
+from rec.config import EventLogConfig
+from rec.eventlog import EventLog
+
+LOG_ACTOR = "rec_eventlog"
+FORGOTTEN = "forgotten"  # in-memory stand-in for a removed record; followers skip it
+NAMESPACE = "rec"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class EventLogActor:
+    def __init__(self, path: str, config: dict | None = None) -> None:
+        self.config = EventLogConfig.model_validate(config or {})
+        self.log = EventLog(Path(path), self.config)
+        self.recent: deque[dict] = deque(maxlen=self.config.tail_cache_records)
+        self.pending: list[tuple[list[dict], asyncio.Future]] = []
+        self.disk = asyncio.Lock()  # one disk operation at a time (append, snapshot, forget)
+        self.flushing = False
+
+    async def append(self, records: list[dict]) -> tuple[int, int]:
+        """Append records durably; returns their (first, last) offsets once fsynced."""
+        if not records:
+            raise ValueError("no records")
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((records, fut))
+        if not self.flushing:
+            self.flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self.pending:
+                batch, self.pending = self.pending, []
+                records = [r for recs, _ in batch for r in recs]
+                try:
+                    async with self.disk:
+                        first, _ = await asyncio.to_thread(self.log.append, records)
+                except Exception as exc:  # nothing was written: every caller in the group fails
+                    for _, fut in batch:
+                        fut.set_exception(exc)
+                    continue
+                offset = first
+                for recs, fut in batch:
+                    for r in recs:
+                        self.recent.append({**r, "offset": offset})
+                        offset += 1
+                    fut.set_result((offset - len(recs), offset - 1))
+        finally:
+            self.flushing = False
+
+    def next_offset(self) -> int:
+        return self.log.next_offset
+
+    async def read(self, start: int, limit: int = 10_000) -> list[dict]:
+        """Committed records with offset >= start (at most `limit`)."""
+        if self.recent and start >= self.recent[0]["offset"]:
+            first = self.recent[0]["offset"]
+            out = []
+            for i in range(max(start - first, 0), len(self.recent)):
+                out.append(self.recent[i])
+                if len(out) >= limit:
+                    break
+            if out or start >= self.log.next_offset:
+                return out
+        if start >= self.log.next_offset:
+            return []
+        async with self.disk:
+            return await asyncio.to_thread(self.log.read, start, limit)
+
+    async def snapshot(self, dest: str) -> tuple[str, int]:
+        async with self.disk:
+            path, offset = await asyncio.to_thread(self.log.snapshot, dest)
+        return str(path), offset
+
+    async def forget_user(self, user_id: str) -> int:
+        """Remove the user's events from disk and memory (the tombstone record stays)."""
+        async with self.disk:
+            removed = await asyncio.to_thread(self.log.forget_user, user_id)
+        for i, r in enumerate(self.recent):  # placeholders keep offsets dense in memory
+            if r["kind"] == "event" and r["user_id"] == user_id:
+                self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
+        return removed
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def get_or_create_log(path: str | Path, config: EventLogConfig, num_cpus: float = 0.1):
+    return EventLogActor.options(
+        name=LOG_ACTOR, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+        max_concurrency=1000, **actor_options(num_cpus),
+    ).remote(str(path), config.model_dump(mode="json"))
+
+
+def get_log():
+    return ray.get_actor(LOG_ACTOR, namespace=NAMESPACE)

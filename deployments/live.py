@@ -1,0 +1,97 @@
+"""A replica's live view of the system: a `rec.pipeline.Recommender` kept up to date with the
+event log (followed by offset) and with the newest published model version (hot reload).
+
+Read-your-writes: before serving a request, a strict replica makes sure it has applied every
+record committed before the request arrived. Concurrent requests share one log read, so the
+cost is one actor call per burst, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from rec.config import RecConfig
+from rec.index import Index
+from rec.model import ModelBundle, current_version, load_saved_index
+from rec.pipeline import Recommender
+
+log = logging.getLogger("rec.live")
+READ_LIMIT = 20_000
+
+
+class Live:
+    def __init__(self, config: RecConfig, log_actor, index_factory=None) -> None:
+        self.config = config
+        self.log = log_actor
+        self.rec = Recommender(config)
+        self.index_factory = index_factory  # version dir -> Index; None: load the saved index
+        self._lock = asyncio.Lock()
+        self._synced_at = 0.0  # perf_counter when the newest completed sync started
+        self._reloader: asyncio.Task | None = None
+        self.reloads = 0
+
+    async def start(self) -> None:
+        """Load the published model (if any), catch up with the log, start watching for models."""
+        await self.reload_if_changed()
+        await self.sync()
+        self._reloader = asyncio.get_running_loop().create_task(self._watch())
+
+    async def sync(self, max_staleness_s: float = 0.0) -> None:
+        """Apply every record committed before this call (or before max_staleness_s ago)."""
+        arrived = time.perf_counter()
+        if self._synced_at >= arrived - max_staleness_s:
+            return
+        async with self._lock:
+            if self._synced_at >= arrived - max_staleness_s:
+                return  # a sync that started after we arrived has finished meanwhile
+            started = time.perf_counter()
+            while True:
+                records = await self.log.read.remote(self.rec.offset, READ_LIMIT)
+                if records:
+                    self.rec.apply(records)
+                if len(records) < READ_LIMIT:
+                    break
+            self._synced_at = started
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.serving.reload_poll_s)
+            try:
+                await self.reload_if_changed()
+            except Exception:  # a bad version must not take the replica down
+                log.exception("model reload failed; still serving %s", self.rec.version)
+
+    async def reload_if_changed(self) -> bool:
+        version = current_version(self.config.model_dir)
+        if version is None or version == self.rec.version:
+            return False
+        path = Path(self.config.model_dir) / version
+        model, index = await asyncio.to_thread(self._load, path)
+        async with self._lock:  # no log records are applied while the state switches
+            records = await self._read_all(model.log_offset)
+            self.rec.swap_model(model, index, records)
+        self.reloads += 1
+        log.info("now serving model %s", version)
+        return True
+
+    def _load(self, path: Path) -> tuple[ModelBundle, Index | None]:
+        model = ModelBundle.load(path, device=self.config.ranker.device)
+        if self.index_factory is not None:
+            return model, self.index_factory(path)
+        return model, load_saved_index(path)
+
+    async def _read_all(self, start: int) -> list[dict]:
+        out: list[dict] = []
+        while True:
+            records = await self.log.read.remote(start, READ_LIMIT)
+            out.extend(records)
+            if len(records) < READ_LIMIT:
+                return out
+            start = records[-1]["offset"] + 1
+
+    def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()

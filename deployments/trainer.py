@@ -1,0 +1,112 @@
+"""Retraining: a snapshot of the log, a Ray Train `TorchTrainer` job running the pure training
+code of `rec.train`, and the new version published for every replica to hot-reload."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import ray
+
+from deployments.eventlog import get_log
+from deployments.runtime import actor_options
+from rec.config import RecConfig
+from rec.model import new_version_name, publish
+
+TRAINER_ACTOR = "rec_trainer"
+
+
+def _train_worker(loop_config: dict) -> None:
+    """Runs inside each Ray Train worker: fit everything, rank 0 saves the version."""
+    import pyarrow.parquet as pq
+    import ray.train
+    import torch
+
+    from rec.train import train
+
+    config = RecConfig.model_validate(loop_config["config"])
+    torch.set_num_threads(config.train.torch_threads)
+    ctx = ray.train.get_context()
+
+    def fit_ranker(ranker, ex):
+        prepare = ray.train.torch.prepare_model if ctx.get_world_size() > 1 else None
+        return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels,
+                          prepare_model=prepare)
+
+    table = pq.read_table(loop_config["snapshot"])
+    bundle = train(table, config, log_offset=loop_config["offset"], fit_ranker=fit_ranker,
+                   version=loop_config["version"])
+    if ctx.get_world_rank() == 0:
+        index = bundle.build_index(config.recall, shards=max(config.serving.ann_shards, 1))
+        bundle.save(config.model_dir, index)
+    ray.train.report({"version": loop_config["version"], **_flat(bundle.metrics)})
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}_"))
+        elif isinstance(value, int | float):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = config.train
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "snapshot": snapshot,
+                           "offset": offset, "version": version},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=version,
+                             storage_path=str((Path(config.data_dir) / "ray_train").resolve())),
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})
+
+
+@ray.remote(max_restarts=-1)
+class Trainer:
+    """Owns retraining: one job at a time, optional periodic schedule."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = RecConfig.model_validate(config)
+        self.lock = asyncio.Lock()
+        self.last: dict | None = None
+
+    async def retrain(self) -> dict:
+        async with self.lock:
+            t0 = time.perf_counter()
+            log = get_log()
+            snap_dir = Path(self.config.data_dir) / "snapshots"
+            snapshot, offset = await log.snapshot.remote(str(snap_dir))
+            if offset < self.config.train.min_events:
+                return {"published": None, "why": f"only {offset} records in the log"}
+            version = new_version_name()
+            metrics = await asyncio.to_thread(run_train_job, self.config, snapshot, offset,
+                                              version)
+            publish(self.config.model_dir, version)
+            Path(snapshot).unlink(missing_ok=True)
+            self.last = {"published": version, "log_offset": offset,
+                         "seconds": round(time.perf_counter() - t0, 2), "metrics": metrics}
+            return self.last
+
+    async def run_every(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.retrain()
+
+    def status(self) -> dict | None:
+        return self.last
+
+
+def get_or_create_trainer(config: RecConfig):
+    return Trainer.options(name=TRAINER_ACTOR, namespace="rec", get_if_exists=True,
+                           lifetime="detached", max_concurrency=4,
+                           **actor_options(0.01)).remote(config.model_dump(mode="json"))
