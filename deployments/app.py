@@ -18,10 +18,12 @@ MAX_ONGOING = 64
 MAX_QUEUED = 256  # beyond this the ingress answers 503 at once instead of queueing forever
 
 
-def build_app(config: RecConfig) -> Application:
-    """The Serve app; also creates the EventLog and Trainer actors it needs."""
-    get_or_create_log(config.log_dir, config.eventlog)
-    trainer = get_or_create_trainer(config)
+def build_app(config: RecConfig, log=None, trainer=None) -> Application:
+    """The Serve app. Without `log`/`trainer` (a test may pass stand-ins) it creates the
+    EventLog and Trainer actors."""
+    if log is None:
+        log = get_or_create_log(config.log_dir, config.eventlog)
+        trainer = get_or_create_trainer(config)
     cfg = config.model_dump(mode="json")
     s = config.serving
 
@@ -31,11 +33,11 @@ def build_app(config: RecConfig) -> Application:
 
     ingress = Aggregator.options(max_queued_requests=MAX_QUEUED, **opts())
     if s.topology == "fused":
-        return ingress.bind(cfg, trainer=trainer)
-    profile = ProfileStage.options(**opts()).bind(cfg)
-    recall = RecallStage.options(**opts()).bind(cfg)
-    ranker = RankerStage.options(**opts(s.ranker_num_gpus)).bind(cfg)
-    return ingress.bind(cfg, profile, recall, ranker, trainer=trainer)
+        return ingress.bind(cfg, log, trainer=trainer)
+    profile = ProfileStage.options(**opts()).bind(cfg, log)
+    recall = RecallStage.options(**opts()).bind(cfg, log)
+    ranker = RankerStage.options(**opts(s.ranker_num_gpus)).bind(cfg, log)
+    return ingress.bind(cfg, log, profile, recall, ranker, trainer=trainer)
 
 
 def app_builder(args: dict) -> Application:

@@ -24,7 +24,9 @@ def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
 
     from rec.data import generate, load
 
-    ds = generate(seed=seed) if data is None else load(data, fmt)
+    days = 60.0  # generated history ends now, so live events continue it
+    ds = (generate(seed=seed, days=days, start_ts=time.time() - days * 86400) if data is None
+          else load(data, fmt))
     if isinstance(ds, tuple):  # lightgcn: serve the train part
         ds = ds[0]
     records = ds.item_records() + ds.event_records()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections import deque
 from pathlib import Path
 
@@ -23,8 +24,7 @@ FORGOTTEN = "forgotten"  # in-memory stand-in for a removed record; followers sk
 NAMESPACE = "rec"
 
 
-@ray.remote(max_restarts=-1, max_task_retries=0)
-class EventLogActor:
+class EventLogService:
     def __init__(self, path: str, config: dict | None = None) -> None:
         self.config = EventLogConfig.model_validate(config or {})
         self.log = EventLog(Path(path), self.config)
@@ -100,6 +100,55 @@ class EventLogActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+EventLogActor = ray.remote(max_restarts=-1, max_task_retries=0)(EventLogService)
+
+
+class LocalHandle:
+    """An in-process stand-in for an actor handle (`obj.method.remote(...)` is awaitable from any
+    event loop): the object runs on its own loop thread, like an async actor. Used by Serve's
+    local testing mode, where there is no Ray."""
+
+    def __init__(self, factory) -> None:
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, daemon=True, name="local-actor").start()
+        self._obj = asyncio.run_coroutine_threadsafe(_construct(factory), self._loop).result()
+        self._key = id(self)
+        _LOCAL_HANDLES[self._key] = self
+
+    def __reduce__(self):  # Serve pickles init args even in local mode: same process, same object
+        return _local_handle, (self._key,)
+
+    def __getattr__(self, name: str):
+        method = getattr(self._obj, name)
+        loop = self._loop
+
+        class _Remote:
+            @staticmethod
+            def remote(*args, **kwargs):
+                async def call():
+                    out = method(*args, **kwargs)
+                    return await out if asyncio.iscoroutine(out) else out
+
+                return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call(), loop))
+
+        return _Remote
+
+    def close(self) -> None:
+        _LOCAL_HANDLES.pop(self._key, None)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+_LOCAL_HANDLES: dict[int, LocalHandle] = {}
+
+
+def _local_handle(key: int) -> LocalHandle:
+    return _LOCAL_HANDLES[key]
+
+
+async def _construct(factory):
+    return factory()
 
 
 def get_or_create_log(path: str | Path, config: EventLogConfig, num_cpus: float = 0.1):

@@ -1,6 +1,8 @@
 """The Aggregator: the HTTP ingress (FastAPI). It validates input, appends to the event log,
-drives the stages (in process or over handles) and mixes, filters and explains the result."""
+drives the stages (in process or over handles) and mixes, filters and explains the result.
 
+Each route is a thin HTTP shell over a plain async method taking parsed JSON (`ingest_events`,
+`recommend`, ...), so the same logic is reachable through a DeploymentHandle in tests."""
 
 import asyncio
 import json
@@ -12,7 +14,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from deployments.eventlog import get_log
 from deployments.runtime import pin_threads
 from deployments.stages import LocalStages, RemoteStages, make_live
 from rec.config import RecConfig
@@ -46,27 +47,132 @@ class ItemBatchIn(BaseModel):
     items: list[ItemIn] = Field(min_length=1, description="Catalogue entries to upsert.")
 
 
-def _errors(exc: ValidationError) -> list[dict]:
-    return [{"field": ".".join(str(p) for p in e["loc"]) or "body", "error": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)]
+class InvalidInput(HTTPException):
+    """422 whose detail lists each bad field with its problem."""
+
+    def __init__(self, exc: ValidationError | str, field: str = "body") -> None:
+        if isinstance(exc, ValidationError):
+            detail = [{"field": ".".join(str(p) for p in e["loc"]) or field, "error": e["msg"]}
+                      for e in exc.errors(include_url=False, include_input=False)]
+        else:
+            detail = [{"field": field, "error": exc}]
+        super().__init__(422, detail)
+
+
+def _parse(model: type[BaseModel], body: object) -> BaseModel:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInput(exc) from None
 
 
 @serve.deployment
 @serve.ingress(api)
 class Aggregator:
-    def __init__(self, config: dict, profile=None, recall=None, ranker=None, trainer=None) -> None:
+    def __init__(self, config: dict, log, profile=None, recall=None, ranker=None,
+                 trainer=None) -> None:
         pin_threads()
         self.config = RecConfig.model_validate(config)
-        self.log = get_log()
-        self.live = make_live(self.config)
+        self.log = log
+        self.live = make_live(self.config, log)
         split = profile is not None
         self.stages = RemoteStages(profile, recall, ranker) if split else LocalStages(self.live)
         self.trainer = trainer
         self._started = asyncio.get_event_loop().create_task(self.live.start())
 
-    # ---- helpers -----------------------------------------------------------------------------
+    # ---- the logic, HTTP-free ----------------------------------------------------------------
 
-    async def _body(self, request: Request) -> object:
+    async def ingest_events(self, body: object) -> dict:
+        """Validate one event or {"events": [...]}, append durably, return the offsets."""
+        limit = self.config.eventlog.max_batch_events
+        if isinstance(body, dict) and "events" in body:
+            if isinstance(body["events"], list) and len(body["events"]) > limit:
+                raise HTTPException(413, f"events: at most {limit} per batch")
+            events = _parse(EventBatchIn, body).events
+        else:
+            events = [_parse(EventIn, body)]
+        if not self.config.serving.accept_unknown_items:
+            await self.live.sync()
+            unknown = sorted({e.item_id for e in events} - set(self.live.rec.catalog.index))
+            if unknown:
+                raise InvalidInput(f"unknown items {unknown[:5]}", "item_id")
+        now = time.time()
+        first, last = await self.log.append.remote([e.to_record(now) for e in events])
+        return {"accepted": len(events), "first_offset": first, "last_offset": last}
+
+    async def recommend(self, body: object) -> dict:
+        req = _parse(RecommendIn, body)
+        await self._started
+        k = req.k or self.config.aggregate.default_k
+        if k > self.config.aggregate.max_k:
+            raise InvalidInput(f"at most {self.config.aggregate.max_k}", "k")
+        view = await self.stages.view(req.user_id)
+        cands = await self.stages.recall(view)
+        scores = await self.stages.rank(view, cands, req.context)
+        await self.live.sync(0.05)  # deletions and categories for the final filter
+        return self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
+                                      req.request_id or uuid.uuid4().hex)
+
+    async def similar_items(self, item_id: str, k: int) -> dict:
+        await self._started
+        await self.live.sync(0.05)
+        items = self.live.rec.similar(item_id, k)
+        if items is None:
+            raise HTTPException(404, f"item_id: unknown item {item_id!r}")
+        return {"item_id": item_id, "items": items, "model_version": self.live.rec.version}
+
+    async def upsert_items(self, body: object) -> dict:
+        if isinstance(body, dict) and "items" in body:
+            items = _parse(ItemBatchIn, body).items
+        else:
+            items = [_parse(ItemIn, body)]
+        now = time.time()
+        first, last = await self.log.append.remote([item_record(i, now) for i in items])
+        return {"accepted": len(items), "first_offset": first, "last_offset": last}
+
+    async def item(self, item_id: str) -> dict:
+        await self._started
+        await self.live.sync()
+        info = self.live.rec.item_info(item_id)
+        if info is None:
+            raise HTTPException(404, f"item_id: unknown item {item_id!r}")
+        return info
+
+    async def remove_item(self, item_id: str) -> dict:
+        first, _ = await self.log.append.remote([item_delete_record(item_id, time.time())])
+        await self.live.sync()  # this replica filters it from the next answer on
+        return {"item_id": item_id, "deleted": True, "offset": first}
+
+    async def forget_user(self, user_id: str) -> dict:
+        first, _ = await self.log.append.remote([user_delete_record(user_id, time.time())])
+        removed = await self.log.forget_user.remote(user_id)
+        return {"user_id": user_id, "deleted_events": removed, "offset": first}
+
+    async def readiness(self) -> tuple[bool, dict]:
+        if not self._started.done():
+            return False, {"ready": False, "why": "loading"}
+        if self.live.rec.model is None:
+            return False, {"ready": False, "why": "no model published yet"}
+        try:
+            out = await self.recommend({"user_id": "__readyz__", "k": 1})
+        except Exception as exc:  # not ready is an answer, not a crash
+            return False, {"ready": False, "why": repr(exc)}
+        if not out["items"]:
+            return False, {"ready": False, "why": "no items to recommend"}
+        return True, {"ready": True, "model_version": out["model_version"]}
+
+    def model_info(self) -> dict:
+        root = self.config.model_dir
+        available = sorted(p.name for p in root.iterdir()
+                           if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+        model = self.live.rec.model
+        return {"serving": self.live.rec.version, "published": current_version(root),
+                "available": available, "reloads": self.live.reloads,
+                "metrics": model.metrics if model else None}
+
+    # ---- HTTP --------------------------------------------------------------------------------
+
+    async def _json(self, request: Request) -> object:
         raw = await request.body()
         if len(raw) > self.config.serving.max_body_bytes:
             raise HTTPException(413, f"body larger than {self.config.serving.max_body_bytes} bytes")
@@ -75,149 +181,63 @@ class Aggregator:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
 
-    async def _append(self, records: list[dict]) -> tuple[int, int]:
-        first, last = await self.log.append.remote(records)
-        return first, last
-
-    async def _recommend(self, req: RecommendIn) -> dict:
-        await self._started
-        k = req.k or self.config.aggregate.default_k
-        if k > self.config.aggregate.max_k:
-            raise HTTPException(422, f"k: at most {self.config.aggregate.max_k}")
-        view = await self.stages.view(req.user_id)
-        cands = await self.stages.recall(view)
-        scores = await self.stages.rank(view, cands, req.context)
-        await self.live.sync(0.05)  # deletions and categories for the final filter
-        return self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
-                                      req.request_id or uuid.uuid4().hex)
-
-    # ---- events ------------------------------------------------------------------------------
-
     @api.post("/events", summary="Record one event or a batch {'events': [...]}")
-    async def post_events(self, request: Request) -> dict:
-        body = await self._body(request)
-        try:
-            if isinstance(body, dict) and "events" in body:
-                if isinstance(body["events"], list) and \
-                        len(body["events"]) > self.config.eventlog.max_batch_events:
-                    raise HTTPException(
-                        413, f"events: at most {self.config.eventlog.max_batch_events} per batch")
-                events = EventBatchIn.model_validate(body).events
-            else:
-                events = [EventIn.model_validate(body)]
-        except ValidationError as exc:
-            return JSONResponse({"detail": _errors(exc)}, status_code=422)
-        if not self.config.serving.accept_unknown_items:
-            await self.live.sync(0.05)
-            unknown = sorted({e.item_id for e in events} - set(self.live.rec.catalog.index))
-            if unknown:
-                raise HTTPException(422, f"item_id: unknown items {unknown[:5]}")
-        now = time.time()
-        first, last = await self._append([e.to_record(now) for e in events])
-        return {"accepted": len(events), "first_offset": first, "last_offset": last}
-
-    # ---- recommendations ---------------------------------------------------------------------
+    async def http_post_events(self, request: Request) -> dict:
+        return await self.ingest_events(await self._json(request))
 
     @api.get("/recommend", summary="Top-k items for a user")
-    async def get_recommend(
+    async def http_get_recommend(
         self,
         user_id: str = Query(min_length=1, max_length=ID_MAX, description="User id."),
         k: int | None = Query(None, ge=1, description="How many items."),
         exclude: str | None = Query(None, description="Comma-separated item ids to leave out."),
     ) -> dict:
         ex = [x for x in (exclude or "").split(",") if x]
-        return await self._recommend(RecommendIn(user_id=user_id, k=k, exclude=ex))
+        return await self.recommend({"user_id": user_id, "k": k, "exclude": ex})
 
     @api.post("/recommend", summary="Top-k items with exclusions and context")
-    async def post_recommend(self, request: Request) -> dict:
-        body = await self._body(request)
-        try:
-            req = RecommendIn.model_validate(body)
-        except ValidationError as exc:
-            return JSONResponse({"detail": _errors(exc)}, status_code=422)
-        return await self._recommend(req)
+    async def http_post_recommend(self, request: Request) -> dict:
+        return await self.recommend(await self._json(request))
 
     @api.get("/similar", summary="Items similar to an item")
-    async def similar(
+    async def http_similar(
         self,
         item_id: str = Query(min_length=1, max_length=ID_MAX, description="Item id."),
         k: int = Query(10, ge=1, le=200, description="How many items."),
     ) -> dict:
-        await self._started
-        await self.live.sync(0.05)
-        items = self.live.rec.similar(item_id, k)
-        if items is None:
-            raise HTTPException(404, f"item_id: unknown item {item_id!r}")
-        return {"item_id": item_id, "items": items, "model_version": self.live.rec.version}
-
-    # ---- catalogue and users -----------------------------------------------------------------
+        return await self.similar_items(item_id, k)
 
     @api.post("/items", summary="Add or update catalogue items (one, or {'items': [...]})")
-    async def post_items(self, request: Request) -> dict:
-        body = await self._body(request)
-        try:
-            if isinstance(body, dict) and "items" in body:
-                items = ItemBatchIn.model_validate(body).items
-            else:
-                items = [ItemIn.model_validate(body)]
-        except ValidationError as exc:
-            return JSONResponse({"detail": _errors(exc)}, status_code=422)
-        now = time.time()
-        first, last = await self._append([item_record(i, now) for i in items])
-        return {"accepted": len(items), "first_offset": first, "last_offset": last}
+    async def http_post_items(self, request: Request) -> dict:
+        return await self.upsert_items(await self._json(request))
 
     @api.get("/items/{item_id}", summary="One catalogue item")
-    async def get_item(self, item_id: str) -> dict:
-        await self._started
-        await self.live.sync()
-        info = self.live.rec.item_info(item_id)
-        if info is None:
-            raise HTTPException(404, f"item_id: unknown item {item_id!r}")
-        return info
+    async def http_get_item(self, item_id: str) -> dict:
+        return await self.item(item_id)
 
     @api.delete("/items/{item_id}", summary="Remove an item from recommendations for good")
-    async def delete_item(self, item_id: str) -> dict:
-        first, _ = await self._append([item_delete_record(item_id, time.time())])
-        return {"item_id": item_id, "deleted": True, "offset": first}
+    async def http_delete_item(self, item_id: str) -> dict:
+        return await self.remove_item(item_id)
 
     @api.delete("/users/{user_id}", summary="Forget a user: profile and events")
-    async def delete_user(self, user_id: str) -> dict:
-        first, _ = await self._append([user_delete_record(user_id, time.time())])
-        removed = await self.log.forget_user.remote(user_id)
-        return {"user_id": user_id, "deleted_events": removed, "offset": first}
-
-    # ---- operations --------------------------------------------------------------------------
+    async def http_delete_user(self, user_id: str) -> dict:
+        return await self.forget_user(user_id)
 
     @api.get("/healthz", summary="The process is up")
-    async def healthz(self) -> dict:
+    async def http_healthz(self) -> dict:
         return {"status": "ok"}
 
     @api.get("/readyz", summary="200 only when a recommendation can be served")
-    async def readyz(self) -> JSONResponse:
-        if not self._started.done():
-            return JSONResponse({"ready": False, "why": "loading"}, status_code=503)
-        if self.live.rec.model is None:
-            return JSONResponse({"ready": False, "why": "no model published yet"}, 503)
-        try:
-            out = await self._recommend(RecommendIn(user_id="__readyz__", k=1))
-        except Exception as exc:  # not ready is an answer, not a crash
-            return JSONResponse({"ready": False, "why": repr(exc)}, status_code=503)
-        if not out["items"]:
-            return JSONResponse({"ready": False, "why": "no items to recommend"}, 503)
-        return JSONResponse({"ready": True, "model_version": out["model_version"]})
+    async def http_readyz(self) -> JSONResponse:
+        ok, body = await self.readiness()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @api.get("/models", summary="Model versions: served, published, available")
-    async def models(self) -> dict:
-        root = self.config.model_dir
-        available = sorted(p.name for p in root.iterdir() if p.is_dir() and
-                           not p.name.startswith(".")) if root.exists() else []
-        model = self.live.rec.model
-        return {"serving": self.live.rec.version, "published": current_version(root),
-                "available": available, "reloads": self.live.reloads,
-                "metrics": model.metrics if model else None}
+    async def http_models(self) -> dict:
+        return self.model_info()
 
     @api.post("/admin/retrain", summary="Retrain from the log now (needs X-API-Key)")
-    async def retrain(self, request: Request, wait: bool = Query(
+    async def http_retrain(self, request: Request, wait: bool = Query(
             False, description="Answer when the new version is published.")) -> JSONResponse:
         if request.headers.get("x-api-key") != self.config.serving.api_key:
             raise HTTPException(401, "X-API-Key header missing or wrong")

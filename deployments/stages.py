@@ -8,8 +8,8 @@ import asyncio
 
 import numpy as np
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
-from deployments.eventlog import get_log
 from deployments.live import Live
 from deployments.runtime import pin_threads
 from deployments.shards import RemoteIndex, shard_actors
@@ -20,7 +20,7 @@ from rec.profile import ProfileView
 STAGE_STALENESS_S = 0.05  # recall/rank replicas may lag the log this much (profiles never do)
 
 
-def make_live(config: RecConfig) -> Live:
+def make_live(config: RecConfig, log) -> Live:
     factory = None
     if config.serving.ann_shards > 0:
         shards = shard_actors(config.serving.ann_shards, config.serving.replica_cpus / 2)
@@ -28,7 +28,7 @@ def make_live(config: RecConfig) -> Live:
         def factory(path):
             return RemoteIndex(shards, path.name, path)
 
-    return Live(config, get_log(), index_factory=factory)
+    return Live(config, log, index_factory=factory)
 
 
 async def recall_with_index(live: Live, view: ProfileView) -> CandidateSet:
@@ -75,10 +75,10 @@ class RemoteStages:
 
 
 class _Stage:
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, log) -> None:
         pin_threads()
         self.config = RecConfig.model_validate(config)
-        self.live = make_live(self.config)
+        self.live = make_live(self.config, log)
         self._started = asyncio.get_event_loop().create_task(self.live.start())
 
     async def ready(self) -> str | None:
@@ -106,9 +106,19 @@ class RecallStage(_Stage):
 class RankerStage(_Stage):
     """Scores candidates; requests arriving together are scored as one batch."""
 
+    def __init__(self, config: dict, log) -> None:
+        super().__init__(config, log)
+        try:  # Serve's local testing mode has no replica context, and so no @serve.batch
+            serve.get_replica_context()
+            self.batching = True
+        except RayServeException:
+            self.batching = False
+
     async def rank(self, view: ProfileView, cands: CandidateSet, context: dict | None) -> np.ndarray:
         await self._started
         await self.live.sync(STAGE_STALENESS_S)
+        if not self.batching:
+            return self.live.rec.rank(view, cands, context)
         return await self._batched((view, cands, context))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)

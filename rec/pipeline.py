@@ -115,16 +115,22 @@ class Recommender:
         idx = self.catalog.ensure(item_id, ts)
         self._ensure_vectors(idx)
         prof = self.profiles.users.get(r["user_id"])
-        first_time = prof is None or item_id not in prof.items
-        recent = [i for i, w, _ in prof.recent if w > 0] if prof else []
         w = event_weight(r["type"], r.get("value"), self.config.profile)
+        if w > 0 and (self.model is None
+                      or r.get("offset", self.offset) >= self.model.log_offset):
+            self._count_pair(idx, prof)  # older pairs are in the model already
         self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
                                   self.version)
         if w > 0:
-            if self.model is None or r.get("offset", self.offset) >= self.model.log_offset:
-                self.cooc.add(item_id, recent, first_time)  # older pairs are in the model
             self.pop_counts[item_id] = self.pop_counts.get(item_id, 0.0) + 1.0
             self.pop_trend.add(item_id, ts)
+
+    def _count_pair(self, idx: int, prof) -> None:
+        first_time = prof is None or self.catalog.ids[idx] not in prof.items
+        if first_time:
+            index = self.catalog.index
+            recent = [index[i] for i, w, _ in prof.recent if w > 0 and i in index] if prof else []
+            self.cooc.add(idx, recent, True)
 
     def _ensure_vectors(self, idx: int) -> None:
         """Give catalogue items the model does not know a vector: the mean of their category's
@@ -180,12 +186,11 @@ class Recommender:
         for r in records_since:  # those not applied yet will be counted by apply()
             off = r.get("offset", model.log_offset)
             if r["kind"] == KIND_EVENT and model.log_offset <= off < self.offset:
-                prof = replay_profiles.users.get(r["user_id"])
-                recent = [i for i, w, _ in prof.recent if w > 0] if prof else []
-                first = prof is None or r["item_id"] not in prof.items
+                idx = self.catalog.index.get(r["item_id"])
+                if idx is not None and event_weight(r["type"], r.get("value"),
+                                                    self.config.profile) > 0:
+                    self._count_pair(idx, replay_profiles.users.get(r["user_id"]))
                 replay_profiles.apply_event(r, None, lambda _: None, None)
-                if event_weight(r["type"], r.get("value"), self.config.profile) > 0:
-                    self.cooc.add(r["item_id"], recent, first)
 
     # ---- stage 1: profile ------------------------------------------------------------------
 
@@ -210,8 +215,7 @@ class Recommender:
         found: dict[int, list[str]] = {}
         dense = self._dense_scores(view, n_total)
         for name in ("itemcf", "usercf"):
-            idx, _ = top_n(dense[name], n, exclude)
-            for i in idx.tolist():
+            for i in top_n(dense[name], n, exclude)[0].tolist():
                 found.setdefault(i, []).append(name)
         if view.vec is not None:
             if ann is None and self.index is not None and len(self.index):
@@ -228,7 +232,7 @@ class Recommender:
             found.setdefault(i, []).append("pop")
         for item_id in list(self.new_items)[-n:]:
             i = self.catalog.index[item_id]
-            if i not in found and item_id not in view.seen and item_id not in self.catalog.deleted:
+            if item_id not in view.seen and item_id not in self.catalog.deleted:
                 found.setdefault(i, []).append("new")
         cand = np.fromiter(found.keys(), np.int64, len(found))
         if len(cand) > self.config.aggregate.candidates:
@@ -260,10 +264,9 @@ class Recommender:
                 hw = np.asarray([w for _, w in hist], np.float32)
                 out["usercf"] = self.model.usercf.scores(hidx, hw, n_total)
         for i, w in seeds:  # online co-occurrence, including items newer than the model
-            for j, s in self.cooc.neighbors(self.catalog.ids[i]).items():
-                jdx = self.catalog.index.get(j)
-                if jdx is not None and jdx < n_total:
-                    out["itemcf"][jdx] += w * s
+            js, sims = self.cooc.row(i)
+            ok = js < n_total
+            out["itemcf"][js[ok]] += w * sims[ok]
         return out
 
     def _seeds(self, view: ProfileView) -> list[tuple[int, float]]:
@@ -367,43 +370,44 @@ class Recommender:
 
     def finalize(self, view: ProfileView, cands: CandidateSet, scores: np.ndarray, k: int,
                  exclude: frozenset[str] = frozenset(), request_id: str | None = None) -> dict:
-        """Order by score, drop excluded/seen/deleted, apply diversity, mix in exploration items,
-        and explain each item."""
+        """Order by score, drop excluded/seen/deleted, apply diversity, reserve exploration
+        slots (fresh catalogue items first, then trending ones) and explain each item."""
         agg = self.config.aggregate
         blocked = view.seen | self.catalog.deleted | exclude
-        order = np.argsort(-np.asarray(scores), kind="stable")
-        n_explore = int(round(k * agg.explore_fraction)) if view.known else 0
+        order = [r for r in np.argsort(-np.asarray(scores), kind="stable").tolist()
+                 if cands.item_ids[r] not in blocked]
+        n_explore = min(int(round(k * agg.explore_fraction)), k) if view.known else 0
+        fresh = [r for r in order if "new" in cands.sources[r]]
+        trending = [r for r in order if set(cands.sources[r]) <= {"pop"}]
+        explore = list(dict.fromkeys(fresh + trending))[:n_explore]
         per_cat: dict[str | None, int] = {}
-        chosen: list[dict] = []
-        explore: list[dict] = []
-        for row in order.tolist():
-            item_id = cands.item_ids[row]
-            if item_id in blocked:
+        rows: list[int] = []
+        for row in order:
+            if len(rows) >= k - len(explore):
+                break
+            if row in explore:
                 continue
-            cat = self.catalog.category(item_id)
+            cat = self.catalog.category(cands.item_ids[row])
             if agg.max_per_category is not None and cat is not None:
                 if per_cat.get(cat, 0) >= agg.max_per_category:
                     continue
                 per_cat[cat] = per_cat.get(cat, 0) + 1
-            entry = {"item_id": item_id, "score": round(float(scores[row]), 6),
+            rows.append(row)
+        items = []
+        for row in rows + explore:
+            entry = {"item_id": cands.item_ids[row], "score": round(float(scores[row]), 6),
                      "sources": list(cands.sources[row])}
-            is_explore = set(entry["sources"]) <= {"pop", "new"}
-            if is_explore and len(explore) < n_explore:
-                explore.append(entry)
-            elif not is_explore or len(chosen) < k - n_explore:
-                chosen.append(entry)
-            if len(chosen) + len(explore) >= k and len(explore) >= n_explore:
-                break
-        items = chosen[: k - len(explore)] + explore
-        items = items[:k]
-        for entry in items:
             entry["reason"] = self._reason(view, entry)
+            items.append(entry)
         return {"user_id": view.user_id, "items": items, "model_version": self.version,
                 "request_id": request_id or uuid.uuid4().hex}
 
     def _reason(self, view: ProfileView, entry: dict) -> str:
         sources = entry["sources"]
         item_id = entry["item_id"]
+        if "new" in sources:
+            cat = self.catalog.category(item_id)
+            return f"new in {cat}" if cat else "new arrival"
         if "itemcf" in sources and view.recent:
             anchor = self._anchor(view, item_id)
             if anchor is not None:
@@ -413,9 +417,6 @@ class Recommender:
         if "ann" in sources:
             cat = self.catalog.category(item_id)
             return f"matches your taste for {cat}" if cat else "matches your taste"
-        if "new" in sources:
-            cat = self.catalog.category(item_id)
-            return f"new in {cat}" if cat else "new arrival"
         return "trending now"
 
     def _anchor(self, view: ProfileView, item_id: str) -> str | None:
@@ -427,7 +428,8 @@ class Recommender:
             if self.model is not None and idx < self.model.itemcf.n_items and j is not None \
                     and j < self.model.itemcf.n_items:
                 s = float(self.model.itemcf.sim[idx, j])
-            s += self.cooc.neighbors(self.catalog.ids[idx]).get(item_id, 0.0)
+            if j is not None:
+                s += self.cooc.similarity(idx, j)
             if s * w > best_s:
                 best, best_s = self.catalog.ids[idx], s * w
         return best
@@ -451,9 +453,8 @@ class Recommender:
         if self.model is not None:
             nb, sim = self.model.itemcf.neighbors(i)
             scores.update(zip(nb.tolist(), sim.tolist(), strict=True))
-            for j, s in self.cooc.neighbors(item_id).items():
-                jdx = self.catalog.index[j]
-                scores[jdx] = scores.get(jdx, 0.0) + s
+            for j, s in zip(*self.cooc.row(i), strict=True):
+                scores[int(j)] = scores.get(int(j), 0.0) + float(s)
             if len(scores) < k and i < len(self._item_vecs):
                 v = self._item_vecs
                 norms = np.linalg.norm(v, axis=1) * (np.linalg.norm(v[i]) or 1.0)

@@ -29,6 +29,9 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "ranker.json"
 FORMAT_VERSION = 1
 PREDICT_BATCH = 65536
+# Standardised dense features are clipped here: a value far outside what training saw (an item
+# age years past the training data, say) is read as the edge of that range, not extrapolated.
+DENSE_CLIP = 5.0
 # Share of training rows whose item id is hidden (mapped to the unknown row) so that row learns
 # the prior of a new item instead of staying at its random initialisation.
 UNKNOWN_ID_RATE = 0.05
@@ -106,7 +109,7 @@ class RankerNet(nn.Module):
                 user_vec,
                 item_vec,
                 product,
-                (dense - self.dense_mean) / self.dense_std,
+                ((dense - self.dense_mean) / self.dense_std).clamp(-DENSE_CLIP, DENSE_CLIP),
                 product.sum(dim=-1, keepdim=True),
             ],
             dim=-1,

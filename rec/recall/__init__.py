@@ -1,10 +1,11 @@
 """Recall sources: each turns a profile into scored candidates under its own name.
 
-Every source has `name`, `recall(...)` (top candidates) and `score(...)` (its score for given
-items, used as a ranker feature so that training and serving see the same numbers).
+History-based sources (item-CF, user-CF, embeddings) share `ScoreSource`: `scores(...)` over
+every item, `recall(...)` for its named top candidates; the ranker reads the same scores as
+features, so training and serving see the same numbers. Trending is counted per event.
 """
 
-from rec.recall.base import Candidates, interaction_matrix, top_n
+from rec.recall.base import Candidates, ScoreSource, interaction_matrix, top_n
 from rec.recall.embedding import Embeddings
 from rec.recall.itemcf import Cooccurrence, ItemCF
 from rec.recall.popular import Trending
@@ -14,6 +15,7 @@ __all__ = [
     "Candidates",
     "Cooccurrence",
     "Embeddings",
+    "ScoreSource",
     "ItemCF",
     "Trending",
     "UserCF",

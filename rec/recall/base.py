@@ -20,6 +20,24 @@ class Candidates:
         return len(self.idx)
 
 
+class ScoreSource:
+    """A recall source scoring every item from a user's history (item indices + weights).
+
+    `scores` is the one verb each source implements; `recall` turns it into named candidates,
+    and the ranker reads `scores` for any candidate, whichever source proposed it."""
+
+    name: str = "source"
+
+    def scores(self, idx: np.ndarray, weights: np.ndarray, n_total: int) -> np.ndarray:
+        """A score per catalogue index (length n_total); indices the model lacks are ignored."""
+        raise NotImplementedError
+
+    def recall(self, idx: np.ndarray, weights: np.ndarray, n_total: int, n: int,
+               exclude: np.ndarray | None = None) -> Candidates:
+        ids, vals = top_n(self.scores(idx, weights, n_total), n, exclude)
+        return Candidates(self.name, ids, vals)
+
+
 def top_n(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
           min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the n largest scores above `min_score`, best first."""

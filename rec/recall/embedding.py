@@ -11,8 +11,10 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
+from rec.recall.base import ScoreSource
 
-class Embeddings:
+
+class Embeddings(ScoreSource):
     name = "ann"
 
     def __init__(self, query: np.ndarray, item: np.ndarray) -> None:
@@ -48,12 +50,21 @@ class Embeddings:
     def query_vector(self, i: int) -> np.ndarray | None:
         return self.query[i] if 0 <= i < self.n_items else None
 
-    def scores(self, user_vec: np.ndarray | None, idx: np.ndarray,
-               item_rows: np.ndarray) -> np.ndarray:
-        """u · p_i for the given items; `item_rows` holds p for every catalogue index."""
-        if user_vec is None:
-            return np.zeros(len(idx), np.float32)
-        return item_rows[idx] @ user_vec.astype(np.float32)
+    def fold_in(self, idx: np.ndarray, weights: np.ndarray) -> np.ndarray | None:
+        """The user vector of a history: Σ c(w_j) q_j (c = 1 for liked, -0.5 for disliked)."""
+        known = (idx >= 0) & (idx < self.n_items) & (weights != 0)
+        if not known.any():
+            return None
+        c = np.where(weights[known] > 0, 1.0, -0.5).astype(np.float32)
+        return c @ self.query[idx[known]]
+
+    def scores(self, idx: np.ndarray, weights: np.ndarray, n_total: int) -> np.ndarray:
+        """Exact u · p_i over every item (the ANN index answers the same top items faster)."""
+        out = np.zeros(n_total, np.float32)
+        user = self.fold_in(idx, weights)
+        if user is not None:
+            out[: self.n_items] = self.item @ user
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"emb_query": self.query, "emb_item": self.item}

@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 import scipy.sparse as sp
 
-from rec.recall.base import center_rows, load_csr, normalize_rows, save_csr
+from rec.recall.base import ScoreSource, center_rows, load_csr, normalize_rows, save_csr
 
 
 def item_similarity(x: sp.csr_matrix, kind: str, k: int, shrink: float,
@@ -52,35 +52,51 @@ def item_similarity(x: sp.csr_matrix, kind: str, k: int, shrink: float,
 
 
 class Cooccurrence:
-    """Online item co-occurrence from the live event stream (string ids, survives model swaps).
+    """Online item co-occurrence from the live event stream, keyed by catalogue index (reset
+    and recounted at every model swap, so indices always match the current catalogue).
 
-    A positive event on item j pairs it with the user's recent distinct items; the similarity
-    is count / sqrt(n_i n_j) (cosine on binary user sets)."""
+    A user's first positive event on item j pairs it with the user's recent distinct items; the
+    similarity is count / sqrt(n_i n_j) (cosine on binary user sets)."""
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
-        self.pairs: dict[str, dict[str, float]] = defaultdict(dict)
-        self.item_users: dict[str, int] = defaultdict(int)
+        self.pairs: dict[int, dict[int, float]] = defaultdict(dict)
+        self.item_users = np.zeros(64, np.float32)
 
-    def add(self, item_id: str, recent_items: list[str], first_time: bool) -> None:
+    def add(self, j: int, recent: list[int], first_time: bool) -> None:
         if not first_time:
             return
-        self.item_users[item_id] += 1
-        for other in recent_items[-self.window:]:
-            if other == item_id:
-                continue
-            self.pairs[item_id][other] = self.pairs[item_id].get(other, 0.0) + 1.0
-            self.pairs[other][item_id] = self.pairs[other].get(item_id, 0.0) + 1.0
+        top = max(j, *recent) if recent else j
+        if top >= len(self.item_users):
+            grown = np.zeros(max(top + 1, 2 * len(self.item_users)), np.float32)
+            grown[: len(self.item_users)] = self.item_users
+            self.item_users = grown
+        self.item_users[j] += 1
+        row_j = self.pairs[j]
+        for i in recent[-self.window:]:
+            if i != j:
+                row_j[i] = row_j.get(i, 0.0) + 1.0
+                row_i = self.pairs[i]
+                row_i[j] = row_i.get(j, 0.0) + 1.0
 
-    def neighbors(self, item_id: str) -> dict[str, float]:
-        row = self.pairs.get(item_id)
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Neighbours of item i and their similarities, as arrays."""
+        row = self.pairs.get(i)
         if not row:
-            return {}
-        ni = self.item_users.get(item_id, 1)
-        return {j: c / math.sqrt(ni * max(self.item_users.get(j, 1), 1)) for j, c in row.items()}
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        js = np.fromiter(row.keys(), np.int64, len(row))
+        counts = np.fromiter(row.values(), np.float32, len(row))
+        n = np.maximum(self.item_users[js], 1.0) * max(float(self.item_users[i]), 1.0)
+        return js, counts / np.sqrt(n)
+
+    def similarity(self, i: int, j: int) -> float:
+        c = self.pairs.get(i, {}).get(j)
+        if not c:
+            return 0.0
+        return c / math.sqrt(max(float(self.item_users[i]), 1.0) * max(float(self.item_users[j]), 1.0))
 
 
-class ItemCF:
+class ItemCF(ScoreSource):
     name = "itemcf"
 
     def __init__(self, sim: sp.csr_matrix) -> None:

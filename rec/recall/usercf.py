@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from rec.recall.base import center_rows, load_csr, normalize_rows, save_csr
+from rec.recall.base import ScoreSource, center_rows, load_csr, normalize_rows, save_csr
 
 
-class UserCF:
+class UserCF(ScoreSource):
     name = "usercf"
 
     def __init__(self, users: sp.csr_matrix, similarity: str, k: int) -> None:

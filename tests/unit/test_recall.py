@@ -1,0 +1,447 @@
+"""Recall sources: one contract every `ScoreSource` meets on block-structured data, then the
+behaviour specific to each source and to the shared helpers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from rec.catalog import Catalog
+from rec.recall import (
+    Candidates,
+    Cooccurrence,
+    Embeddings,
+    ItemCF,
+    ScoreSource,
+    Trending,
+    UserCF,
+    interaction_matrix,
+    top_n,
+)
+from rec.recall.base import center_rows
+from rec.recall.itemcf import item_similarity
+
+BLOCK = 10  # users 0-9 like items 0-9, users 10-19 like items 10-19
+N_USERS = N_ITEMS = 2 * BLOCK
+LIKES_PER_USER = 6
+N_TOTAL = N_ITEMS + 5  # the catalogue holds 5 items the model has never seen
+
+
+def checkerboard(seed: int = 0) -> sp.csr_matrix:
+    """Block-diagonal binary likes; every item is liked by at least one user of its block."""
+    rng = np.random.default_rng(seed)
+    while True:
+        likes = np.zeros((N_USERS, N_ITEMS), np.float32)
+        for u in range(N_USERS):
+            block = u // BLOCK
+            likes[u, block * BLOCK + rng.choice(BLOCK, LIKES_PER_USER, replace=False)] = 1.0
+        if likes.sum(axis=0).min() > 0:
+            break
+    users, items = np.nonzero(likes)
+    return interaction_matrix(users, items, np.ones(len(users)), N_USERS, N_ITEMS)
+
+
+X = checkerboard()
+
+SOURCES: dict[str, Callable[[], ScoreSource]] = {
+    "itemcf-cosine": lambda: ItemCF.fit(X, "cosine", k=50, shrink=10.0),
+    "itemcf-pearson": lambda: ItemCF.fit(X, "pearson", k=50, shrink=10.0),
+    "usercf-cosine": lambda: UserCF.fit(X, "cosine", k=50),
+    "usercf-pearson": lambda: UserCF.fit(X, "pearson", k=50),
+    "embeddings": lambda: Embeddings.fit(X, dim=2, seed=0),
+}
+NAMES = {"itemcf-cosine": "itemcf", "itemcf-pearson": "itemcf", "usercf-cosine": "usercf",
+         "usercf-pearson": "usercf", "embeddings": "ann"}
+
+
+def history(user: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = X[user].indices.astype(np.int64)
+    return idx, np.ones(len(idx), np.float32)
+
+
+@pytest.fixture(params=list(SOURCES), scope="module")
+def source(request) -> tuple[str, ScoreSource]:
+    return request.param, SOURCES[request.param]()
+
+
+class TestScoreSourceContract:
+    def test_name(self, source) -> None:
+        key, src = source
+        assert src.name == NAMES[key]
+
+    def test_scores_cover_the_whole_catalogue(self, source) -> None:
+        _, src = source
+        s = src.scores(*history(0), N_TOTAL)
+        assert s.shape == (N_TOTAL,) and s.dtype == np.float32
+        assert np.all(s[N_ITEMS:] == 0.0)
+        assert np.isfinite(s).all()
+
+    @pytest.mark.parametrize("user", [0, 3, 12, 19])
+    def test_unseen_items_of_the_users_block_beat_the_other_block(self, source, user) -> None:
+        _, src = source
+        idx, w = history(user)
+        s = src.scores(idx, w, N_TOTAL)
+        block = user // BLOCK
+        own = np.arange(block * BLOCK, (block + 1) * BLOCK)
+        unseen = np.setdiff1d(own, idx)
+        other = np.arange((1 - block) * BLOCK, (2 - block) * BLOCK)
+        assert len(unseen) == BLOCK - LIKES_PER_USER
+        assert s[unseen].min() > 0
+        assert s[unseen].min() > s[other].max()
+        np.testing.assert_allclose(s[other], 0.0, atol=1e-5)
+
+    def test_empty_history_scores_nothing(self, source) -> None:
+        _, src = source
+        s = src.scores(np.empty(0, np.int64), np.empty(0, np.float32), N_TOTAL)
+        np.testing.assert_array_equal(s, np.zeros(N_TOTAL, np.float32))
+
+    def test_indices_unknown_to_the_model_are_ignored(self, source) -> None:
+        _, src = source
+        idx, w = history(4)
+        plus = np.concatenate([idx, [N_ITEMS, N_ITEMS + 3]])
+        np.testing.assert_array_equal(
+            src.scores(plus, np.ones(len(plus), np.float32), N_TOTAL), src.scores(idx, w, N_TOTAL)
+        )
+        only_unknown = src.scores(np.asarray([N_ITEMS + 1]), np.ones(1, np.float32), N_TOTAL)
+        np.testing.assert_array_equal(only_unknown, np.zeros(N_TOTAL, np.float32))
+
+    @pytest.mark.parametrize("n", [1, 3, 8, 100])
+    def test_recall_returns_named_sorted_candidates(self, source, n) -> None:
+        _, src = source
+        idx, w = history(11)
+        exclude = np.concatenate([idx, [10]])
+        cands = src.recall(idx, w, N_TOTAL, n, exclude=exclude)
+        assert isinstance(cands, Candidates)
+        assert cands.source == src.name
+        assert 0 < len(cands) <= n
+        assert len(cands.idx) == len(cands.scores)
+        assert np.all(np.diff(cands.scores) <= 0)
+        assert not set(cands.idx.tolist()) & set(exclude.tolist())
+        assert np.all(cands.scores > 0)
+        s = src.scores(idx, w, N_TOTAL)
+        np.testing.assert_allclose(cands.scores, s[cands.idx])
+        if n >= BLOCK:  # everything positive and not excluded is returned
+            expected = set(np.flatnonzero(s > 0).tolist()) - set(exclude.tolist())
+            assert set(cands.idx.tolist()) == expected
+
+    def test_recall_without_history_is_empty(self, source) -> None:
+        _, src = source
+        cands = src.recall(np.empty(0, np.int64), np.empty(0, np.float32), N_TOTAL, 10)
+        assert len(cands) == 0 and cands.source == src.name
+
+    def test_arrays_round_trip_without_pickle(self, source, tmp_path: Path) -> None:
+        _, src = source
+        path = tmp_path / "arrays.npz"
+        np.savez(path, **src.arrays())
+        with np.load(path, allow_pickle=False) as z:
+            loaded = type(src).from_arrays({k: z[k] for k in z.files})
+        for user in (0, 15):
+            np.testing.assert_array_equal(loaded.scores(*history(user), N_TOTAL),
+                                          src.scores(*history(user), N_TOTAL))
+
+
+# ---------------------------------------------------------------------------------------------
+# item-CF
+
+def ratings(rows: list[tuple[int, int, float]], n_users: int, n_items: int) -> sp.csr_matrix:
+    u, i, v = (np.asarray(c) for c in zip(*rows, strict=True))
+    return interaction_matrix(u, i, v.astype(np.float32), n_users, n_items)
+
+
+def test_pearson_separates_opposite_ratings_that_cosine_calls_similar() -> None:
+    # Users 0-3 rate item 0 high-to-low and item 1 low-to-high; item 2 agrees with item 0.
+    x = ratings([(0, 0, 5), (1, 0, 4), (2, 0, 2), (3, 0, 1),
+                 (0, 1, 1), (1, 1, 2), (2, 1, 4), (3, 1, 5),
+                 (0, 2, 4), (1, 2, 5), (2, 2, 1), (3, 2, 2)], 4, 3)
+    cosine = item_similarity(x, "cosine", k=5, shrink=0.0).toarray()
+    pearson = item_similarity(x, "pearson", k=5, shrink=0.0).toarray()
+    assert cosine[0, 1] == pytest.approx((5 + 8 + 8 + 5) / (5**2 + 4**2 + 2**2 + 1), rel=1e-6)
+    assert pearson[0, 1] <= 0 and pearson[1, 0] <= 0  # negative, so pruned
+    assert pearson[0, 2] == pytest.approx(0.8, rel=1e-5)  # centred [2,1,-1,-2]·[1,2,-2,-1]/10
+    assert cosine[0, 2] > 0
+
+
+def test_item_similarity_by_hand() -> None:
+    """Cosine over users with shrinkage overlap / (overlap + shrink)."""
+    x = ratings([(0, 0, 1), (1, 0, 1), (2, 0, 1), (0, 1, 1), (1, 1, 1), (2, 2, 1)], 3, 3)
+    raw = item_similarity(x, "cosine", k=5, shrink=0.0).toarray()
+    np.testing.assert_allclose(raw, [[0, 2 / math.sqrt(6), 1 / math.sqrt(3)],
+                                     [2 / math.sqrt(6), 0, 0],
+                                     [1 / math.sqrt(3), 0, 0]], rtol=1e-6)
+    shrunk = item_similarity(x, "cosine", k=5, shrink=2.0).toarray()
+    np.testing.assert_allclose(shrunk[0, 1], raw[0, 1] * 2 / (2 + 2), rtol=1e-6)
+    np.testing.assert_allclose(shrunk[0, 2], raw[0, 2] * 1 / (1 + 2), rtol=1e-6)
+    # The smaller overlap loses more.
+    assert shrunk[0, 2] / raw[0, 2] < shrunk[0, 1] / raw[0, 1]
+
+
+@pytest.mark.parametrize("k", [1, 3, 50])
+@pytest.mark.parametrize("block", [3, 2048])
+def test_item_similarity_keeps_k_neighbours_and_a_zero_diagonal(k: int, block: int) -> None:
+    sim = item_similarity(X, "cosine", k=k, shrink=1.0, block=block)
+    assert sim.shape == (N_ITEMS, N_ITEMS)
+    assert np.diff(sim.indptr).max() <= k
+    np.testing.assert_array_equal(sim.diagonal(), 0.0)
+    assert (sim.data > 0).all()
+    full = item_similarity(X, "cosine", k=N_ITEMS, shrink=1.0).toarray()
+    dense = sim.toarray()
+    for i in range(N_ITEMS):  # the kept neighbours are the k best
+        kept = dense[i][dense[i] > 0]
+        assert len(kept) == min(k, int((full[i] > 0).sum()))
+        np.testing.assert_allclose(np.sort(kept)[::-1], np.sort(full[i])[::-1][: len(kept)],
+                                   rtol=1e-6)
+
+
+def test_item_similarity_is_symmetric_when_unpruned() -> None:
+    sim = item_similarity(X, "cosine", k=N_ITEMS, shrink=10.0).toarray()
+    np.testing.assert_allclose(sim, sim.T, rtol=1e-6)
+
+
+def test_itemcf_scores_are_weighted_sums_of_rows() -> None:
+    cf = ItemCF.fit(X, "cosine", k=50, shrink=10.0)
+    idx, w = np.asarray([0, 2, 5]), np.asarray([1.0, 0.5, -1.0], np.float32)
+    expected = (w[:, None] * cf.sim.toarray()[idx]).sum(axis=0)
+    np.testing.assert_allclose(cf.scores(idx, w, N_ITEMS), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_itemcf_neighbors_best_first() -> None:
+    cf = ItemCF.fit(X, "cosine", k=4, shrink=0.0)
+    nb, sims = cf.neighbors(3)
+    assert len(nb) == 4 and np.all(np.diff(sims) <= 0)
+    np.testing.assert_allclose(sims, cf.sim.toarray()[3, nb])
+    assert set(nb.tolist()) <= set(range(BLOCK))
+    assert len(cf.neighbors(N_ITEMS + 1)[0]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# user-CF
+
+def test_usercf_consults_only_k_neighbours() -> None:
+    # The query's nearest user (0) also liked item 1, a farther one (1) liked item 2.
+    x = ratings([(0, 0, 1), (0, 3, 1), (0, 1, 1),
+                 (1, 0, 1), (1, 4, 1), (1, 5, 1), (1, 2, 1)], 2, 6)
+    idx, w = np.asarray([0, 3]), np.ones(2, np.float32)
+    one = UserCF.fit(x, "cosine", k=1).scores(idx, w, 6)
+    many = UserCF.fit(x, "cosine", k=2).scores(idx, w, 6)
+    assert one[1] > 0 and one[2] == 0
+    assert many[1] > 0 and many[2] > 0
+
+
+def test_usercf_pearson_ignores_anti_correlated_users() -> None:
+    # User 1 rates items 0 and 1 the opposite way to the query, and liked item 2.
+    x = ratings([(0, 0, 5), (0, 1, 1), (0, 3, 4), (1, 0, 1), (1, 1, 5), (1, 2, 5)], 2, 4)
+    idx, w = np.asarray([0, 1]), np.asarray([2.0, -2.0], np.float32)
+    pearson = UserCF.fit(x, "pearson", k=5).scores(idx, w, 4)
+    assert pearson[2] == 0 and pearson[3] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# embeddings
+
+def test_fold_in_of_one_item_is_its_query_row() -> None:
+    emb = Embeddings.fit(X, dim=2, seed=0)
+    np.testing.assert_array_equal(emb.fold_in(np.asarray([7]), np.asarray([3.0])), emb.query[7])
+    np.testing.assert_allclose(emb.fold_in(np.asarray([7]), np.asarray([-1.0])),
+                               -0.5 * emb.query[7])
+    np.testing.assert_allclose(emb.fold_in(np.asarray([1, 7, 9]), np.asarray([1.0, 0.0, -2.0])),
+                               emb.query[1] - 0.5 * emb.query[9], rtol=1e-6)
+    assert emb.fold_in(np.asarray([N_ITEMS]), np.asarray([1.0])) is None
+    assert emb.query_vector(3) is emb.query[3] or np.array_equal(emb.query_vector(3), emb.query[3])
+    assert emb.query_vector(N_ITEMS) is None and emb.query_vector(-1) is None
+
+
+def test_embedding_inner_products_reproduce_the_blocks() -> None:
+    emb = Embeddings.fit(X, dim=2, seed=0)
+    assert emb.item.shape == emb.query.shape == (N_ITEMS, 2)
+    gram = emb.item @ emb.item.T
+    same = np.kron(np.eye(2), np.ones((BLOCK, BLOCK))).astype(bool)
+    assert gram[same].min() > 0
+    np.testing.assert_allclose(gram[~same], 0.0, atol=1e-6)
+    cross = emb.item @ emb.query.T
+    assert cross[same].min() > 0
+    np.testing.assert_allclose(cross[~same], 0.0, atol=1e-6)
+
+
+def test_embeddings_are_deterministic_and_padded() -> None:
+    a, b = Embeddings.fit(X, dim=3, seed=1), Embeddings.fit(X, dim=3, seed=1)
+    np.testing.assert_array_equal(a.item, b.item)
+    wide = Embeddings.fit(X, dim=40, seed=0)  # rank is at most min(shape) - 1 = 19
+    assert wide.dim == 40
+    np.testing.assert_array_equal(wide.item[:, N_ITEMS - 1:], 0.0)
+
+
+def test_embeddings_score_is_item_dot_user() -> None:
+    emb = Embeddings.fit(X, dim=4, seed=0)
+    idx, w = history(2)
+    s = emb.scores(idx, w, N_TOTAL)
+    np.testing.assert_allclose(s[:N_ITEMS], emb.item @ emb.query[idx].sum(axis=0), rtol=1e-5,
+                               atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# online co-occurrence
+
+def test_cooccurrence_counts_first_time_events_only() -> None:
+    c = Cooccurrence(window=20)
+    c.add(0, [], True)
+    c.add(1, [0], True)
+    c.add(1, [0], False)  # a repeat on the same item pairs nothing
+    assert c.pairs[0] == {1: 1.0} and c.pairs[1] == {0: 1.0}
+    assert c.item_users[0] == 1 and c.item_users[1] == 1
+
+
+def test_cooccurrence_pairs_within_the_window() -> None:
+    c = Cooccurrence(window=3)
+    for n in range(6):
+        c.add(n, [], True)
+    c.add(9, [0, 1, 2, 3, 4, 5], True)
+    assert set(c.pairs[9]) == {3, 4, 5}
+    assert 9 not in c.pairs[2]
+
+
+def test_cooccurrence_ignores_self_pairs() -> None:
+    c = Cooccurrence()
+    c.add(4, [4, 2], True)
+    assert c.pairs[4] == {2: 1.0}
+
+
+def test_cooccurrence_similarity_by_hand() -> None:
+    """count / sqrt(n_i n_j) with n the number of users who reached each item."""
+    c = Cooccurrence()
+    # user A: 0, 1, 2; user B: 0, 2; user C: 2.
+    c.add(0, [], True)
+    c.add(1, [0], True)
+    c.add(2, [0, 1], True)
+    c.add(0, [], True)
+    c.add(2, [0], True)
+    c.add(2, [], True)
+    n = {0: 2, 1: 1, 2: 3}
+    counts = {(0, 1): 1, (0, 2): 2, (1, 2): 1}
+    for (i, j), count in counts.items():
+        expected = count / math.sqrt(n[i] * n[j])
+        assert c.similarity(i, j) == pytest.approx(expected, rel=1e-6)
+        assert c.similarity(j, i) == pytest.approx(expected, rel=1e-6)
+    js, sims = c.row(2)
+    assert dict(zip(js.tolist(), sims.tolist(), strict=True)) == pytest.approx(
+        {0: 2 / math.sqrt(6), 1: 1 / math.sqrt(3)}, rel=1e-6)
+    assert c.similarity(1, 5) == 0.0
+    js, sims = c.row(7)
+    assert len(js) == len(sims) == 0
+
+
+def test_cooccurrence_grows_for_large_indices() -> None:
+    c = Cooccurrence()
+    c.add(500, [], True)
+    c.add(3, [500], True)
+    assert len(c.item_users) >= 501
+    assert c.similarity(3, 500) == pytest.approx(1.0)
+
+
+def test_cooccurrence_partner_with_a_large_index_never_added_itself() -> None:
+    """A partner from the user's history may have a large index it was never added under."""
+    c = Cooccurrence()
+    c.add(0, [100], True)  # item 100 came from the user's history, never added on its own
+    js, sims = c.row(0)
+    assert js.tolist() == [100] and sims.tolist() == [1.0]
+    assert c.similarity(100, 0) == 1.0 and c.row(100)[0].tolist() == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# trending
+
+H = 3600.0
+
+
+def test_trending_halves_per_half_life() -> None:
+    t = Trending(H)
+    assert t.get("a") == 0.0
+    t.add("a", 1000.0)
+    assert t.get("a") == 1.0
+    t.add("b", 1000.0 + H)
+    assert t.get("a") == pytest.approx(0.5, rel=1e-12)
+    assert t.get("b") == pytest.approx(1.0, rel=1e-12)
+    t.add("a", 1000.0 + 3 * H)
+    assert t.get("a") == pytest.approx(1 + 0.5**3, rel=1e-12)
+    assert t.get("b") == pytest.approx(0.25, rel=1e-12)
+    assert t.latest == 1000.0 + 3 * H
+
+
+def test_trending_out_of_order_event_counts_less() -> None:
+    t = Trending(H)
+    t.add("a", 10 * H)
+    t.add("b", 9 * H)  # arrives late: already one half-life old at the newest time
+    assert t.get("b") == pytest.approx(0.5, rel=1e-12)
+    assert t.latest == 10 * H
+
+
+def test_trending_rebase_keeps_relative_values() -> None:
+    t = Trending(H)
+    t.add("a", 0.0)
+    t.add("b", 30 * H)
+    t.add("a", 50 * H)
+    t.add("c", 61 * H)  # > 60 half-lives after the origin: values are rebased
+    assert t.origin == 61 * H
+    assert t.get("a") == pytest.approx(2.0**-61 + 2.0**-11, rel=1e-9)
+    assert t.get("b") == pytest.approx(2.0**-31, rel=1e-9)
+    assert t.get("c") == pytest.approx(1.0, rel=1e-12)
+    for n in range(1, 5):  # keeps working across several rebases
+        t.add("c", (61 + 70 * n) * H)
+    assert t.get("c") == pytest.approx(1 + 2.0**-70 + 2.0**-140, rel=1e-9)
+    assert max(t.values.values()) < 2.0**61
+
+
+def test_trending_vector_aligns_with_the_catalogue() -> None:
+    t = Trending(H)
+    t.add("b", 0.0)
+    t.add("b", 0.0)
+    t.add("zz", 0.0)  # not in the catalogue: ignored
+    t.add("a", H)
+    cat = Catalog.from_ids(["x", "a", "b"])
+    v = t.vector(cat)
+    assert v.dtype == np.float32
+    np.testing.assert_allclose(v, [0.0, 1.0, 1.0], rtol=1e-6)
+    np.testing.assert_array_equal(Trending(H).vector(cat), np.zeros(3, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def test_top_n_orders_and_filters() -> None:
+    s = np.asarray([0.5, 0.0, -1.0, 0.7, 2.0, 0.1])
+    idx, vals = top_n(s, 10)
+    assert idx.tolist() == [4, 3, 0, 5]  # only scores above min_score=0
+    np.testing.assert_allclose(vals, [2.0, 0.7, 0.5, 0.1])
+    assert idx.dtype == np.int64 and vals.dtype == np.float32
+    assert top_n(s, 2)[0].tolist() == [4, 3]
+    assert top_n(s, 3, exclude=np.asarray([4, 99]))[0].tolist() == [3, 0, 5]
+    assert top_n(s, 6, min_score=-5.0)[0].tolist() == [4, 3, 0, 5, 1, 2]
+    assert len(top_n(s, 0)[0]) == 0 and len(top_n(np.empty(0), 3)[0]) == 0
+    assert top_n(s, 3, exclude=np.empty(0, np.int64))[0].tolist() == [4, 3, 0]
+
+
+def test_top_n_does_not_modify_its_input() -> None:
+    s = np.asarray([1.0, 2.0, 3.0], np.float32)
+    top_n(s, 2, exclude=np.asarray([2]))
+    np.testing.assert_array_equal(s, [1.0, 2.0, 3.0])
+
+
+def test_interaction_matrix_sums_duplicates() -> None:
+    m = interaction_matrix(np.asarray([0, 0, 1, 0]), np.asarray([1, 1, 2, 0]),
+                           np.asarray([1.0, 2.5, -1.0, 4.0]), 3, 4)
+    assert m.shape == (3, 4) and m.dtype == np.float32 and m.nnz == 3
+    np.testing.assert_array_equal(m.toarray(), [[4, 3.5, 0, 0], [0, 0, -1, 0], [0, 0, 0, 0]])
+
+
+def test_center_rows_over_stored_entries() -> None:
+    m = sp.csr_matrix(np.asarray([[5.0, 0.0, 1.0, 3.0],  # mean over stored 3 -> [2, -2, 0]
+                                  [2.0, 2.0, 0.0, 0.0],  # no variance: kept as is
+                                  [0.0, 0.0, 0.0, 0.0]], np.float32))
+    c = center_rows(m)
+    np.testing.assert_allclose(c.toarray(), [[2, 0, -2, 0], [2, 2, 0, 0], [0, 0, 0, 0]])
+    assert c.nnz == m.nnz  # a centred 0 stays a stored entry
+    np.testing.assert_array_equal(m.toarray()[0], [5, 0, 1, 3])  # input untouched

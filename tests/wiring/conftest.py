@@ -1,0 +1,46 @@
+"""Wiring tier: the Serve app in local testing mode (one process, no Ray), both topologies,
+on a small generated data set with a model trained by the pure training code."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rec.config import RecConfig
+from rec.data import generate
+from rec.model import publish
+from rec.train import snapshot_table, train
+
+
+def small_config(data_dir, topology: str) -> RecConfig:
+    config = RecConfig(data_dir=data_dir)
+    config.serving.topology = topology
+    config.serving.reload_poll_s = 0.2
+    config.ranker.epochs = 1
+    config.ranker.max_examples = 3000
+    return config
+
+
+@pytest.fixture(scope="session")
+def dataset():
+    days = 30.0  # the data ends now, as live events will be stamped with the wall clock
+    return generate(n_users=300, n_items=200, n_events=8000, seed=1, days=days,
+                    start_ts=time.time() - days * 86400)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, dataset):
+    """A data dir with the data set in its log and a published model (built once)."""
+    from rec.eventlog import EventLog
+
+    root = tmp_path_factory.mktemp("wiring")
+    config = small_config(root, "fused")
+    records = dataset.item_records() + dataset.event_records()
+    with EventLog(config.log_dir, config.eventlog) as log:
+        log.append(records)
+        table = log.table()
+    model = train(table, config)
+    model.save(config.model_dir, model.build_index(config.recall))
+    publish(config.model_dir, model.version)
+    return root, model
