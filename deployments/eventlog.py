@@ -98,8 +98,10 @@ class EventLogService:
                 self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
         return removed
 
-    def pid(self) -> int:
-        return os.getpid()
+    def recovery(self) -> dict:
+        """What opening the log found: bytes of torn tail cut, and where the log stands."""
+        return {"pid": os.getpid(), "bytes_cut": self.log.recovered_bytes_cut,
+                "next_offset": self.log.next_offset}
 
 
 EventLogActor = ray.remote(max_restarts=-1, max_task_retries=0)(EventLogService)

@@ -71,8 +71,8 @@ class Live:
         path = Path(self.config.model_dir) / version
         model, index = await asyncio.to_thread(self._load, path)
         async with self._lock:  # no log records are applied while the state switches
-            records = await self._read_all(model.log_offset)
-            self.rec.swap_model(model, index, records)
+            history = await self._read_all(0)
+            self.rec.swap_model(model, index, history)
         self.reloads += 1
         log.info("now serving model %s", version)
         return True

@@ -12,7 +12,7 @@ import math
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 EVENT_TYPES = (
     "view",
@@ -49,7 +49,9 @@ class EventIn(_Strict):
     user_id: str = Field(min_length=1, max_length=ID_MAX, description="The acting user.")
     item_id: str = Field(min_length=1, max_length=ID_MAX, description="The item acted on.")
     type: Literal[EVENT_TYPES] = Field(description="Interaction type.")  # type: ignore[valid-type]
-    value: float | None = Field(None, description="Rating or other strength; required for 'rating'.")
+    value: float | None = Field(
+        None, validate_default=True, description="Rating or other strength; required for 'rating'."
+    )
     ts: float | None = Field(
         None, ge=0, description="Event time, Unix seconds; the server's clock when omitted."
     )
@@ -62,7 +64,16 @@ class EventIn(_Strict):
 
     @field_validator("value")
     @classmethod
-    def _finite(cls, v: float | None) -> float | None:
+    def _finite_value(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None and info.data.get("type") == "rating":
+            raise ValueError("required for type 'rating'")
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("ts")
+    @classmethod
+    def _finite_ts(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v
@@ -73,12 +84,6 @@ class EventIn(_Strict):
         if v is not None and len(v) > CONTEXT_MAX_KEYS:
             raise ValueError(f"at most {CONTEXT_MAX_KEYS} keys")
         return v
-
-    @model_validator(mode="after")
-    def _rating_has_value(self) -> EventIn:
-        if self.type == "rating" and self.value is None:
-            raise ValueError("value is required for type 'rating'")
-        return self
 
     def to_record(self, now: float | None = None) -> dict:
         return event_record(

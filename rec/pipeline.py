@@ -98,9 +98,12 @@ class Recommender:
             elif kind == KIND_ITEM:
                 p = parse_payload(r)
                 is_new = r["item_id"] not in self.catalog.index
+                was_deleted = r["item_id"] in self.catalog.deleted
                 idx = self.catalog.upsert(r["item_id"], p.get("category"), p.get("tags") or [],
                                           p.get("title"), r["ts"])
                 self._ensure_vectors(idx)
+                if was_deleted and self.index is not None and idx < len(self._item_vecs):
+                    self.index.add(np.asarray([idx]), self._item_vecs[idx : idx + 1])
                 if is_new or idx >= (self.model.n_items if self.model else 0):
                     self.new_items.append(r["item_id"])
             elif kind == KIND_ITEM_DELETE:
@@ -130,7 +133,8 @@ class Recommender:
         if first_time:
             index = self.catalog.index
             recent = [index[i] for i, w, _ in prof.recent if w > 0 and i in index] if prof else []
-            self.cooc.add(idx, recent, True)
+            distinct = list(dict.fromkeys(reversed(recent)))[::-1]  # each partner once, by recency
+            self.cooc.add(idx, distinct, True)
 
     def _ensure_vectors(self, idx: int) -> None:
         """Give catalogue items the model does not know a vector: the mean of their category's
@@ -161,10 +165,11 @@ class Recommender:
             return None
         return self._query_vecs[idx]
 
-    def swap_model(self, model: ModelBundle, index: Index | None,
-                   records_since: list[dict]) -> None:
+    def swap_model(self, model: ModelBundle, index: Index | None, history: list[dict]) -> None:
         """Switch to a new model version: re-base the catalogue on its item order, rebuild the
-        vectors, and recount online co-occurrence from the records after its training offset."""
+        vectors, and recount online co-occurrence (pairs formed by events after the model's
+        training offset) by replaying `history`, the log from offset 0 up to what this object
+        has applied, so a swapped replica holds exactly what a freshly started one would."""
         self.model = model
         self.catalog = self.catalog.rebase(model.item_ids)
         for item_id, cat in zip(model.item_ids, model.item_categories, strict=True):
@@ -182,15 +187,20 @@ class Recommender:
         if deleted and self.index is not None:
             self.index.mark_deleted(np.asarray(deleted))
         self.cooc = Cooccurrence(self.config.recall.recent_for_itemcf)
-        replay_profiles = ProfileStore(self.config.profile)
-        for r in records_since:  # those not applied yet will be counted by apply()
-            off = r.get("offset", model.log_offset)
-            if r["kind"] == KIND_EVENT and model.log_offset <= off < self.offset:
-                idx = self.catalog.index.get(r["item_id"])
-                if idx is not None and event_weight(r["type"], r.get("value"),
-                                                    self.config.profile) > 0:
-                    self._count_pair(idx, replay_profiles.users.get(r["user_id"]))
-                replay_profiles.apply_event(r, None, lambda _: None, None)
+        replay = ProfileStore(self.config.profile)
+        for r in history:  # records not applied yet will be counted by apply()
+            off = r.get("offset", 0)
+            if off >= self.offset:
+                break
+            if r["kind"] == KIND_USER_DELETE:
+                replay.forget(r["user_id"])
+            if r["kind"] != KIND_EVENT:
+                continue
+            if off >= model.log_offset and event_weight(r["type"], r.get("value"),
+                                                        self.config.profile) > 0:
+                self._count_pair(self.catalog.ensure(r["item_id"]),
+                                 replay.users.get(r["user_id"]))
+            replay.apply_event(r, None, _no_vector, None)
 
     # ---- stage 1: profile ------------------------------------------------------------------
 
@@ -377,22 +387,31 @@ class Recommender:
         order = [r for r in np.argsort(-np.asarray(scores), kind="stable").tolist()
                  if cands.item_ids[r] not in blocked]
         n_explore = min(int(round(k * agg.explore_fraction)), k) if view.known else 0
+        per_cat: dict[str | None, int] = {}
+
+        def fits(row: int) -> bool:  # the diversity rule, counted over the whole list
+            cat = self.catalog.category(cands.item_ids[row])
+            if agg.max_per_category is None or cat is None:
+                return True
+            if per_cat.get(cat, 0) >= agg.max_per_category:
+                return False
+            per_cat[cat] = per_cat.get(cat, 0) + 1
+            return True
+
         fresh = [r for r in order if "new" in cands.sources[r]]
         trending = [r for r in order if set(cands.sources[r]) <= {"pop"}]
-        explore = list(dict.fromkeys(fresh + trending))[:n_explore]
-        per_cat: dict[str | None, int] = {}
+        explore: list[int] = []
+        for row in dict.fromkeys(fresh + trending):
+            if len(explore) >= n_explore:
+                break
+            if fits(row):
+                explore.append(row)
         rows: list[int] = []
         for row in order:
             if len(rows) >= k - len(explore):
                 break
-            if row in explore:
-                continue
-            cat = self.catalog.category(cands.item_ids[row])
-            if agg.max_per_category is not None and cat is not None:
-                if per_cat.get(cat, 0) >= agg.max_per_category:
-                    continue
-                per_cat[cat] = per_cat.get(cat, 0) + 1
-            rows.append(row)
+            if row not in explore and fits(row):
+                rows.append(row)
         items = []
         for row in rows + explore:
             entry = {"item_id": cands.item_ids[row], "score": round(float(scores[row]), 6),
@@ -450,11 +469,12 @@ class Recommender:
         if i is None:
             return None
         scores: dict[int, float] = {}
+        for j, s in zip(*self.cooc.row(i), strict=True):
+            scores[int(j)] = float(s)
         if self.model is not None:
             nb, sim = self.model.itemcf.neighbors(i)
-            scores.update(zip(nb.tolist(), sim.tolist(), strict=True))
-            for j, s in zip(*self.cooc.row(i), strict=True):
-                scores[int(j)] = scores.get(int(j), 0.0) + float(s)
+            for j, s in zip(nb.tolist(), sim.tolist(), strict=True):
+                scores[j] = scores.get(j, 0.0) + s
             if len(scores) < k and i < len(self._item_vecs):
                 v = self._item_vecs
                 norms = np.linalg.norm(v, axis=1) * (np.linalg.norm(v[i]) or 1.0)
@@ -480,6 +500,10 @@ class Recommender:
         return {"item_id": item_id, "category": meta.category, "tags": list(meta.tags),
                 "title": meta.title, "deleted": item_id in self.catalog.deleted,
                 "first_ts": meta.first_ts}
+
+
+def _no_vector(_: str) -> None:
+    return None
 
 
 def _hour(context: dict | None, now: float) -> float:

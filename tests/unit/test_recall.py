@@ -251,7 +251,7 @@ def test_fold_in_of_one_item_is_its_query_row() -> None:
     np.testing.assert_allclose(emb.fold_in(np.asarray([1, 7, 9]), np.asarray([1.0, 0.0, -2.0])),
                                emb.query[1] - 0.5 * emb.query[9], rtol=1e-6)
     assert emb.fold_in(np.asarray([N_ITEMS]), np.asarray([1.0])) is None
-    assert emb.query_vector(3) is emb.query[3] or np.array_equal(emb.query_vector(3), emb.query[3])
+    np.testing.assert_array_equal(emb.query_vector(3), emb.query[3])
     assert emb.query_vector(N_ITEMS) is None and emb.query_vector(-1) is None
 
 

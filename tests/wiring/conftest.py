@@ -10,7 +10,7 @@ import pytest
 from rec.config import RecConfig
 from rec.data import generate
 from rec.model import publish
-from rec.train import snapshot_table, train
+from rec.train import train
 
 
 def small_config(data_dir, topology: str) -> RecConfig:

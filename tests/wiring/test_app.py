@@ -83,7 +83,7 @@ def test_new_user_first_click_changes_answer(app):
 @pytest.mark.parametrize("body, field", [
     ({"item_id": "i1", "type": "click"}, "user_id"),
     ({"user_id": "u1", "item_id": "i1", "type": "teleport"}, "type"),
-    ({"user_id": "u1", "item_id": "i1", "type": "rating"}, "body"),
+    ({"user_id": "u1", "item_id": "i1", "type": "rating"}, "value"),
     ({"user_id": "u1", "item_id": "i1", "type": "click", "value": "high"}, "value"),
     ({"user_id": "u1", "item_id": "i1", "type": "click", "extra": 1}, "extra"),
     ({"events": [{"user_id": "u1", "item_id": "i1", "type": "click"}, {"user_id": "u1"}]},

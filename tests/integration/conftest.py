@@ -1,0 +1,107 @@
+"""Cluster tier: one local Ray instance for the session, the real Serve app over real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+from deployments.runtime import set_process_env
+from rec.config import RecConfig
+from rec.data import generate
+from rec.model import publish
+from rec.train import snapshot_table, train
+
+pytestmark = pytest.mark.ray
+
+
+def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.05):
+    """Poll until predicate() is truthy; return its value (fail after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met in {timeout_s}s")
+        time.sleep(interval_s)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    set_process_env()
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=256 * 2**20, logging_level="ERROR")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def stack_config(data_dir, topology: str) -> RecConfig:
+    config = RecConfig(data_dir=data_dir)
+    config.serving.topology = topology
+    config.serving.reload_poll_s = 0.5
+    config.ranker.epochs = 1
+    config.ranker.max_examples = 3000
+    return config
+
+
+@pytest.fixture(scope="module", params=["fused", "split"])
+def stack(request, ray_cluster, tmp_path_factory):
+    """The app in one topology on a fresh data dir: data in the log, a first model published."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+    from deployments.eventlog import get_or_create_log
+    from deployments.trainer import get_or_create_trainer
+
+    topology = request.param
+    root = tmp_path_factory.mktemp(f"stack-{topology}")
+    config = stack_config(root, topology)
+    days = 30.0
+    ds = generate(n_users=300, n_items=200, n_events=8000, seed=3, days=days,
+                  start_ts=time.time() - days * 86400)
+    records = ds.item_records() + ds.event_records()
+    log = get_or_create_log(config.log_dir, config.eventlog)
+    ray.get(log.append.remote(records))
+    model = train(snapshot_table(records), config)
+    model.save(config.model_dir, model.build_index(config.recall))
+    publish(config.model_dir, model.version)
+    serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
+    client = httpx.Client(base_url=ray_cluster, timeout=30)
+    wait_for(lambda: _ready(client), timeout_s=120, interval_s=0.2)
+    yield {"client": client, "config": config, "model": model, "topology": topology,
+           "log": log, "trainer": get_or_create_trainer(config)}
+    client.close()
+    serve.delete("rec")
+    for name in ("rec_eventlog", "rec_trainer"):
+        with contextlib.suppress(ValueError):
+            ray.kill(ray.get_actor(name, namespace="rec"), no_restart=True)
+
+
+def _ready(client: httpx.Client) -> bool:
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

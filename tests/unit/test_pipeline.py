@@ -1,0 +1,479 @@
+"""The in-process serving pipeline (`Recommender`) and model versions on disk (`ModelBundle`).
+
+One small synthetic log is trained on once per module: the model sees the first 4000 records,
+the pipeline follows all of them, so the last ~1100 events arrive "live" after the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rec.config import RecConfig
+from rec.data import generate
+from rec.events import ItemIn, event_record, item_delete_record, item_record, user_delete_record
+from rec.model import ModelBundle, current_version, load_saved_index, new_version_name, publish
+from rec.pipeline import SOURCES, Recommender
+from rec.train import snapshot_table, train
+
+MODEL_RECORDS = 4000
+
+
+def make_config(**sections) -> RecConfig:
+    data = {
+        "recall": {"embedding_dim": 16, "index": "brute", "per_source": 50},
+        "ranker": {"epochs": 1, "hidden": [16], "item_embedding_dim": 8, "device": "cpu"},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return RecConfig.model_validate(data)
+
+
+CONFIG = make_config()
+
+
+@pytest.fixture(scope="module")
+def log() -> list[dict]:
+    """Items then events of a small synthetic data set, as log records with offsets."""
+    ds = generate(n_users=200, n_items=100, n_events=5000, seed=0)
+    return snapshot_table(ds.item_records() + ds.event_records()).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def model(log) -> ModelBundle:
+    return train(snapshot_table(log[:MODEL_RECORDS]), CONFIG, version="v1")
+
+
+@pytest.fixture(scope="module")
+def model2(log) -> ModelBundle:
+    return train(snapshot_table(log[:4500]), CONFIG, fit_ranker=None, version="v2")
+
+
+@pytest.fixture
+def rec(model, log) -> Recommender:
+    r = Recommender(CONFIG, model)
+    r.apply(log)
+    return r
+
+
+@pytest.fixture(scope="module")
+def users(log) -> list[str]:
+    """Users by number of events, most active first."""
+    counts: dict[str, int] = {}
+    for r in log:
+        if r["kind"] == "event":
+            counts[r["user_id"]] = counts.get(r["user_id"], 0) + 1
+    return sorted(counts, key=lambda u: (-counts[u], u))
+
+
+def live(r: Recommender, *records: dict) -> list[dict]:
+    """Append records to the log after everything applied so far, and apply them."""
+    batch = [{**rec, "offset": r.offset + n} for n, rec in enumerate(records)]
+    r.apply(batch)
+    return batch
+
+
+def ev(user: str, item: str, type_: str = "click", ts: float = 1_706_000_000.0) -> dict:
+    return event_record(user_id=user, item_id=item, type=type_, ts=ts,
+                        value=4.0 if type_ == "rating" else None)
+
+
+def ids(response: dict) -> list[str]:
+    return [x["item_id"] for x in response["items"]]
+
+
+def test_fixture_model(model, rec) -> None:
+    assert model.ranker is not None and model.log_offset == MODEL_RECORDS
+    assert rec.version == "v1" and rec.offset == 5100 and len(rec.catalog) == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# read-your-writes, deletions, new items
+
+
+@pytest.mark.parametrize("user_rank", [0, 50, 199])
+def test_read_your_writes(rec, users, user_rank) -> None:
+    user = users[user_rank]
+    for type_ in ("view", "click", "purchase", "skip"):
+        top = ids(rec.recommend(user))[0]
+        live(rec, ev(user, top, type_))
+        assert rec.view(user).recent[-1][0] == top
+        assert top not in ids(rec.recommend(user, k=50))
+
+
+def test_read_your_writes_for_a_new_user(rec) -> None:
+    first = ids(rec.recommend("fresh"))
+    live(rec, ev("fresh", first[0]))
+    view = rec.view("fresh")
+    assert view.known and [r[0] for r in view.recent] == [first[0]]
+    second = ids(rec.recommend("fresh", k=50))
+    assert first[0] not in second and second
+
+
+def test_deleted_items_are_never_served(rec, users) -> None:
+    top = ids(rec.recommend(users[0]))[0]
+    neighbour = rec.similar(top)[0]["item_id"]
+    live(rec, item_delete_record(top, ts=1_706_000_000.0),
+         item_delete_record(neighbour, ts=1_706_000_000.0))
+    gone = {top, neighbour}
+    for user in users[:40]:
+        assert not gone & set(ids(rec.recommend(user, k=50)))
+        assert not gone & set(rec.recall(rec.view(user)).item_ids)
+    for item_id in rec.catalog.ids:
+        assert not gone & {x["item_id"] for x in rec.similar(item_id, k=100)}
+    assert rec.item_info(top)["deleted"] is True
+
+
+def test_event_on_a_deleted_item_does_not_bring_it_back(rec, users) -> None:
+    top = ids(rec.recommend(users[0]))[0]
+    live(rec, item_delete_record(top, ts=1_706_000_000.0),
+         ev("someone", top, "purchase"))
+    assert top not in ids(rec.recommend(users[1], k=50))
+    assert top not in rec.recall(rec.view(users[1])).item_ids
+
+
+def test_reposting_a_deleted_item_undeletes_it(rec) -> None:
+    item = rec.catalog.ids[5]
+    live(rec, item_delete_record(item, ts=1.7e9))
+    live(rec, item_record(ItemIn(item_id=item, category="c01"), ts=1.7e9))
+    assert item not in rec.catalog.deleted and rec.catalog.category(item) == "c01"
+    assert rec.item_info(item)["deleted"] is False
+
+
+def test_reposting_a_deleted_item_makes_it_searchable_again(rec) -> None:
+    item = rec.catalog.ids[5]
+    live(rec, item_delete_record(item, ts=1.7e9))
+    assert len(rec.index) == 99
+    live(rec, item_record(ItemIn(item_id=item, category="c01"), ts=1.7e9))
+    assert len(rec.index) == 100
+    found, _ = rec.index.search(rec._item_vecs[5], 100)
+    assert 5 in found[0].tolist()
+
+
+def test_new_item_becomes_reachable_through_cooccurrence(rec) -> None:
+    anchor = rec.catalog.ids[7]
+    category = rec.catalog.category(anchor)
+    live(rec, item_record(ItemIn(item_id="new1", category=category, title="New"), ts=1.7e9))
+    assert rec.catalog.index["new1"] == 100 and rec.catalog.category("new1") == category
+
+    live(rec, ev("third", anchor))
+    before = rec.recall(rec.view("third"))
+    sources = dict(zip(before.item_ids, before.sources, strict=True))
+    assert "itemcf" not in sources.get("new1", ())  # offered only as a new arrival
+    assert "new1" not in {x["item_id"] for x in rec.similar(anchor)}
+
+    for user in ("first", "second"):
+        live(rec, ev(user, anchor), ev(user, "new1"))
+    after = rec.recall(rec.view("third"))
+    sources = dict(zip(after.item_ids, after.sources, strict=True))
+    assert "itemcf" in sources["new1"]
+    row = after.item_ids.index("new1")
+    assert after.scores[row, 0] > 0  # its item-CF score is a ranker feature too
+    i = rec.catalog.index[anchor]
+    expected = 2 / np.sqrt(rec.cooc.item_users[i] * 2)  # 2 shared users, 2 users of new1
+    assert rec.cooc.similarity(i, 100) == pytest.approx(expected, rel=1e-6)
+    similar = {x["item_id"]: x["score"] for x in rec.similar(anchor, k=100)}
+    assert similar["new1"] == pytest.approx(expected, abs=1e-6)
+    assert anchor in {x["item_id"] for x in rec.similar("new1")}
+
+
+def test_new_item_gets_its_category_mean_vector(rec, model) -> None:
+    category = model.item_categories[3]
+    live(rec, item_record(ItemIn(item_id="new2", category=category), ts=1.7e9))
+    members = [i for i, c in enumerate(model.item_categories) if c == category]
+    np.testing.assert_allclose(rec._item_vecs[100], model.embeddings.item[members].mean(axis=0),
+                               rtol=1e-5)
+    live(rec, item_record(ItemIn(item_id="new3", category="no-such-category"), ts=1.7e9))
+    np.testing.assert_array_equal(rec._item_vecs[101], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# responses
+
+
+def test_unknown_user_gets_trending_and_new_items(rec) -> None:
+    assert not rec.view("nobody").known
+    response = rec.recommend("nobody")
+    assert response["items"]
+    for item in response["items"]:
+        assert item["reason"] == "trending now" or item["reason"].startswith("new ")
+        assert set(item["sources"]) <= {"pop", "new"}
+    assert "nobody" not in rec.profiles.users  # recommending does not create a profile
+
+
+def test_response_shape(rec, model, users) -> None:
+    for user in [*users[:30], "nobody"]:
+        response = rec.recommend(user, request_id="req-1")
+        assert response["user_id"] == user
+        assert response["model_version"] == model.version
+        assert response["request_id"] == "req-1"
+        assert len(response["items"]) == CONFIG.aggregate.default_k
+        assert len(set(ids(response))) == len(response["items"])
+        for item in response["items"]:
+            assert isinstance(item["reason"], str) and item["reason"]
+            assert item["sources"] and set(item["sources"]) <= set(SOURCES)
+            assert isinstance(item["score"], float)
+    assert rec.recommend(users[0])["request_id"] != rec.recommend(users[0])["request_id"]
+
+
+def test_finalize_respects_k_and_exclude(rec, users) -> None:
+    user = users[3]
+    first = ids(rec.recommend(user, k=12))
+    assert len(first) == 12
+    assert len(ids(rec.recommend(user, k=3))) == 3
+    excluded = frozenset(first[:5])
+    second = ids(rec.recommend(user, k=12, exclude=excluded))
+    assert len(second) == 12 and not excluded & set(second)
+    view = rec.view(user)
+    assert not view.seen & set(first)
+
+
+def _category_counts(model, log, users, **aggregate) -> list[list[str]]:
+    r = Recommender(make_config(aggregate=aggregate), model)
+    r.apply(log)
+    out = []
+    for user in users[:10]:
+        got = ids(r.recommend(user, k=8))
+        assert len(got) == 8
+        out.append([r.catalog.category(i) for i in got])
+    return out
+
+
+def test_finalize_caps_items_per_category(model, log, users) -> None:
+    for categories in _category_counts(model, log, users, max_per_category=1,
+                                       explore_fraction=0.0):
+        assert None not in categories and len(set(categories)) == len(categories)
+    for categories in _category_counts(model, log, users, max_per_category=2,
+                                       explore_fraction=0.0):
+        assert max(categories.count(c) for c in categories) <= 2
+
+
+def test_exploration_slots_respect_max_per_category(model, log, users) -> None:
+    for categories in _category_counts(model, log, users, max_per_category=1,
+                                       explore_fraction=0.25):
+        assert len(set(categories)) == len(categories)
+
+
+def test_finalize_orders_by_score_and_explains(rec, users) -> None:
+    view = rec.view(users[0])
+    cands = rec.recall(view)
+    scores = np.linspace(1.0, 0.0, len(cands), dtype=np.float32)
+    out = rec.finalize(view, cands, scores, k=5)
+    got = [x["score"] for x in out["items"]]
+    model_items = [x for x in out["items"] if not set(x["sources"]) <= {"pop", "new"}]
+    assert [x["score"] for x in model_items] == sorted((x["score"] for x in model_items),
+                                                       reverse=True)
+    assert len(got) == 5
+    for x in out["items"]:
+        if "itemcf" in x["sources"] and x["reason"].startswith("because you interacted with "):
+            anchor = x["reason"].removeprefix("because you interacted with ")
+            assert anchor in view.seen
+
+
+def test_rank_many_equals_rank(rec, users) -> None:
+    requests = []
+    for user, context in ((users[0], {"hour": 3}), (users[9], None), ("nobody", None)):
+        view = rec.view(user)
+        requests.append((view, rec.recall(view), context))
+    batched = rec.rank_many(requests)
+    assert len(batched) == 3
+    for (view, cands, context), probs in zip(requests, batched, strict=True):
+        assert probs.shape == (len(cands),)
+        np.testing.assert_allclose(probs, rec.rank(view, cands, context), rtol=1e-5, atol=1e-6)
+        assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_features_are_finite(rec, users) -> None:
+    view = rec.view(users[0])
+    cands = rec.recall(view)
+    f = rec.features(view, cands)
+    assert f.shape == (len(cands), 12) and np.isfinite(f).all()
+    np.testing.assert_array_equal(f[:, :3], cands.scores)
+
+
+def test_similar(rec) -> None:
+    item = rec.catalog.ids[0]
+    got = rec.similar(item, k=5)
+    assert len(got) == 5 and item not in {x["item_id"] for x in got}
+    assert [x["score"] for x in got] == sorted((x["score"] for x in got), reverse=True)
+    assert rec.similar("no-such-item") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# state: offsets, forgetting, model swaps
+
+
+def test_apply_skips_records_already_applied(rec, users) -> None:
+    user = users[5]
+    batch = live(rec, ev(user, rec.catalog.ids[1], "view"), ev(user, rec.catalog.ids[2]),
+                 ev("x", rec.catalog.ids[1], "purchase"))
+    state = (dict(rec.view(user).counts), dict(rec.pop_counts), rec.offset,
+             len(rec.view(user).recent))
+    rec.apply(batch)
+    rec.apply(batch[1:])
+    assert (dict(rec.view(user).counts), dict(rec.pop_counts), rec.offset,
+            len(rec.view(user).recent)) == state
+
+
+def test_user_delete_forgets_the_profile(rec, users) -> None:
+    user = users[0]
+    assert rec.view(user).known
+    live(rec, user_delete_record(user, ts=1.7e9))
+    view = rec.view(user)
+    assert not view.known and view.recent == () and view.seen == frozenset()
+    response = rec.recommend(user)
+    assert response["items"] and all(x["reason"] == "trending now"
+                                     or x["reason"].startswith("new ")
+                                     for x in response["items"])
+
+
+def test_swap_model_keeps_profiles_and_changes_version(rec, model2, log, users) -> None:
+    live(rec, item_record(ItemIn(item_id="new1", category="c01"), ts=1.7e9))
+    gone = rec.catalog.ids[4]
+    live(rec, item_delete_record(gone, ts=1.7e9))
+    before = {u: rec.view(u) for u in users[:20]}
+    rec.swap_model(model2, None, log)
+    assert rec.version == "v2"
+    assert rec.catalog.ids[:100] == model2.item_ids and rec.catalog.ids[100] == "new1"
+    assert gone in rec.catalog.deleted
+    for user, old in before.items():
+        view = rec.view(user)
+        assert view.recent == old.recent and view.counts == old.counts
+        # The user vector is refolded against the new model's item factors.
+        items = rec.profiles.users[user].items
+        idx = np.asarray([rec.catalog.index[i] for i in items])
+        w = np.asarray(list(items.values()), np.float32)
+        np.testing.assert_allclose(view.vec, model2.embeddings.fold_in(idx, w), rtol=1e-5,
+                                   atol=1e-6)
+        response = rec.recommend(user)
+        assert response["model_version"] == "v2"
+        assert gone not in ids(response)
+
+
+def test_swap_model_recounts_cooccurrence_like_a_fresh_start(rec, model2, log) -> None:
+    rec.swap_model(model2, None, log)
+    fresh = Recommender(CONFIG, model2)
+    fresh.apply(log)
+    n = len(fresh.catalog)
+    np.testing.assert_array_equal(rec.cooc.item_users[:n], fresh.cooc.item_users[:n])
+    assert {i: row for i, row in rec.cooc.pairs.items() if row} == \
+        {i: row for i, row in fresh.cooc.pairs.items() if row}
+
+
+def test_events_before_the_model_offset_are_not_counted_twice(model, log) -> None:
+    r = Recommender(CONFIG, model)
+    r.apply(log[:MODEL_RECORDS])
+    assert not any(r.cooc.pairs.values())  # those pairs are in the model's item-CF already
+    r.apply(log[MODEL_RECORDS:])
+    assert any(r.cooc.pairs.values())
+
+
+def test_live_event_by_an_existing_user_right_after_a_swap(model, log, users) -> None:
+    """Co-occurrence starts empty after a swap while users' histories hold high indices."""
+    r = Recommender(CONFIG, model)
+    r.apply(log)
+    r.swap_model(model, None, [])
+    user = users[0]
+    high = [i for i, _, _ in r.view(user).recent if r.catalog.index[i] >= 64]
+    assert high
+    target = next(i for i in r.catalog.ids[:64] if i not in r.view(user).seen)
+    live(r, ev(user, target))
+    assert target not in ids(r.recommend(user))
+    assert r.similar(target)
+
+
+def test_cooccurrence_counts_each_user_once() -> None:
+    r = Recommender(CONFIG)
+    live(r, ev("u", "a", "view"), ev("u", "a", "view"), ev("u", "a", "view"), ev("u", "b"))
+    i, j = r.catalog.index["a"], r.catalog.index["b"]
+    assert r.cooc.similarity(i, j) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# without a model
+
+
+def test_recommender_without_a_model(log, users) -> None:
+    r = Recommender(CONFIG)
+    r.apply(log)
+    assert r.version is None and r.model is None and len(r.catalog) == 100
+    for user in users[:10]:
+        response = r.recommend(user)
+        assert response["model_version"] is None
+        assert len(response["items"]) == CONFIG.aggregate.default_k
+        for item in response["items"]:
+            assert set(item["sources"]) <= {"itemcf", "pop", "new"} and item["reason"]
+            assert 0 < item["score"] < 1
+    assert r.view(users[0]).vec is None
+    top = ids(r.recommend(users[0]))[0]
+    live(r, ev(users[0], top))
+    assert top not in ids(r.recommend(users[0], k=50))
+
+
+def test_recommender_without_a_model_uses_online_cooccurrence() -> None:
+    r = Recommender(CONFIG)
+    live(r, ev("a", "x"), ev("a", "y"), ev("b", "x"), ev("b", "y"), ev("c", "x"))
+    cands = r.recall(r.view("c"))
+    sources = dict(zip(cands.item_ids, cands.sources, strict=True))
+    assert "itemcf" in sources["y"]
+    assert ids(r.recommend("c")) == ["y"]
+    assert r.recommend("c")["items"][0]["reason"] == "because you interacted with x"
+
+
+def test_similar_without_a_model_uses_online_cooccurrence() -> None:
+    r = Recommender(CONFIG)
+    live(r, ev("a", "x"), ev("a", "y"), ev("b", "x"), ev("b", "y"))
+    assert [x["item_id"] for x in r.similar("x")] == ["y"]
+
+
+# ---------------------------------------------------------------------------------------------
+# model versions on disk
+
+
+def test_model_bundle_save_load_round_trip(model, log, users, tmp_path: Path) -> None:
+    path = model.save(tmp_path, index=model.build_index(CONFIG.recall))
+    assert path == tmp_path / model.version and not (tmp_path / f".{model.version}.tmp").exists()
+    with np.load(path / "arrays.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}  # every array loads without pickle
+    assert arrays["item_ids"].tolist() == model.item_ids
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["log_offset"] == model.log_offset and meta["version"] == model.version
+
+    loaded = ModelBundle.load(path, device="cpu")
+    assert (loaded.version, loaded.item_ids, loaded.user_ids, loaded.item_categories,
+            loaded.log_offset) == (model.version, model.item_ids, model.user_ids,
+                                   model.item_categories, model.log_offset)
+    assert loaded.ranker is not None
+    np.testing.assert_array_equal(loaded.embeddings.item, model.embeddings.item)
+
+    a = Recommender(CONFIG, model)
+    b = Recommender(CONFIG, loaded, index=load_saved_index(path))
+    a.apply(log)
+    b.apply(log)
+    for user in [*users[:5], "nobody"]:
+        ra, rb = a.recommend(user), b.recommend(user)
+        assert ids(ra) == ids(rb)
+        assert [x["score"] for x in ra["items"]] == pytest.approx(
+            [x["score"] for x in rb["items"]], abs=1e-6)
+
+
+def test_model_without_ranker_round_trips(model2, tmp_path: Path) -> None:
+    loaded = ModelBundle.load(model2.save(tmp_path))
+    assert loaded.ranker is None and load_saved_index(tmp_path / model2.version) is None
+
+
+def test_publish_and_current_version(tmp_path: Path) -> None:
+    assert current_version(tmp_path) is None
+    publish(tmp_path, "v1")
+    assert current_version(tmp_path) == "v1"
+    publish(tmp_path, "v2")
+    assert current_version(tmp_path) == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["CURRENT"]
+
+
+def test_version_names_sort_by_time() -> None:
+    assert new_version_name(0.0) == "v19700101-000000-000000"
+    assert new_version_name(1.5) == "v19700101-000001-500000"
+    assert new_version_name(100.25) < new_version_name(1000.0)

@@ -1,0 +1,243 @@
+"""Training from a log snapshot: recall models, ranker examples and one model version."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from rec.config import RecConfig
+from rec.data import generate
+from rec.events import ItemIn, event_record, item_record
+from rec.pipeline import DENSE_FEATURES
+from rec.profile import event_weight
+from rec.train import (
+    _fit_recall,
+    _item_order,
+    assemble_examples,
+    snapshot_table,
+    train,
+)
+
+CONFIG = RecConfig.model_validate({
+    "recall": {"embedding_dim": 16, "index": "brute", "per_source": 50},
+    "ranker": {"epochs": 2, "hidden": [16], "item_embedding_dim": 8, "device": "cpu"},
+})
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    ds = generate(n_users=200, n_items=100, n_events=5000, seed=0)
+    return snapshot_table(ds.item_records() + ds.event_records()).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def model(records):
+    return train(snapshot_table(records), CONFIG, version="t1")
+
+
+def split(records: list[dict], config: RecConfig = CONFIG):
+    """What `train` derives from a snapshot: sorted events, id orders and the 80% time cut."""
+    events = sorted((r for r in records if r["kind"] == "event"),
+                    key=lambda r: (r["ts"], r["offset"]))
+    item_ids, categories = _item_order(records)
+    user_ids = list(dict.fromkeys(r["user_id"] for r in events))
+    ts = np.asarray([r["ts"] for r in events])
+    n_prefix = int(np.searchsorted(ts, float(np.quantile(ts, 0.8)), side="left"))
+    index = ({i: n for n, i in enumerate(item_ids)}, {u: n for n, u in enumerate(user_ids)})
+    return events, item_ids, categories, user_ids, index, n_prefix
+
+
+def fit(events, item_ids, categories, user_ids, index, config=CONFIG):
+    return _fit_recall(events, index[0], index[1], config, categories, item_ids, user_ids)
+
+
+def tiny_log(n_events: int, n_items: int = 6, n_users: int = 4) -> list[dict]:
+    rng = np.random.default_rng(3)
+    recs = [item_record(ItemIn(item_id=f"i{n}", category=f"c{n % 2}"), ts=0.0)
+            for n in range(n_items)]
+    for n in range(n_events):
+        recs.append(event_record(user_id=f"u{rng.integers(n_users)}",
+                                 item_id=f"i{rng.integers(n_items)}", type="click", ts=float(n)))
+    return snapshot_table(recs).to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_no_events_is_an_error() -> None:
+    items_only = [item_record(ItemIn(item_id="a"), ts=0.0)]
+    with pytest.raises(ValueError, match="no events"):
+        train(snapshot_table(items_only), CONFIG)
+    with pytest.raises(ValueError, match="no events"):
+        train(snapshot_table([]), CONFIG)
+
+
+def test_model_ids_and_categories(model, records) -> None:
+    assert model.version == "t1"
+    assert model.item_ids == [f"i{n}" for n in range(100)]  # items first in the snapshot
+    payloads = {r["item_id"]: json.loads(r["payload"])["category"] for r in records
+                if r["kind"] == "item"}
+    assert model.item_categories == [payloads[i] for i in model.item_ids]
+    assert set(model.user_ids) == {r["user_id"] for r in records if r["kind"] == "event"}
+    assert model.metrics["events"] == 5000 and model.metrics["items"] == 100
+    assert model.metrics["users"] == len(model.user_ids)
+
+
+def test_item_order_is_first_appearance_with_the_latest_category() -> None:
+    recs = [event_record(user_id="u", item_id="b", type="view", ts=0.0),
+            item_record(ItemIn(item_id="a", category="x"), ts=1.0),
+            item_record(ItemIn(item_id="b", category="y"), ts=2.0),
+            item_record(ItemIn(item_id="a", category="z"), ts=3.0)]
+    assert _item_order(recs) == (["b", "a"], {"a": "z", "b": "y"})
+
+
+def test_log_offset_defaults_to_one_past_the_newest_record(model, records) -> None:
+    assert model.log_offset == len(records) == max(r["offset"] for r in records) + 1
+    small = tiny_log(20)
+    assert train(snapshot_table(small), CONFIG, fit_ranker=None).log_offset == len(small)
+    assert train(snapshot_table(small), CONFIG, fit_ranker=None, log_offset=7).log_offset == 7
+
+
+def test_version_name_is_generated_when_not_given() -> None:
+    m = train(snapshot_table(tiny_log(20)), CONFIG, fit_ranker=None)
+    assert m.version.startswith("v") and len(m.version) == len("v20240101-000000-000000")
+
+
+def test_ranker_is_trained_and_useful(model) -> None:
+    assert model.ranker is not None
+    assert model.ranker.n_items == 100 and model.ranker.dense_names == list(DENSE_FEATURES)
+    metrics = model.metrics["ranker"]
+    assert metrics["valid_auc"] > 0.6
+    assert np.isfinite(metrics["train_loss"])
+    assert model.metrics["ranker_examples"] > 0
+
+
+def test_no_ranker_when_not_asked(records) -> None:
+    m = train(snapshot_table(records), CONFIG, fit_ranker=None)
+    assert m.ranker is None and "ranker" not in m.metrics and "ranker_examples" not in m.metrics
+
+
+def test_no_ranker_below_fifty_events() -> None:
+    calls = []
+    m = train(snapshot_table(tiny_log(49)), CONFIG,
+              fit_ranker=lambda ranker, ex: calls.append(len(ex)) or {})
+    assert m.ranker is None and calls == []
+    assert m.embeddings.item.shape == (6, 16)
+
+
+def test_ranker_from_fifty_events() -> None:
+    m = train(snapshot_table(tiny_log(50, n_items=30, n_users=10)), CONFIG)
+    assert m.ranker is not None and m.metrics["ranker_examples"] > 0
+
+
+def test_fit_ranker_hook_receives_the_examples() -> None:
+    seen = []
+
+    def hook(ranker, ex):
+        seen.append((ranker.n_items, len(ex), float(ex.labels.sum())))
+        return {"custom": 1.0}
+
+    m = train(snapshot_table(tiny_log(200, n_items=30, n_users=10)), CONFIG, fit_ranker=hook)
+    assert len(seen) == 1 and seen[0][0] == 30 and seen[0][1] > seen[0][2] > 0
+    assert m.metrics["ranker"] == {"custom": 1.0} and m.ranker is not None
+
+
+def test_rotation_keeps_the_final_fit_inner_products(model, records) -> None:
+    """Procrustes turns the embeddings onto the ranker's basis without changing any score."""
+    events, item_ids, categories, user_ids, index, _ = split(records)
+    unrotated = fit(events, item_ids, categories, user_ids, index).embeddings
+    np.testing.assert_allclose(model.embeddings.item @ model.embeddings.query.T,
+                               unrotated.item @ unrotated.query.T, atol=1e-5)
+    np.testing.assert_allclose(model.embeddings.item @ model.embeddings.item.T,
+                               unrotated.item @ unrotated.item.T, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(model.embeddings.item, unrotated.item, atol=1e-3)  # it did rotate
+
+
+def test_rotation_moves_towards_the_ranker_basis(model, records) -> None:
+    events, item_ids, categories, user_ids, index, n_prefix = split(records)
+    basis = fit(events[:n_prefix], item_ids, categories, user_ids, index).embeddings
+    unrotated = fit(events, item_ids, categories, user_ids, index).embeddings
+    assert (np.linalg.norm(model.embeddings.item - basis.item)
+            < np.linalg.norm(unrotated.item - basis.item))
+
+
+def test_recall_models_fit_the_whole_log(model, records) -> None:
+    events, item_ids, categories, user_ids, index, _ = split(records)
+    again = fit(events, item_ids, categories, user_ids, index)
+    assert (model.itemcf.sim != again.itemcf.sim).nnz == 0
+    assert (model.usercf.users != again.usercf.users).nnz == 0
+    assert model.usercf.users.shape == (len(user_ids), 100)
+
+
+def test_pearson_config_trains() -> None:
+    config = CONFIG.model_copy(deep=True)
+    config.recall.similarity = "pearson"
+    m = train(snapshot_table(tiny_log(30)), config, fit_ranker=None)
+    assert m.usercf.similarity == "pearson"
+
+
+# ---------------------------------------------------------------------------------------------
+# ranker examples
+
+
+@pytest.fixture(scope="module")
+def examples(records):
+    events, item_ids, categories, user_ids, index, n_prefix = split(records)
+    prefix = fit(events[:n_prefix], item_ids, categories, user_ids, index)
+    positives = sum(event_weight(r["type"], r["value"], CONFIG.profile) > 0
+                    for r in events[n_prefix:])
+    return prefix, assemble_examples(prefix, records, events, n_prefix, CONFIG), positives
+
+
+def test_examples_have_one_positive_per_group(examples) -> None:
+    prefix, ex, positives = examples
+    labels = ex.labels
+    assert set(np.unique(labels).tolist()) == {0.0, 1.0}
+    assert int(labels.sum()) == positives
+    starts = np.flatnonzero(labels == 1.0)
+    assert starts[0] == 0
+    sizes = np.diff(np.append(starts, len(labels)))
+    assert sizes.min() >= 2 and sizes.max() <= 1 + CONFIG.ranker.negatives
+
+
+def test_examples_are_finite_and_shaped(examples) -> None:
+    prefix, ex, _ = examples
+    n, d = len(ex), prefix.embeddings.dim
+    assert ex.dense.shape == (n, len(DENSE_FEATURES)) and not np.isnan(ex.dense).any()
+    assert np.isfinite(ex.dense).all()
+    assert ex.user_vec.shape == ex.item_vec.shape == (n, d)
+    assert np.isfinite(ex.user_vec).all() and np.isfinite(ex.item_vec).all()
+    assert ex.item_idx.min() >= 0 and ex.item_idx.max() < prefix.n_items
+    np.testing.assert_array_equal(ex.item_vec, prefix.embeddings.item[ex.item_idx])
+
+
+def test_examples_positive_is_the_event_item_negatives_unseen(examples, records) -> None:
+    prefix, ex, _ = examples
+    events, *_, n_prefix = split(records)
+    positives = [r for r in events[n_prefix:]
+                 if event_weight(r["type"], r["value"], CONFIG.profile) > 0]
+    starts = np.flatnonzero(ex.labels == 1.0)
+    got = [prefix.item_ids[i] for i in ex.item_idx[starts]]
+    assert got == [r["item_id"] for r in positives]
+    for s, e in zip(starts, np.append(starts[1:], len(ex)), strict=True):
+        group = ex.item_idx[s:e].tolist()
+        assert len(set(group)) == len(group)  # no duplicate negatives, none equal the positive
+
+
+def test_examples_are_capped_at_max_examples(records) -> None:
+    config = CONFIG.model_copy(deep=True)
+    config.ranker.max_examples = 10
+    events, item_ids, categories, user_ids, index, n_prefix = split(records)
+    prefix = fit(events[:n_prefix], item_ids, categories, user_ids, index, config)
+    ex = assemble_examples(prefix, records, events, n_prefix, config)
+    assert int(ex.labels.sum()) == 10
+
+
+def test_examples_are_deterministic(examples, records) -> None:
+    prefix, ex, _ = examples
+    events, *_, n_prefix = split(records)
+    again = assemble_examples(prefix, records, events, n_prefix, CONFIG)
+    np.testing.assert_array_equal(again.item_idx, ex.item_idx)
+    np.testing.assert_array_equal(again.dense, ex.dense)
