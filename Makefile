@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:  make run  |  make test
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+export HNSWLIB_NO_NATIVE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+
+.PHONY: run test lint loadtest clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[serve,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## serve the default demo on 127.0.0.1:8000 (DATA=path FORMAT=csv|movielens|lightgcn to bring your own)
+	$(BIN)/rec serve $(if $(DATA),--data $(DATA) --format $(or $(FORMAT),csv)) $(if $(CONFIG),--config $(CONFIG))
+
+test: $(STAMP)  ## the whole suite: unit, wiring (Serve local mode), integration (local Ray + HTTP)
+	$(BIN)/python -m pytest tests -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check rec deployments tests loadtest
+	$(BIN)/ruff format --check rec deployments tests loadtest
+
+loadtest: $(STAMP)  ## bounded locust run against a local stack (127.0.0.1 only)
+	$(BIN)/python -m loadtest.run
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,48 @@
+"""The files engineers edit to deploy and scale: they must parse and mean what they say."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from rec.config import RecConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rec_yaml_is_the_defaults_with_a_cluster_data_dir() -> None:
+    config = RecConfig.from_yaml(ROOT / "configs" / "rec.yaml")
+    assert str(config.data_dir) == "/var/lib/rec"
+    assert config.model_dump(exclude={"data_dir"}) == RecConfig().model_dump(exclude={"data_dir"})
+
+
+def test_serve_yaml_is_a_valid_serve_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs/serve.yaml").read_text()))
+    app = schema.applications[0]
+    assert app.import_path == "deployments.app:app_builder"
+    assert {d.name for d in app.deployments} == {"Aggregator"}
+
+
+def test_cluster_yaml_has_head_cpu_and_gpu_workers() -> None:
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = cluster["available_node_types"]
+    assert cluster["head_node_type"] in types
+    assert types["gpu_worker"]["resources"]["GPU"] == 1
+    assert types["cpu_worker"]["max_workers"] > types["cpu_worker"]["min_workers"]
+    assert any("serve deploy configs/serve.yaml" in c for c in cluster["head_start_ray_commands"])
+
+
+def test_rec_never_imports_ray() -> None:
+    for path in (ROOT / "rec").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not any(n == "ray" or n.startswith("ray.") for n in names), path
+            assert not any(n.startswith("deployments") for n in names), path
