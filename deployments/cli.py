@@ -63,7 +63,8 @@ def serve_main(args: argparse.Namespace) -> int:
         config.data_dir = Path(args.data_dir)
     config.data_dir = Path(config.data_dir).resolve()
     t0 = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, object_store_memory=512 * 2**20,
+    # The dashboard serves Ray's State API (Ray Train polls it) and `serve status`.
+    ray.init(address="local", include_dashboard=True, object_store_memory=512 * 2**20,
              runtime_env={"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
              logging_level="WARNING")
     try:
@@ -77,6 +78,8 @@ def serve_main(args: argparse.Namespace) -> int:
             result = ray.get(get_or_create_trainer(config).retrain.remote())
             print(f"published {result['published']} in {result['seconds']} s")
         serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
+        if config.train.every_s:
+            get_or_create_trainer(config).run_every.remote(config.train.every_s)
         url = f"http://{args.host}:{args.port}"
         ready = _wait_ready(url, 300)
         print(f"\nrec is serving model {ready['model_version']} at {url} "
@@ -88,17 +91,20 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"  curl {url}/models")
         print(f"  curl -X POST {url}/admin/retrain -H 'X-API-Key: {config.serving.api_key}'")
         print(f"  open {url}/docs for the whole API\n\nCtrl-C stops.")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGINT, _stop)  # also when started with SIGINT ignored (nohup, &)
+        signal.signal(signal.SIGTERM, _stop)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("\nshutting down ...")
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        # Every acknowledged event is already on disk; stopping the local cluster stops Serve.
+        ray.shutdown()
     return 0
+
+
+def _stop(*_args) -> None:
+    raise KeyboardInterrupt
 
 
 def generate_main(args: argparse.Namespace) -> int:

@@ -22,12 +22,14 @@ from rec.events import (
     EventBatchIn,
     EventIn,
     ItemIn,
+    impression_record,
     item_delete_record,
     item_record,
     user_delete_record,
 )
 from rec.model import current_version
 
+READYZ_USER = "__readyz__"
 api = FastAPI(title="rec", description="Real-time recommendations: post events, get items.")
 
 
@@ -110,8 +112,14 @@ class Aggregator:
         cands = await self.stages.recall(view)
         scores = await self.stages.rank(view, cands, req.context)
         await self.live.sync(0.05)  # deletions and categories for the final filter
-        return self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
-                                      req.request_id or uuid.uuid4().hex)
+        out = self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
+                                     req.request_id or uuid.uuid4().hex)
+        if self.config.serving.log_impressions and req.user_id != READYZ_USER:
+            # feedback for training; not awaited: the answer does not wait for the disk
+            self.log.append.remote([impression_record(
+                req.user_id, out["request_id"], [i["item_id"] for i in out["items"]],
+                out["model_version"], time.time())])
+        return out
 
     async def similar_items(self, item_id: str, k: int) -> dict:
         await self._started
@@ -154,7 +162,7 @@ class Aggregator:
         if self.live.rec.model is None:
             return False, {"ready": False, "why": "no model published yet"}
         try:
-            out = await self.recommend({"user_id": "__readyz__", "k": 1})
+            out = await self.recommend({"user_id": READYZ_USER, "k": 1})
         except Exception as exc:  # not ready is an answer, not a crash
             return False, {"ready": False, "why": repr(exc)}
         if not out["items"]:

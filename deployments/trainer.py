@@ -4,6 +4,7 @@ code of `rec.train`, and the new version published for every replica to hot-relo
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def _flat(metrics: dict, prefix: str = "") -> dict:
     return out
 
 
-def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -> dict:
+def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -67,8 +68,7 @@ def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -
         run_config=RunConfig(name=version,
                              storage_path=str((Path(config.data_dir) / "ray_train").resolve())),
     )
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    trainer.fit()
 
 
 @ray.remote(max_restarts=-1)
@@ -89,12 +89,12 @@ class Trainer:
             if offset < self.config.train.min_events:
                 return {"published": None, "why": f"only {offset} records in the log"}
             version = new_version_name()
-            metrics = await asyncio.to_thread(run_train_job, self.config, snapshot, offset,
-                                              version)
+            await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
+            meta = json.loads((Path(self.config.model_dir) / version / "meta.json").read_text())
             publish(self.config.model_dir, version)
             Path(snapshot).unlink(missing_ok=True)
             self.last = {"published": version, "log_offset": offset,
-                         "seconds": round(time.perf_counter() - t0, 2), "metrics": metrics}
+                         "seconds": round(time.perf_counter() - t0, 2), "metrics": meta["metrics"]}
             return self.last
 
     async def run_every(self, interval_s: float) -> None:

@@ -114,6 +114,9 @@ class TrainConfig(_Config):
     use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers ask for one each).")
     torch_threads: int = Field(1, gt=0, description="torch/BLAS threads inside a Train worker.")
     min_events: int = Field(10, ge=0, description="Retrain refuses to run on fewer events.")
+    every_s: float | None = Field(
+        None, gt=0, description="Retrain periodically at this interval (None: on demand only)."
+    )
 
 
 class ServingConfig(_Config):
@@ -133,6 +136,9 @@ class ServingConfig(_Config):
     )
     ranker_num_gpus: float = Field(0.0, ge=0, description="GPUs per ranker replica (split topology).")
     replica_cpus: float = Field(0.25, gt=0, description="num_cpus reserved per Serve replica.")
+    log_impressions: bool = Field(
+        True, description="Append what each /recommend showed to the log (training feedback)."
+    )
 
 
 class RecConfig(_Config):

@@ -31,7 +31,8 @@ KIND_EVENT = "event"
 KIND_ITEM = "item"
 KIND_ITEM_DELETE = "item_delete"
 KIND_USER_DELETE = "user_delete"
-KINDS = (KIND_EVENT, KIND_ITEM, KIND_ITEM_DELETE, KIND_USER_DELETE)
+KIND_IMPRESSION = "impression"  # what a /recommend answer showed; training reads it as feedback
+KINDS = (KIND_EVENT, KIND_ITEM, KIND_ITEM_DELETE, KIND_USER_DELETE, KIND_IMPRESSION)
 
 ID_MAX = 128
 CONTEXT_MAX_KEYS = 32
@@ -155,6 +156,13 @@ def item_delete_record(item_id: str, ts: float) -> dict:
 
 def user_delete_record(user_id: str, ts: float) -> dict:
     return {**_empty(ts), "kind": KIND_USER_DELETE, "user_id": user_id}
+
+
+def impression_record(user_id: str, request_id: str, item_ids: list[str],
+                      model_version: str | None, ts: float) -> dict:
+    payload = {"items": item_ids, "model_version": model_version}
+    return {**_empty(ts), "kind": KIND_IMPRESSION, "user_id": user_id, "request_id": request_id,
+            "payload": json.dumps(payload, separators=(",", ":"))}
 
 
 def _empty(ts: float) -> dict:

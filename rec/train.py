@@ -21,7 +21,7 @@ from scipy.linalg import orthogonal_procrustes
 
 from rec.config import RecConfig
 from rec.eventlog import SCHEMA
-from rec.events import KIND_EVENT, KIND_ITEM, parse_context
+from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
 from rec.model import ModelBundle, new_version_name
 from rec.pipeline import DENSE_FEATURES, Recommender
 from rec.profile import event_weight
@@ -75,7 +75,7 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
         prefix = _fit_recall(events[:n_prefix], item_index, user_index, config, categories,
                              item_ids, user_ids)
         basis = prefix.embeddings
-        ex = assemble_examples(prefix, records, events, n_prefix, config)
+        ex = assemble_examples(prefix, records, events, n_prefix, config, _impressions(records))
         metrics["ranker_examples"] = len(ex)
         if len(ex) and 0 < ex.labels.mean() < 1:
             ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
@@ -134,10 +134,20 @@ def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict
     )
 
 
+def _impressions(records: list[dict]) -> dict[str, list[str]]:
+    """request_id -> the items that answer showed (logged by the ingress)."""
+    return {r["request_id"]: json.loads(r["payload"])["items"] for r in records
+            if r["kind"] == KIND_IMPRESSION and r.get("request_id") and r.get("payload")}
+
+
 def assemble_examples(prefix: ModelBundle, records: list[dict], events: list[dict],
-                      n_prefix: int, config: RecConfig) -> Examples:
+                      n_prefix: int, config: RecConfig,
+                      shown: dict[str, list[str]] | None = None) -> Examples:
     """Replay the events after the cut through a pipeline holding the prefix model: each
-    positive event is a positive example and `negatives` popularity-sampled unseen items."""
+    positive event is a positive example; its negatives are the items the same answer showed
+    and the user did not pick (when the event names the request it answers), topped up with
+    popularity-sampled unseen items."""
+    shown = shown or {}
     rc = config.ranker
     rng = np.random.default_rng(rc.seed)
     rec = Recommender(config, prefix, index=None)
@@ -156,14 +166,15 @@ def assemble_examples(prefix: ModelBundle, records: list[dict], events: list[dic
     for n, r in enumerate(suffix):
         if n in take:
             view = rec.view(r["user_id"])
-            negs: list[str] = []
+            negs = [i for i in shown.get(r.get("request_id") or "", [])
+                    if i != r["item_id"] and i not in view.seen][: rc.negatives]
             draws = rng.choice(prefix.n_items, size=rc.negatives * 3, p=probs)
             for d in draws.tolist():
                 cand = prefix.item_ids[d]
+                if len(negs) >= rc.negatives:
+                    break
                 if cand != r["item_id"] and cand not in view.seen and cand not in negs:
                     negs.append(cand)
-                if len(negs) == rc.negatives:
-                    break
             cands = rec.score_candidates(view, [r["item_id"], *negs])
             context = _context_of(r)
             rows_dense.append(rec.features(view, cands, context))

@@ -241,3 +241,26 @@ def test_examples_are_deterministic(examples, records) -> None:
     again = assemble_examples(prefix, records, events, n_prefix, CONFIG)
     np.testing.assert_array_equal(again.item_idx, ex.item_idx)
     np.testing.assert_array_equal(again.dense, ex.dense)
+
+
+def test_shown_but_not_picked_items_are_the_negatives(records) -> None:
+    """Feedback: a click naming the request that caused it gets that answer's other items as
+    negatives, ahead of sampled ones."""
+    from rec.events import impression_record
+    from rec.train import _impressions
+
+    events, item_ids, categories, user_ids, index, n_prefix = split(records)
+    prefix = fit(events[:n_prefix], item_ids, categories, user_ids, index)
+    first = events[n_prefix]
+    clicked = dict(first, type="click", request_id="req-1")
+    events = [*events[:n_prefix], clicked, *events[n_prefix + 1:]]
+    seen = {r["item_id"] for r in events[:n_prefix] if r["user_id"] == first["user_id"]}
+    shown_items = [i for i in item_ids if i not in seen and i != first["item_id"]][:3]
+    impression = impression_record(first["user_id"], "req-1", [first["item_id"], *shown_items],
+                                   "v0", first["ts"])
+    shown = _impressions(snapshot_table([impression]).to_pylist())
+    assert shown == {"req-1": [first["item_id"], *shown_items]}
+    ex = assemble_examples(prefix, records, events, n_prefix, CONFIG, shown)
+    group = [prefix.item_ids[i] for i in ex.item_idx[: 1 + CONFIG.ranker.negatives]]
+    assert group[0] == first["item_id"] and ex.labels[0] == 1.0
+    assert group[1:4] == shown_items and not ex.labels[1:4].any()
