@@ -8,10 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rec.config import RecConfig
+
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def small_config(data_dir, topology: str = "fused") -> RecConfig:
+    """A RecConfig that trains in seconds on the small test data sets."""
+    config = RecConfig(data_dir=data_dir)
+    config.serving.topology = topology
+    config.serving.reload_poll_s = 0.2
+    config.ranker.epochs = 1
+    config.ranker.max_examples = 3000
+    return config
 
 
 @pytest.fixture

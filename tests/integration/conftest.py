@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from deployments.runtime import set_process_env
-from rec.config import RecConfig
 from rec.data import generate
 from rec.model import publish
 from rec.train import snapshot_table, train
+from tests.conftest import small_config
 
 pytestmark = pytest.mark.ray
 
@@ -52,15 +52,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def stack_config(data_dir, topology: str) -> RecConfig:
-    config = RecConfig(data_dir=data_dir)
-    config.serving.topology = topology
-    config.serving.reload_poll_s = 0.5
-    config.ranker.epochs = 1
-    config.ranker.max_examples = 3000
-    return config
-
-
 @pytest.fixture(scope="module", params=["fused", "split"])
 def stack(request, ray_cluster, tmp_path_factory):
     """The app in one topology on a fresh data dir: data in the log, a first model published."""
@@ -73,7 +64,7 @@ def stack(request, ray_cluster, tmp_path_factory):
 
     topology = request.param
     root = tmp_path_factory.mktemp(f"stack-{topology}")
-    config = stack_config(root, topology)
+    config = small_config(root, topology)
     days = 30.0
     ds = generate(n_users=300, n_items=200, n_events=8000, seed=3, days=days,
                   start_ts=time.time() - days * 86400)

@@ -7,19 +7,10 @@ import time
 
 import pytest
 
-from rec.config import RecConfig
 from rec.data import generate
 from rec.model import publish
 from rec.train import train
-
-
-def small_config(data_dir, topology: str) -> RecConfig:
-    config = RecConfig(data_dir=data_dir)
-    config.serving.topology = topology
-    config.serving.reload_poll_s = 0.2
-    config.ranker.epochs = 1
-    config.ranker.max_examples = 3000
-    return config
+from tests.conftest import small_config
 
 
 @pytest.fixture(scope="session")

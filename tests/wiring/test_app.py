@@ -13,7 +13,7 @@ from ray import serve
 import deployments.app
 import deployments.ingress
 from deployments.eventlog import EventLogService, LocalHandle
-from tests.wiring.conftest import small_config
+from tests.conftest import small_config
 
 
 @pytest.fixture(params=["fused", "split"])
