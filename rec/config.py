@@ -64,6 +64,8 @@ class RecallConfig(_Config):
     embedding_reg: float = Field(
         10.0, ge=0, description="Ridge regulariser of the closed-form embedding factorisation."
     )
+    gf_dim: int = Field(256, gt=0, description="Singular vectors in the graph filter's ideal low-pass.")
+    gf_alpha: float = Field(0.3, ge=0, description="Weight of the ideal low-pass in the graph filter.")
     index: Literal["hnsw", "brute"] = Field("hnsw", description="Index serving the embeddings.")
     hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
     hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")

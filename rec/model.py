@@ -21,7 +21,7 @@ import numpy as np
 from rec.config import RecallConfig
 from rec.index import Index, ShardedIndex, load_index, make_index
 from rec.ranker import Ranker
-from rec.recall import Embeddings, ItemCF, UserCF
+from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF
 
 
 @dataclass
@@ -32,6 +32,7 @@ class ModelBundle:
     embeddings: Embeddings
     itemcf: ItemCF
     usercf: UserCF
+    graph: GraphFilter
     item_categories: list[str | None]
     ranker: Ranker | None = None
     log_offset: int = 0
@@ -73,6 +74,7 @@ class ModelBundle:
             **self.embeddings.arrays(),
             **self.itemcf.arrays(),
             **self.usercf.arrays(),
+            **self.graph.arrays(),
         }
         np.savez(tmp / "arrays.npz", **arrays)
         if self.ranker is not None:
@@ -100,6 +102,7 @@ class ModelBundle:
             embeddings=Embeddings.from_arrays(arrays),
             itemcf=ItemCF.from_arrays(arrays),
             usercf=UserCF.from_arrays(arrays),
+            graph=GraphFilter.from_arrays(arrays),
             item_categories=[c or None for c in arrays["item_categories"].tolist()],
             ranker=ranker,
             log_offset=int(meta["log_offset"]),

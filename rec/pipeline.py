@@ -30,10 +30,12 @@ from rec.model import ModelBundle
 from rec.profile import ProfileStore, ProfileView, event_weight
 from rec.recall import Cooccurrence, Trending, top_n
 
-SOURCES = ("itemcf", "usercf", "ann", "pop", "new")
+SOURCES = ("itemcf", "usercf", "gf", "ann", "pop", "new")
+SCORED = ("itemcf", "usercf", "gf", "ann")  # sources whose score every candidate carries
 DENSE_FEATURES = (
     "s_itemcf",
     "s_usercf",
+    "s_gf",
     "s_ann",
     "log_pop",
     "log_trend",
@@ -54,7 +56,7 @@ class CandidateSet:
 
     item_ids: tuple[str, ...]
     sources: tuple[tuple[str, ...], ...]
-    scores: np.ndarray  # [n, 3]: itemcf, usercf, ann scores of every candidate
+    scores: np.ndarray  # [n, len(SCORED)]: each scored source's score of every candidate
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -84,8 +86,10 @@ class Recommender:
     def version(self) -> str | None:
         return self.model.version if self.model else None
 
-    def apply(self, records: list[dict]) -> None:
-        """Fold log records (in offset order) into the live state; already-applied ones are skipped."""
+    def apply(self, records: list[dict], learn: bool = True) -> None:
+        """Fold log records (in offset order) into the live state; already-applied ones are
+        skipped. learn=False updates profiles and the catalogue only (no co-occurrence or
+        trending), the 'profile updates only' variant of the prequential evaluation."""
         for r in records:
             off = r.get("offset")
             if off is not None:
@@ -94,7 +98,7 @@ class Recommender:
                 self.offset = off + 1
             kind = r["kind"]
             if kind == KIND_EVENT:
-                self._apply_event(r)
+                self._apply_event(r, learn)
             elif kind == KIND_ITEM:
                 p = parse_payload(r)
                 is_new = r["item_id"] not in self.catalog.index
@@ -113,12 +117,12 @@ class Recommender:
             elif kind == KIND_USER_DELETE:
                 self.profiles.forget(r["user_id"])
 
-    def _apply_event(self, r: dict) -> None:
+    def _apply_event(self, r: dict, learn: bool = True) -> None:
         item_id, ts = r["item_id"], float(r["ts"])
         idx = self.catalog.ensure(item_id, ts)
         self._ensure_vectors(idx)
         prof = self.profiles.users.get(r["user_id"])
-        w = event_weight(r["type"], r.get("value"), self.config.profile)
+        w = event_weight(r["type"], r.get("value"), self.config.profile) if learn else 0.0
         if w > 0 and (self.model is None
                       or r.get("offset", self.offset) >= self.model.log_offset):
             self._count_pair(idx, prof)  # older pairs are in the model already
@@ -224,7 +228,7 @@ class Recommender:
         exclude = self._exclude(view)
         found: dict[int, list[str]] = {}
         dense = self._dense_scores(view, n_total)
-        for name in ("itemcf", "usercf"):
+        for name in ("itemcf", "usercf", "gf"):
             for i in top_n(dense[name], n, exclude)[0].tolist():
                 found.setdefault(i, []).append(name)
         if view.vec is not None:
@@ -246,7 +250,7 @@ class Recommender:
                 found.setdefault(i, []).append("new")
         cand = np.fromiter(found.keys(), np.int64, len(found))
         if len(cand) > self.config.aggregate.candidates:
-            prior = dense["itemcf"][cand] + dense["usercf"][cand] + 1e-3 * trend[cand]
+            prior = dense["gf"][cand] + dense["itemcf"][cand] + 1e-3 * trend[cand]
             cand = cand[np.argsort(-prior, kind="stable")[: self.config.aggregate.candidates]]
         scores = self._score_matrix(view, cand, dense)
         return CandidateSet(tuple(self.catalog.ids[i] for i in cand.tolist()),
@@ -260,7 +264,7 @@ class Recommender:
         return CandidateSet(tuple(item_ids), tuple(() for _ in item_ids), scores)
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
-        out = {"itemcf": np.zeros(n_total, np.float32), "usercf": np.zeros(n_total, np.float32)}
+        out = {name: np.zeros(n_total, np.float32) for name in ("itemcf", "usercf", "gf")}
         if not view.recent:
             return out
         seeds = self._seeds(view)
@@ -273,6 +277,8 @@ class Recommender:
                 hidx = np.asarray([i for i, _ in hist], np.int64)
                 hw = np.asarray([w for _, w in hist], np.float32)
                 out["usercf"] = self.model.usercf.scores(hidx, hw, n_total)
+            liked = self._indices(view.liked)
+            out["gf"] = self.model.graph.scores(liked, np.ones(len(liked), np.float32), n_total)
         for i, w in seeds:  # online co-occurrence, including items newer than the model
             js, sims = self.cooc.row(i)
             ok = js < n_total
@@ -304,8 +310,8 @@ class Recommender:
         if view.vec is not None and len(self._item_vecs):
             ok = idx < len(self._item_vecs)
             ann[ok] = self._item_vecs[idx[ok]] @ view.vec.astype(np.float32)
-        return np.stack([dense["itemcf"][idx], dense["usercf"][idx], ann], axis=1).astype(
-            np.float32)
+        return np.stack([dense["itemcf"][idx], dense["usercf"][idx], dense["gf"][idx], ann],
+                        axis=1).astype(np.float32)
 
     def _exclude(self, view: ProfileView) -> np.ndarray:
         return self._indices(view.seen | self.catalog.deleted)
@@ -323,27 +329,28 @@ class Recommender:
         f = np.zeros((n, len(DENSE_FEATURES)), np.float32)
         if n == 0:
             return f
-        f[:, 0:3] = cands.scores
+        col = {name: j for j, name in enumerate(DENSE_FEATURES)}
+        f[:, : len(SCORED)] = cands.scores
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
         last_cat = self.catalog.category(view.recent[-1][0]) if view.recent else None
         for row, item_id in enumerate(cands.item_ids):
-            f[row, 3] = math.log1p(self.pop_counts.get(item_id, 0.0))
-            f[row, 4] = math.log1p(self.pop_trend.get(item_id))
+            f[row, col["log_pop"]] = math.log1p(self.pop_counts.get(item_id, 0.0))
+            f[row, col["log_trend"]] = math.log1p(self.pop_trend.get(item_id))
             meta = self.catalog.meta.get(item_id)
             if meta is None:
                 continue
             if meta.first_ts is not None:
-                f[row, 5] = math.log1p(max(now - meta.first_ts, 0.0) / 86400.0)
+                f[row, col["log_age_days"]] = math.log1p(max(now - meta.first_ts, 0.0) / 86400.0)
             if meta.category is not None:
-                f[row, 6] = view.tags.get(meta.category, 0.0) / cat_total
-                f[row, 8] = float(meta.category == last_cat)
+                f[row, col["cat_affinity"]] = view.tags.get(meta.category, 0.0) / cat_total
+                f[row, col["last_cat_match"]] = float(meta.category == last_cat)
             if meta.tags:
-                f[row, 7] = sum(view.tags.get(t, 0.0) for t in meta.tags) / cat_total
-        f[:, 9] = math.log1p(view.n_events)
+                f[row, col["tag_affinity"]] = sum(view.tags.get(t, 0.0) for t in meta.tags) / cat_total
+        f[:, col["log_user_events"]] = math.log1p(view.n_events)
         hour = _hour(context, now)
-        f[:, 10] = math.sin(2 * math.pi * hour / 24)
-        f[:, 11] = math.cos(2 * math.pi * hour / 24)
+        f[:, col["hour_sin"]] = math.sin(2 * math.pi * hour / 24)
+        f[:, col["hour_cos"]] = math.cos(2 * math.pi * hour / 24)
         return f
 
     def rank(self, view: ProfileView, cands: CandidateSet,
@@ -514,5 +521,7 @@ def _hour(context: dict | None, now: float) -> float:
 
 def _fallback_scores(dense: np.ndarray) -> np.ndarray:
     """Before any ranker is trained: a fixed blend of the recall scores and popularity."""
-    blend = dense[:, 0] + dense[:, 1] + 0.5 * dense[:, 2] + 0.05 * dense[:, 3]
+    col = {name: n for n, name in enumerate(DENSE_FEATURES)}
+    blend = (dense[:, col["s_gf"]] + dense[:, col["s_itemcf"]] + dense[:, col["s_usercf"]]
+             + 0.5 * dense[:, col["s_ann"]] + 0.05 * dense[:, col["log_pop"]])
     return (1.0 / (1.0 + np.exp(-blend))).astype(np.float32)

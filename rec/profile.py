@@ -55,6 +55,7 @@ class ProfileView:
     known: bool
     recent: tuple[tuple[str, float, float], ...]
     seen: frozenset[str]
+    liked: frozenset[str]  # items whose summed weight is positive
     vec: np.ndarray | None
     tags: dict[str, float]
     counts: dict[str, int]
@@ -107,7 +108,7 @@ class ProfileStore:
         """A snapshot of the user's profile; the user vector is (re)folded when stale."""
         p = self.users.get(user_id)
         if p is None:
-            return ProfileView(user_id, False, (), frozenset(), None, {}, {}, 0.0)
+            return ProfileView(user_id, False, (), frozenset(), frozenset(), None, {}, {}, 0.0)
         if p.vec is None or p.vec_version != version:
             p.vec = self._fold_in(p, item_vector)
             p.vec_version = version
@@ -116,7 +117,9 @@ class ProfileStore:
         top = dict(sorted(tags.items(), key=lambda kv: -kv[1])[:10])
         recent = tuple(list(p.recent)[-n_recent:])
         vec = None if p.vec is None else p.vec.copy()
-        return ProfileView(user_id, True, recent, frozenset(p.items), vec, top, dict(p.counts),
+        liked = frozenset(i for i, w in p.items.items() if w > 0)
+        return ProfileView(user_id, True, recent, frozenset(p.items), liked, vec, top,
+                           dict(p.counts),
                            p.last_ts)
 
     def _fold_in(self, p: UserProfile, item_vector: ItemVector) -> np.ndarray | None:

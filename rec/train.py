@@ -26,7 +26,7 @@ from rec.model import ModelBundle, new_version_name
 from rec.pipeline import DENSE_FEATURES, Recommender
 from rec.profile import event_weight
 from rec.ranker import Ranker
-from rec.recall import Embeddings, ItemCF, UserCF, interaction_matrix
+from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict
         embeddings=Embeddings.fit(positive, rc.embedding_dim, seed=config.seed),
         itemcf=ItemCF.fit(cf_input, rc.similarity, rc.itemcf_neighbors, rc.shrinkage),
         usercf=UserCF.fit(cf_input, rc.similarity, rc.usercf_neighbors),
+        graph=GraphFilter.fit(positive, rc.gf_dim, rc.gf_alpha, seed=config.seed),
         item_categories=[categories.get(i) for i in item_ids],
     )
 

@@ -7,6 +7,7 @@ features, so training and serving see the same numbers. Trending is counted per 
 
 from rec.recall.base import Candidates, ScoreSource, interaction_matrix, top_n
 from rec.recall.embedding import Embeddings
+from rec.recall.graph_filter import GraphFilter
 from rec.recall.itemcf import Cooccurrence, ItemCF
 from rec.recall.popular import Trending
 from rec.recall.usercf import UserCF
@@ -15,6 +16,7 @@ __all__ = [
     "Candidates",
     "Cooccurrence",
     "Embeddings",
+    "GraphFilter",
     "ScoreSource",
     "ItemCF",
     "Trending",

@@ -1,0 +1,74 @@
+"""The served pipeline as an evaluation model: `rec` is trained by `rec.train.train` and answers
+through `rec.pipeline.Recommender.recommend`, the code every replica runs.
+
+Prequential variants differ only in what happens to an event after it is scored:
+rec-static ignores it (frozen at the cut), rec-profile updates the user's profile only,
+rec-incremental also updates co-occurrence, trending and the catalogue (everything a replica
+does per event), and rec-retrain additionally retrains from the log every `retrain_every` events.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from rec.baselines import Model
+from rec.config import RecConfig
+from rec.events import event_record
+from rec.pipeline import Recommender
+from rec.splits import Interactions
+from rec.train import snapshot_table, train
+
+VARIANTS = ("full", "static", "profile", "incremental", "retrain")
+
+
+class RecModel(Model):
+    def __init__(self, variant: str = "full", config: RecConfig | None = None,
+                 retrain_every: int = 20_000) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}")
+        self.variant = variant
+        self.name = "rec" if variant == "full" else f"rec-{variant}"
+        self.config = config or RecConfig()
+        self.retrain_every = retrain_every
+        self.records: list[dict] = []
+        self.since_retrain = 0
+
+    def fit(self, data: Interactions) -> RecModel:
+        self.data = data
+        self.records = [{**r, "offset": n} for n, r in enumerate(data.to_records())]
+        self._train()
+        return self
+
+    def _train(self) -> None:
+        self.bundle = train(snapshot_table(self.records), self.config, version=f"eval-{len(self.records)}")
+        self.rec = Recommender(self.config, self.bundle)
+        self.rec.apply(self.records)
+        self.since_retrain = 0
+
+    def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+                  ) -> np.ndarray:
+        """Top-k item indices per user through the serving pipeline (seen items are filtered by
+        the profile; `exclude` rows are honoured too)."""
+        index = {item: n for n, item in enumerate(self.data.item_ids)}
+        out = np.full((len(users), k), -1, np.int64)
+        for row, u in enumerate(np.asarray(users).tolist()):
+            extra = frozenset()
+            if exclude is not None:
+                extra = frozenset(self.data.item_ids[i] for i in exclude[u].indices)
+            answer = self.rec.recommend(self.data.user_ids[u], k, exclude=extra)
+            picked = [index[i["item_id"]] for i in answer["items"] if i["item_id"] in index]
+            out[row, : len(picked)] = picked[:k]
+        return out
+
+    def observe(self, user: int, item: int, ts: float) -> None:
+        if self.variant in ("full", "static"):
+            return
+        record = event_record(user_id=self.data.user_ids[user], item_id=self.data.item_ids[item],
+                              type="click", ts=ts)
+        record["offset"] = len(self.records)
+        self.records.append(record)
+        self.rec.apply([record], learn=self.variant != "profile")
+        self.since_retrain += 1
+        if self.variant == "retrain" and self.since_retrain >= self.retrain_every:
+            self._train()
