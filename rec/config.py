@@ -116,6 +116,11 @@ class TrainConfig(_Config):
     use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers ask for one each).")
     torch_threads: int = Field(1, gt=0, description="torch/BLAS threads inside a Train worker.")
     min_events: int = Field(10, ge=0, description="Retrain refuses to run on fewer events.")
+    holdout: Literal["last", "random"] = Field(
+        "last", description="Ranker examples: each user's last events, or a random share "
+        "(for data whose order is not time)."
+    )
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each user's events held out.")
     every_s: float | None = Field(
         None, gt=0, description="Retrain periodically at this interval (None: on demand only)."
     )

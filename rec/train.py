@@ -1,7 +1,7 @@
 """Training from a log snapshot: recall models, ranker examples, the ranker, one model version.
 
-The ranker learns from the future: recall models are fitted on the first part of the log
-(before a time cut), the events after the cut are replayed through the serving pipeline, and
+The ranker learns from the future: recall models are fitted on each user's earlier events,
+the held-out later ones are replayed through the serving pipeline, and
 each positive event becomes one example (the item that came next) plus sampled negatives, with
 features computed by the very code that serves. The final recall models are then refitted on
 the whole log and their embeddings rotated onto the basis the ranker learned on.
@@ -64,18 +64,17 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
     item_index = {i: n for n, i in enumerate(item_ids)}
     user_index = {u: n for n, u in enumerate(user_ids)}
 
-    ts = np.asarray([r["ts"] for r in events])
-    cut = float(np.quantile(ts, 0.8)) if len(events) >= 50 else float("inf")
-    n_prefix = int(np.searchsorted(ts, cut, side="left"))
+    prefix_events, suffix_events = holdout_split(events, config)
     metrics: dict = {"events": len(events), "users": len(user_ids), "items": len(item_ids)}
 
     ranker = None
     basis: Embeddings | None = None
-    if fit_ranker is not None and 0 < n_prefix < len(events):
-        prefix = _fit_recall(events[:n_prefix], item_index, user_index, config, categories,
+    if fit_ranker is not None and prefix_events and suffix_events:
+        prefix = _fit_recall(prefix_events, item_index, user_index, config, categories,
                              item_ids, user_ids)
         basis = prefix.embeddings
-        ex = assemble_examples(prefix, records, events, n_prefix, config, _impressions(records))
+        ex = assemble_examples(prefix, records, prefix_events, suffix_events, config,
+                               _impressions(records))
         metrics["ranker_examples"] = len(ex)
         if len(ex) and 0 < ex.labels.mean() < 1:
             ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
@@ -93,6 +92,29 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     final.metrics = metrics
     return final
+
+
+def holdout_split(events: list[dict], config: RecConfig) -> tuple[list[dict], list[dict]]:
+    """Events (in time order) split into what the ranker's recall models see and the held-out
+    events it learns to predict: each user's last `holdout_fraction` of events ("last", for
+    logs with real time) or a seeded random share of them ("random", for data without time).
+    Fewer than 50 events: nothing is held out."""
+    tc = config.train
+    if len(events) < 50:
+        return events, []
+    by_user: dict[str, list[int]] = {}
+    for n, r in enumerate(events):
+        by_user.setdefault(r["user_id"], []).append(n)
+    rng = np.random.default_rng(config.seed)
+    held = np.zeros(len(events), bool)
+    for rows in by_user.values():
+        n_out = int(len(rows) * tc.holdout_fraction)
+        if n_out == 0:
+            continue
+        out = rows[-n_out:] if tc.holdout == "last" else rng.choice(rows, n_out, replace=False)
+        held[out] = True
+    return ([r for r, h in zip(events, held, strict=True) if not h],
+            [r for r, h in zip(events, held, strict=True) if h])
 
 
 def _item_order(records: list[dict]) -> tuple[list[str], dict[str, str | None]]:
@@ -141,20 +163,19 @@ def _impressions(records: list[dict]) -> dict[str, list[str]]:
             if r["kind"] == KIND_IMPRESSION and r.get("request_id") and r.get("payload")}
 
 
-def assemble_examples(prefix: ModelBundle, records: list[dict], events: list[dict],
-                      n_prefix: int, config: RecConfig,
+def assemble_examples(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
+                      suffix: list[dict], config: RecConfig,
                       shown: dict[str, list[str]] | None = None) -> Examples:
-    """Replay the events after the cut through a pipeline holding the prefix model: each
-    positive event is a positive example; its negatives are the items the same answer showed
-    and the user did not pick (when the event names the request it answers), topped up with
-    popularity-sampled unseen items."""
+    """Replay the held-out events (in time order) through a pipeline holding the prefix model
+    and every earlier event: each positive event is a positive example; its negatives are the
+    items the same answer showed and the user did not pick (when the event names the request it
+    answers), topped up with popularity-sampled unseen items."""
     shown = shown or {}
     rc = config.ranker
     rng = np.random.default_rng(rc.seed)
     rec = Recommender(config, prefix, index=None)
     rec.apply([r for r in records if r["kind"] == KIND_ITEM])
-    rec.apply(events[:n_prefix])
-    suffix = events[n_prefix:]
+    rec.apply(prefix_events)
     positive = [n for n, r in enumerate(suffix)
                 if event_weight(r["type"], r.get("value"), config.profile) > 0]
     if len(positive) > rc.max_examples:

@@ -16,6 +16,7 @@ from rec.train import (
     _fit_recall,
     _item_order,
     assemble_examples,
+    holdout_split,
     snapshot_table,
     train,
 )
@@ -43,10 +44,8 @@ def split(records: list[dict], config: RecConfig = CONFIG):
                     key=lambda r: (r["ts"], r["offset"]))
     item_ids, categories = _item_order(records)
     user_ids = list(dict.fromkeys(r["user_id"] for r in events))
-    ts = np.asarray([r["ts"] for r in events])
-    n_prefix = int(np.searchsorted(ts, float(np.quantile(ts, 0.8)), side="left"))
     index = ({i: n for n, i in enumerate(item_ids)}, {u: n for n, u in enumerate(user_ids)})
-    return events, item_ids, categories, user_ids, index, n_prefix
+    return events, item_ids, categories, user_ids, index, holdout_split(events, config)
 
 
 def fit(events, item_ids, categories, user_ids, index, config=CONFIG):
@@ -156,8 +155,8 @@ def test_rotation_keeps_the_final_fit_inner_products(model, records) -> None:
 
 
 def test_rotation_moves_towards_the_ranker_basis(model, records) -> None:
-    events, item_ids, categories, user_ids, index, n_prefix = split(records)
-    basis = fit(events[:n_prefix], item_ids, categories, user_ids, index).embeddings
+    events, item_ids, categories, user_ids, index, (head, _) = split(records)
+    basis = fit(head, item_ids, categories, user_ids, index).embeddings
     unrotated = fit(events, item_ids, categories, user_ids, index).embeddings
     assert (np.linalg.norm(model.embeddings.item - basis.item)
             < np.linalg.norm(unrotated.item - basis.item))
@@ -184,11 +183,10 @@ def test_pearson_config_trains() -> None:
 
 @pytest.fixture(scope="module")
 def examples(records):
-    events, item_ids, categories, user_ids, index, n_prefix = split(records)
-    prefix = fit(events[:n_prefix], item_ids, categories, user_ids, index)
-    positives = sum(event_weight(r["type"], r["value"], CONFIG.profile) > 0
-                    for r in events[n_prefix:])
-    return prefix, assemble_examples(prefix, records, events, n_prefix, CONFIG), positives
+    events, item_ids, categories, user_ids, index, (head, tail) = split(records)
+    prefix = fit(head, item_ids, categories, user_ids, index)
+    positives = sum(event_weight(r["type"], r["value"], CONFIG.profile) > 0 for r in tail)
+    return prefix, assemble_examples(prefix, records, head, tail, CONFIG), positives
 
 
 def test_examples_have_one_positive_per_group(examples) -> None:
@@ -215,8 +213,8 @@ def test_examples_are_finite_and_shaped(examples) -> None:
 
 def test_examples_positive_is_the_event_item_negatives_unseen(examples, records) -> None:
     prefix, ex, _ = examples
-    events, *_, n_prefix = split(records)
-    positives = [r for r in events[n_prefix:]
+    *_, (_, tail) = split(records)
+    positives = [r for r in tail
                  if event_weight(r["type"], r["value"], CONFIG.profile) > 0]
     starts = np.flatnonzero(ex.labels == 1.0)
     got = [prefix.item_ids[i] for i in ex.item_idx[starts]]
@@ -229,16 +227,16 @@ def test_examples_positive_is_the_event_item_negatives_unseen(examples, records)
 def test_examples_are_capped_at_max_examples(records) -> None:
     config = CONFIG.model_copy(deep=True)
     config.ranker.max_examples = 10
-    events, item_ids, categories, user_ids, index, n_prefix = split(records)
-    prefix = fit(events[:n_prefix], item_ids, categories, user_ids, index, config)
-    ex = assemble_examples(prefix, records, events, n_prefix, config)
+    events, item_ids, categories, user_ids, index, (head, tail) = split(records)
+    prefix = fit(head, item_ids, categories, user_ids, index, config)
+    ex = assemble_examples(prefix, records, head, tail, config)
     assert int(ex.labels.sum()) == 10
 
 
 def test_examples_are_deterministic(examples, records) -> None:
     prefix, ex, _ = examples
-    events, *_, n_prefix = split(records)
-    again = assemble_examples(prefix, records, events, n_prefix, CONFIG)
+    *_, (head, tail) = split(records)
+    again = assemble_examples(prefix, records, head, tail, CONFIG)
     np.testing.assert_array_equal(again.item_idx, ex.item_idx)
     np.testing.assert_array_equal(again.dense, ex.dense)
 
@@ -249,18 +247,37 @@ def test_shown_but_not_picked_items_are_the_negatives(records) -> None:
     from rec.events import impression_record
     from rec.train import _impressions
 
-    events, item_ids, categories, user_ids, index, n_prefix = split(records)
-    prefix = fit(events[:n_prefix], item_ids, categories, user_ids, index)
-    first = events[n_prefix]
+    events, item_ids, categories, user_ids, index, (head, tail) = split(records)
+    prefix = fit(head, item_ids, categories, user_ids, index)
+    first = tail[0]
     clicked = dict(first, type="click", request_id="req-1")
-    events = [*events[:n_prefix], clicked, *events[n_prefix + 1:]]
-    seen = {r["item_id"] for r in events[:n_prefix] if r["user_id"] == first["user_id"]}
+    tail = [clicked, *tail[1:]]
+    seen = {r["item_id"] for r in head if r["user_id"] == first["user_id"]}
     shown_items = [i for i in item_ids if i not in seen and i != first["item_id"]][:3]
     impression = impression_record(first["user_id"], "req-1", [first["item_id"], *shown_items],
                                    "v0", first["ts"])
     shown = _impressions(snapshot_table([impression]).to_pylist())
     assert shown == {"req-1": [first["item_id"], *shown_items]}
-    ex = assemble_examples(prefix, records, events, n_prefix, CONFIG, shown)
+    ex = assemble_examples(prefix, records, head, tail, CONFIG, shown)
     group = [prefix.item_ids[i] for i in ex.item_idx[: 1 + CONFIG.ranker.negatives]]
     assert group[0] == first["item_id"] and ex.labels[0] == 1.0
     assert group[1:4] == shown_items and not ex.labels[1:4].any()
+
+
+@pytest.mark.parametrize("mode", ["last", "random"])
+def test_holdout_takes_a_fifth_of_each_users_events(records, mode) -> None:
+    config = CONFIG.model_copy(deep=True)
+    config.train.holdout = mode
+    events = sorted((r for r in records if r["kind"] == "event"), key=lambda r: r["ts"])
+    head, tail = holdout_split(events, config)
+    assert len(head) + len(tail) == len(events)
+    per_user: dict[str, list[dict]] = {}
+    for r in events:
+        per_user.setdefault(r["user_id"], []).append(r)
+    held = {(r["user_id"], r["offset"]) for r in tail}
+    for user, rows in per_user.items():
+        mine = [r for r in rows if (user, r["offset"]) in held]
+        assert len(mine) == int(len(rows) * 0.2)
+        if mode == "last" and mine:
+            assert mine == rows[-len(mine):]
+    assert holdout_split(events[:49], config) == (events[:49], [])
