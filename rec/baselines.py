@@ -15,7 +15,7 @@ from rec.metrics import PAD_ID
 from rec.splits import Interactions
 
 BATCH_USERS = 1024  # users scored per dense block in `recommend`
-BATCH_ROWS = 1024  # rows per dense similarity block in `cosine_neighbours`
+BATCH_ROWS = 1024  # rows per sparse similarity block in `cosine_neighbours`
 
 
 class Model:
@@ -31,18 +31,16 @@ class Model:
         raise NotImplementedError
 
     def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix) -> np.ndarray:
-        """Top-k item indices [len(users), k], best first. Row r of `exclude` ([len(users),
-        n_items]) lists items never to return to users[r]; slots left without a candidate
-        hold PAD_ID."""
+        """Top-k item indices [len(users), k], best first. `exclude` is indexed by user (row u:
+        items never to return to user u, e.g. their train items); slots left without a
+        candidate hold PAD_ID."""
         users = np.asarray(users, dtype=np.int64)
-        if exclude.shape[0] != len(users):
-            raise ValueError(f"exclude has {exclude.shape[0]} rows for {len(users)} users")
         blocks = [np.empty((0, k), dtype=np.int64)]
         for start in range(0, len(users), BATCH_USERS):
-            stop = start + BATCH_USERS
-            scores = self.scores(users[start:stop])
-            mask = exclude[start:stop]
-            rows = np.repeat(np.arange(mask.shape[0]), np.diff(mask.indptr))
+            batch = users[start : start + BATCH_USERS]
+            scores = self.scores(batch)
+            mask = exclude[batch]
+            rows = np.repeat(np.arange(len(batch)), np.diff(mask.indptr))
             scores[rows, mask.indices] = -np.inf
             blocks.append(top_k(scores, k))
         return np.concatenate(blocks)
@@ -58,42 +56,43 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     kk = min(k, n_cols)
     if kk == 0:
         return out
-    part = np.argpartition(scores, n_cols - kk, axis=1)[:, n_cols - kk :]
-    values = np.take_along_axis(scores, part, axis=1)
-    order = np.argsort(-values, axis=1, kind="stable")
+    # Partition the negated scores around a small kth: numpy's argpartition is many times
+    # slower around a kth near the end of rows full of ties (zeros, equal counts).
+    neg = np.negative(scores)
+    part = np.argpartition(neg, kk - 1, axis=1)[:, :kk]
+    values = np.take_along_axis(neg, part, axis=1)
+    order = np.argsort(values, axis=1, kind="stable")
     top = np.take_along_axis(part, order, axis=1)
-    top[np.take_along_axis(values, order, axis=1) == -np.inf] = PAD_ID
+    top[np.take_along_axis(values, order, axis=1) == np.inf] = PAD_ID
     out[:, :kk] = top
     return out
 
 
 def cosine_neighbours(m: sp.csr_matrix, k: int, shrinkage: float) -> sp.csr_matrix:
     """Square CSR: row r holds the k rows of `m` most similar to row r (itself excluded) with
-    their shrunk cosine a·b / (|a| |b| + shrinkage); non-positive similarities are dropped."""
+    their shrunk cosine a·b / (|a| |b| + shrinkage); ties go to the lower index, non-positive
+    similarities are dropped. Blocks of rows stay sparse: co-occurrence is mostly zero."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     m = m.astype(np.float32)
     n = m.shape[0]
-    k = min(k, n - 1)
-    if k <= 0:
-        return sp.csr_matrix((n, n), dtype=np.float32)
     norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1), dtype=np.float32).ravel())
     mt = m.T.tocsr()
-    rows, cols, vals = [], [], []
+    rows, cols, sims = [np.empty(0, np.int64)], [np.empty(0, np.int64)], [np.empty(0, np.float32)]
     for start in range(0, n, BATCH_ROWS):
-        stop = min(start + BATCH_ROWS, n)
-        sim = (m[start:stop] @ mt).toarray()
-        denom = norms[start:stop, None] * norms[None, :] + np.float32(shrinkage)
-        np.divide(sim, denom, out=sim, where=denom > 0)
-        sim[np.arange(stop - start), np.arange(start, stop)] = 0.0
-        top = np.argpartition(sim, n - k, axis=1)[:, n - k :]
-        top_vals = np.take_along_axis(sim, top, axis=1)
-        keep = top_vals > 0
-        rows.append(np.broadcast_to(np.arange(start, stop)[:, None], top.shape)[keep])
-        cols.append(top[keep])
-        vals.append(top_vals[keep])
+        block = (m[start : start + BATCH_ROWS] @ mt).tocoo()
+        r, c = block.row.astype(np.int64) + start, block.col.astype(np.int64)
+        sim = block.data / (norms[r] * norms[c] + np.float32(shrinkage))
+        keep = (r != c) & (sim > 0)
+        r, c, sim = r[keep], c[keep], sim[keep]
+        order = np.lexsort((c, -sim, r))  # by row, then similarity descending, then column
+        r, c, sim = r[order], c[order], sim[order]
+        rank = np.arange(len(r)) - np.searchsorted(r, r, side="left")
+        rows.append(r[rank < k])
+        cols.append(c[rank < k])
+        sims.append(sim[rank < k])
     return sp.csr_matrix(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        (np.concatenate(sims), (np.concatenate(rows), np.concatenate(cols))),
         shape=(n, n),
         dtype=np.float32,
     )
@@ -150,7 +149,8 @@ class UserKNN(Model):
 
 class ALS(Model):
     """Implicit-feedback matrix factorisation (Hu, Koren & Volinsky 2008) by `implicit`'s CPU
-    conjugate-gradient ALS on the binary train matrix, confidence = alpha on observed pairs."""
+    conjugate-gradient ALS on the binary train matrix. Observed pairs get confidence `alpha`
+    (40, the paper's value), unobserved ones 1."""
 
     name = "als"
 

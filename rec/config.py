@@ -88,7 +88,10 @@ class RankerConfig(_Config):
     batch_size: int = Field(1024, gt=0, description="Training mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay.")
-    negatives: int = Field(4, gt=0, description="Sampled negatives per positive when assembling examples.")
+    negatives: int = Field(4, gt=0, description="Negatives per positive when assembling examples.")
+    hard_negatives: int = Field(
+        3, ge=0, description="Of those, drawn from the recall sources' top items (the rest by popularity)."
+    )
     max_examples: int = Field(
         30_000, gt=0, description="Cap on training positives (the newest are kept)."
     )

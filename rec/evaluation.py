@@ -27,6 +27,7 @@ from rec.baselines import BASELINES, BATCH_USERS, Model
 from rec.data import Dataset, _make_dataset, load_csv, load_lightgcn, load_movielens
 from rec.metrics import evaluate
 from rec.splits import (
+    Interactions,
     Split,
     split_full,
     split_leave_last_out,
@@ -74,8 +75,7 @@ def run(split: Split, models: list[Model], ks: list[int]) -> dict:
         start = time.perf_counter()
         chunks = [np.empty((0, max(ks)), dtype=np.int64)]
         for a in _progress(range(0, len(users), BATCH_USERS), f"{model.name} rank"):
-            batch = users[a : a + BATCH_USERS]
-            chunks.append(model.recommend(batch, max(ks), seen[batch]))
+            chunks.append(model.recommend(users[a : a + BATCH_USERS], max(ks), seen))
         metrics = evaluate(np.concatenate(chunks), relevant, ks, split.train.n_items)
         results.append({**fitted, "metrics": metrics, "eval_seconds": _seconds(start)})
     return {**_header(split, ks), "n_test_users": len(users), "results": results}
@@ -123,8 +123,8 @@ def run_prequential(
             timeline.append(
                 {
                     "window": w,
-                    "start_ts": _first(test.ts[in_window]),
-                    "end_ts": _first(test.ts[in_window][::-1]),
+                    "start_ts": _ts_at(test.ts[in_window], 0),
+                    "end_ts": _ts_at(test.ts[in_window], -1),
                     "events": int(hits.size),
                     **{f"hr@{k}": _hit_rate(hits, k) for k in ks},
                 }
@@ -154,24 +154,29 @@ def _replay(model: Model, split: Split, k: int, counted: np.ndarray) -> np.ndarr
             row = train_seen.indices[train_seen.indptr[user] : train_seen.indptr[user + 1]]
             user_seen = seen[user] = set(row.tolist())
         if counted[e] and item not in user_seen:
-            exclude = np.fromiter(user_seen, dtype=np.int64, count=len(user_seen))
-            mask = sp.csr_matrix(
-                (np.ones(exclude.size, np.float32), exclude, [0, exclude.size]),
-                shape=(1, test.n_items),
-            )
-            top = model.recommend(np.array([user]), k, mask)[0]
+            top = model.recommend(np.array([user]), k, _one_row(user, user_seen, test))[0]
             rank[e] = np.append(np.flatnonzero(top == item), k)[0]
         model.observe(user, item, ts)
         user_seen.add(item)
     return rank
 
 
+def _one_row(user: int, items: set[int], test: Interactions) -> sp.csr_matrix:
+    """Users × items exclusion matrix whose only filled row is `user`'s."""
+    indices = np.fromiter(items, dtype=np.int64, count=len(items))
+    indptr = np.zeros(test.n_users + 1, dtype=np.int64)
+    indptr[user + 1 :] = len(items)
+    return sp.csr_matrix(
+        (np.ones(len(items), np.float32), indices, indptr), shape=(test.n_users, test.n_items)
+    )
+
+
 def _hit_rate(rank: np.ndarray, k: int) -> float | None:
     return float(np.mean(rank < k)) if rank.size else None
 
 
-def _first(values: np.ndarray) -> float | None:
-    return float(values[0]) if values.size else None
+def _ts_at(ts: np.ndarray, position: int) -> float | None:
+    return float(ts[position]) if ts.size else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,55 +271,46 @@ def write_report(results: list[dict], out_dir: Path) -> Path:
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines.append("")
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{result['dataset']}-{result['protocol']}")
-        fitted = [r for r in result["results"] if "metrics" in r]
-        for name, plot in _plots(result, fitted):
+        for name, x_label, y_label, series in _plots(result):
             fig, ax = plt.subplots(figsize=(6, 4))
-            plot(ax)
+            for label, xs, ys in series:
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.set(title=f"{_title(result)}: {y_label}", xlabel=x_label, ylabel=y_label)
             ax.legend()
             ax.grid(alpha=0.3)
-            ax.set_title(f"{_title(result)}: {name}")
             png = f"{stem}-{name}.png"
             fig.savefig(out_dir / png, dpi=100, bbox_inches="tight")
             plt.close(fig)
-            lines += [f"![{name}]({png})", ""]
+            lines += [f"![{y_label}]({png})", ""]
     md = out_dir / "README.md"
     md.write_text("\n".join(lines))
     return md
 
 
-def _plots(result: dict, fitted: list[dict]) -> list[tuple[str, Callable]]:
-    """(name, draw(ax)) per plot of one result."""
+Series = list[tuple[str, list, list]]  # (model, xs, ys) per line of a plot
+
+
+def _plots(result: dict) -> list[tuple[str, str, str, Series]]:
+    """(file name part, x label, y label, series) for each plot of one result: hit rate per
+    replay window for prequential results, else each metric family against k."""
+    fitted = [r for r in result["results"] if "metrics" in r]
     ks = result["ks"]
     if result["protocol"] == "prequential":
-
-        def timeline(k: int) -> Callable:
-            def draw(ax) -> None:
-                for r in fitted:
-                    points = [t for t in r["timeline"] if t[f"hr@{k}"] is not None]
-                    x, y = [t["window"] for t in points], [t[f"hr@{k}"] for t in points]
-                    ax.plot(x, y, marker="o", label=r["model"])
-                ax.set_xlabel("replay window (equal event counts, in time order)")
-                ax.set_ylabel(f"hr@{k}")
-
-            return draw
-
-        return [(f"timeline-hr{k}", timeline(k)) for k in ks]
-
-    families = dict.fromkeys(m.split("@")[0] for r in fitted for m in r["metrics"])
-
-    def versus_k(family: str) -> Callable:
-        def draw(ax) -> None:
+        plots = []
+        for k in ks:
+            series = []
             for r in fitted:
-                ax.plot(
-                    ks, [r["metrics"][f"{family}@{k}"] for k in ks], marker="o", label=r["model"]
-                )
-            ax.set_xlabel("k")
-            ax.set_ylabel(family)
-            ax.set_xticks(ks)
-
-        return draw
-
-    return [(family, versus_k(family)) for family in families]
+                points = [t for t in r["timeline"] if t[f"hr@{k}"] is not None]
+                xs, ys = [t["window"] for t in points], [t[f"hr@{k}"] for t in points]
+                series.append((r["model"], xs, ys))
+            x_label = "replay window (equal event counts, in time order)"
+            plots.append((f"timeline-hr{k}", x_label, f"hr@{k}", series))
+        return plots
+    families = dict.fromkeys(m.split("@")[0] for r in fitted for m in r["metrics"])
+    return [
+        (f, "k", f, [(r["model"], ks, [r["metrics"][f"{f}@{k}"] for k in ks]) for r in fitted])
+        for f in families
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

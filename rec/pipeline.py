@@ -256,12 +256,20 @@ class Recommender:
         return CandidateSet(tuple(self.catalog.ids[i] for i in cand.tolist()),
                             tuple(tuple(found[i]) for i in cand.tolist()), scores)
 
-    def score_candidates(self, view: ProfileView, item_ids: list[str]) -> CandidateSet:
-        """The same per-source scores for items chosen elsewhere (training examples)."""
+    def score_candidates(self, view: ProfileView, item_ids: list[str],
+                         dense: dict[str, np.ndarray] | None = None) -> CandidateSet:
+        """The same per-source scores for items chosen elsewhere (training examples); `dense`
+        reuses score vectors from `dense_scores` for the same view."""
         idx = np.asarray([self.catalog.ensure(i) for i in item_ids], np.int64)
         self._ensure_vectors(len(self.catalog) - 1)
-        scores = self._score_matrix(view, idx, self._dense_scores(view, len(self.catalog)))
+        if dense is None or len(next(iter(dense.values()))) < len(self.catalog):
+            dense = self._dense_scores(view, len(self.catalog))
+        scores = self._score_matrix(view, idx, dense)
         return CandidateSet(tuple(item_ids), tuple(() for _ in item_ids), scores)
+
+    def dense_scores(self, view: ProfileView) -> dict[str, np.ndarray]:
+        """Every history-based source's score of every catalogue item for this view."""
+        return self._dense_scores(view, len(self.catalog))
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
         out = {name: np.zeros(n_total, np.float32) for name in ("itemcf", "usercf", "gf")}
@@ -388,7 +396,7 @@ class Recommender:
     def finalize(self, view: ProfileView, cands: CandidateSet, scores: np.ndarray, k: int,
                  exclude: frozenset[str] = frozenset(), request_id: str | None = None) -> dict:
         """Order by score, drop excluded/seen/deleted, apply diversity, reserve exploration
-        slots (fresh catalogue items first, then trending ones) and explain each item."""
+        slots for fresh catalogue items (they have no feedback yet) and explain each item."""
         agg = self.config.aggregate
         blocked = view.seen | self.catalog.deleted | exclude
         order = [r for r in np.argsort(-np.asarray(scores), kind="stable").tolist()
@@ -405,10 +413,8 @@ class Recommender:
             per_cat[cat] = per_cat.get(cat, 0) + 1
             return True
 
-        fresh = [r for r in order if "new" in cands.sources[r]]
-        trending = [r for r in order if set(cands.sources[r]) <= {"pop"}]
         explore: list[int] = []
-        for row in dict.fromkeys(fresh + trending):
+        for row in (r for r in order if "new" in cands.sources[r]):
             if len(explore) >= n_explore:
                 break
             if fits(row):

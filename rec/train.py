@@ -26,9 +26,10 @@ from rec.model import ModelBundle, new_version_name
 from rec.pipeline import DENSE_FEATURES, Recommender
 from rec.profile import event_weight
 from rec.ranker import Ranker
-from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
+from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix, top_n
 
 log = logging.getLogger(__name__)
+HARD_POOL = 100  # hard negatives are drawn from the top of the recall scores
 
 # Hook that trains the ranker on assembled examples (Ray Train supplies a distributed one).
 FitRanker = Callable[[Ranker, "Examples"], dict]
@@ -190,6 +191,9 @@ def assemble_examples(prefix: ModelBundle, records: list[dict], prefix_events: l
             view = rec.view(r["user_id"])
             negs = [i for i in shown.get(r.get("request_id") or "", [])
                     if i != r["item_id"] and i not in view.seen][: rc.negatives]
+            dense = rec.dense_scores(view)
+            hard = _hard_negatives(rec, view, r["item_id"], dense, rng, rc.hard_negatives)
+            negs += [i for i in hard if i not in negs][: rc.negatives - len(negs)]
             draws = rng.choice(prefix.n_items, size=rc.negatives * 3, p=probs)
             for d in draws.tolist():
                 cand = prefix.item_ids[d]
@@ -197,7 +201,7 @@ def assemble_examples(prefix: ModelBundle, records: list[dict], prefix_events: l
                     break
                 if cand != r["item_id"] and cand not in view.seen and cand not in negs:
                     negs.append(cand)
-            cands = rec.score_candidates(view, [r["item_id"], *negs])
+            cands = rec.score_candidates(view, [r["item_id"], *negs], dense)
             context = _context_of(r)
             rows_dense.append(rec.features(view, cands, context))
             rows_item.append([rec.catalog.index[i] for i in cands.item_ids])
@@ -221,6 +225,21 @@ def assemble_examples(prefix: ModelBundle, records: list[dict], prefix_events: l
         dense=np.concatenate(rows_dense).astype(np.float32),
         labels=np.concatenate([np.asarray(x, np.float32) for x in rows_label]),
     )
+
+
+def _hard_negatives(rec: Recommender, view, positive: str, dense: dict[str, np.ndarray],
+                    rng: np.random.Generator, n: int) -> list[str]:
+    """Items the recall sources rank high for this user but the user did not pick next: the
+    ranker's real job is to order such candidates, not to tell them from random items."""
+    if n <= 0:
+        return []
+    total = sum(v / (v.max() or 1.0) for v in dense.values())
+    top, _ = top_n(total, HARD_POOL, rec._exclude(view))
+    pool = [rec.catalog.ids[i] for i in top.tolist() if rec.catalog.ids[i] != positive]
+    if not pool:
+        return []
+    picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+    return [pool[i] for i in sorted(picks.tolist())]
 
 
 def _context_of(record: dict) -> dict | None:
