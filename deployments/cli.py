@@ -118,8 +118,23 @@ def generate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_main(argv: list[str]) -> int:
+    """`rec eval ...`: the offline harness (pure, no Ray), with the served pipeline registered
+    as the models rec, rec-static, rec-profile, rec-incremental and rec-retrain."""
+    from rec import evaluation, offline
+
+    for variant in offline.VARIANTS:
+        model = offline.RecModel(variant)
+        evaluation.register(model.name, lambda v=variant: offline.RecModel(v))
+    return evaluation.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rec", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="rec", description=__doc__,
+                                     epilog="rec eval --help: the offline evaluation harness")
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the recommender on a local Ray instance")
     s.add_argument("--config", help="RecConfig YAML (defaults otherwise)")

@@ -90,7 +90,7 @@ class RankerConfig(_Config):
     weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay.")
     negatives: int = Field(4, gt=0, description="Negatives per positive when assembling examples.")
     hard_negatives: int = Field(
-        3, ge=0, description="Of those, drawn from the recall sources' top items (the rest by popularity)."
+        0, ge=0, description="Of those, drawn from the recall sources' top items (the rest by popularity)."
     )
     max_examples: int = Field(
         30_000, gt=0, description="Cap on training positives (the newest are kept)."
