@@ -66,6 +66,9 @@ class RecallConfig(_Config):
     )
     gf_dim: int = Field(256, gt=0, description="Singular vectors in the graph filter's ideal low-pass.")
     gf_alpha: float = Field(0.3, ge=0, description="Weight of the ideal low-pass in the graph filter.")
+    gf_sharpen: float = Field(
+        0.0, ge=0, description="Graph filter sharpening β when training cannot choose it on held-out data."
+    )
     index: Literal["hnsw", "brute"] = Field("hnsw", description="Index serving the embeddings.")
     hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
     hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")

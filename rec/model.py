@@ -35,6 +35,7 @@ class ModelBundle:
     graph: GraphFilter
     item_categories: list[str | None]
     ranker: Ranker | None = None
+    ordering: str = "ranker"  # how the final list is ordered: ranker, gf or blend (chosen in fit)
     log_offset: int = 0
     metrics: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
@@ -82,7 +83,7 @@ class ModelBundle:
         if index is not None:
             index.save(tmp / "index")
         meta = {"version": self.version, "log_offset": self.log_offset, "metrics": self.metrics,
-                "created": self.created}
+                "created": self.created, "ordering": self.ordering}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -105,6 +106,7 @@ class ModelBundle:
             graph=GraphFilter.from_arrays(arrays),
             item_categories=[c or None for c in arrays["item_categories"].tolist()],
             ranker=ranker,
+            ordering=meta.get("ordering", "ranker"),
             log_offset=int(meta["log_offset"]),
             metrics=meta.get("metrics", {}),
             created=float(meta.get("created", 0.0)),

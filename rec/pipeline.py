@@ -32,6 +32,7 @@ from rec.recall import Cooccurrence, Trending, top_n
 
 SOURCES = ("itemcf", "usercf", "gf", "ann", "pop", "new")
 SCORED = ("itemcf", "usercf", "gf", "ann")  # sources whose score every candidate carries
+ORDERINGS = ("ranker", "gf", "blend")  # ways to order the final list; training picks one
 DENSE_FEATURES = (
     "s_itemcf",
     "s_usercf",
@@ -369,13 +370,24 @@ class Recommender:
 
     def rank_many(self, requests: list[tuple[ProfileView, CandidateSet, dict | None]]
                   ) -> list[np.ndarray]:
-        """Rank several requests' candidates in one model call (batching across requests)."""
+        """Rank several requests' candidates in one model call (batching across requests).
+        The model's `ordering` (chosen on held-out data in training) decides whether the ranker
+        or a recall-score order is served."""
         inputs = [self._rank_inputs(*req) for req in requests]
         sizes = [len(x[0]) for x in inputs]
-        if self.model is None or self.model.ranker is None or sum(sizes) == 0:
-            return [_fallback_scores(x[3]) for x in inputs]
+        ordering = self.model.ordering if self.model else "blend"
+        if ordering != "ranker" or self.model.ranker is None or sum(sizes) == 0:
+            return [_recall_order(x[3], "blend" if ordering == "ranker" else ordering)
+                    for x in inputs]
         probs = self.model.ranker.predict(*(np.concatenate(col) for col in zip(*inputs, strict=True)))
         return np.split(probs, np.cumsum(sizes)[:-1])
+
+    def order_scores(self, view: ProfileView, cands: CandidateSet, context: dict | None,
+                     ordering: str) -> np.ndarray:
+        """Candidate scores under one ordering (used to choose the ordering in training)."""
+        if ordering == "ranker" and self.model is not None and self.model.ranker is not None:
+            return self.model.ranker.predict(*self._rank_inputs(view, cands, context))
+        return _recall_order(self.features(view, cands, context), ordering)
 
     def _rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -525,9 +537,14 @@ def _hour(context: dict | None, now: float) -> float:
     return (now % 86400) / 3600.0
 
 
-def _fallback_scores(dense: np.ndarray) -> np.ndarray:
-    """Before any ranker is trained: a fixed blend of the recall scores and popularity."""
+def _recall_order(dense: np.ndarray, ordering: str) -> np.ndarray:
+    """Scores in (0, 1) from recall scores alone: the graph filter's ('gf'), or a blend of every
+    source scaled to its maximum within the request ('blend', also used before any model)."""
     col = {name: n for n, name in enumerate(DENSE_FEATURES)}
-    blend = (dense[:, col["s_gf"]] + dense[:, col["s_itemcf"]] + dense[:, col["s_usercf"]]
-             + 0.5 * dense[:, col["s_ann"]] + 0.05 * dense[:, col["log_pop"]])
-    return (1.0 / (1.0 + np.exp(-blend))).astype(np.float32)
+    if ordering == "gf":
+        s = dense[:, col["s_gf"]]
+    else:
+        parts = [dense[:, col[f"s_{name}"]] for name in SCORED]
+        s = sum(p / (np.abs(p).max() or 1.0) for p in parts) + 0.01 * dense[:, col["log_pop"]]
+    s = s - (s.max() if len(s) else 0.0)
+    return (1.0 / (1.0 + np.exp(-s))).astype(np.float32)

@@ -23,13 +23,16 @@ from rec.config import RecConfig
 from rec.eventlog import SCHEMA
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
 from rec.model import ModelBundle, new_version_name
-from rec.pipeline import DENSE_FEATURES, Recommender
+from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender
 from rec.profile import event_weight
 from rec.ranker import Ranker
 from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix, top_n
 
 log = logging.getLogger(__name__)
 HARD_POOL = 100  # hard negatives are drawn from the top of the recall scores
+VALIDATION_EVENTS = 400  # held-out events that choose the graph filter's β and the ordering
+VALIDATION_K = 20
+SHARPEN_GRID = (0.0, 0.4, 0.8)
 
 # Hook that trains the ranker on assembled examples (Ray Train supplies a distributed one).
 FitRanker = Callable[[Ranker, "Examples"], dict]
@@ -70,9 +73,13 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
 
     ranker = None
     basis: Embeddings | None = None
+    sharpen, ordering = config.recall.gf_sharpen, "ranker"
     if fit_ranker is not None and prefix_events and suffix_events:
         prefix = _fit_recall(prefix_events, item_index, user_index, config, categories,
                              item_ids, user_ids)
+        sharpen, metrics["gf_sharpen_ndcg"] = choose_sharpen(
+            prefix, prefix_events, suffix_events, config)
+        prefix.graph.sharpen = sharpen
         basis = prefix.embeddings
         ex = assemble_examples(prefix, records, prefix_events, suffix_events, config,
                                _impressions(records))
@@ -81,8 +88,13 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
             ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
                             list(DENSE_FEATURES))
             metrics["ranker"] = fit_ranker(ranker, ex)
+            prefix.ranker = ranker
+            ordering, metrics["ordering_ndcg"] = choose_ordering(
+                prefix, records, prefix_events, suffix_events, config)
 
     final = _fit_recall(events, item_index, user_index, config, categories, item_ids, user_ids)
+    final.graph.sharpen = sharpen
+    final.ordering = ordering
     if basis is not None:
         rot, _ = orthogonal_procrustes(final.embeddings.item, basis.item)
         final.embeddings = Embeddings(final.embeddings.query @ rot, final.embeddings.item @ rot)
@@ -93,6 +105,76 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     final.metrics = metrics
     return final
+
+
+def _validation_sample(suffix: list[dict], config: RecConfig) -> list[int]:
+    """Evenly spread positions of positive held-out events used to choose settings."""
+    positive = [n for n, r in enumerate(suffix)
+                if event_weight(r["type"], r.get("value"), config.profile) > 0]
+    step = max(1, len(positive) // VALIDATION_EVENTS)
+    return positive[::step][:VALIDATION_EVENTS]
+
+
+def _gain(ranked: np.ndarray, item: int) -> float:
+    """NDCG@K of one relevant item in a ranked list."""
+    hit = np.flatnonzero(ranked[:VALIDATION_K] == item)
+    return float(1.0 / np.log2(hit[0] + 2)) if len(hit) else 0.0
+
+
+def choose_sharpen(prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict],
+                   config: RecConfig) -> tuple[float, dict]:
+    """The graph filter's sharpening β with the best NDCG@20 on held-out events, each scored
+    from its user's earlier history (a small validation search inside fit)."""
+    index = {i: n for n, i in enumerate(prefix.item_ids)}
+    history: dict[str, set[int]] = {}
+    for r in prefix_events:
+        if event_weight(r["type"], r.get("value"), config.profile) > 0:
+            history.setdefault(r["user_id"], set()).add(index[r["item_id"]])
+    cases = [(np.fromiter(history[suffix[n]["user_id"]], np.int64), index[suffix[n]["item_id"]])
+             for n in _validation_sample(suffix, config) if suffix[n]["user_id"] in history]
+    cases = [(h, i) for h, i in cases if i not in set(h.tolist())]
+    if not cases:
+        return config.recall.gf_sharpen, {}
+    results = {}
+    graph, keep = prefix.graph, prefix.graph.sharpen
+    for beta in SHARPEN_GRID:
+        graph.sharpen = beta
+        gains = []
+        for hist, item in cases:
+            s = graph.scores(hist, np.ones(len(hist), np.float32), prefix.n_items)
+            s[hist] = -np.inf
+            gains.append(_gain(top_n(s, VALIDATION_K, min_score=-np.inf)[0], item))
+        results[str(beta)] = round(float(np.mean(gains)), 5)
+    graph.sharpen = keep
+    best = max(SHARPEN_GRID, key=lambda b: results[str(b)])
+    return best, results
+
+
+def choose_ordering(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
+                    suffix: list[dict], config: RecConfig) -> tuple[str, dict]:
+    """Order the final list by the ranker only where it earns its place: replay held-out events
+    through the whole pipeline (recall included) and compare NDCG@20 of the ranker's order
+    with the recall-score orders; the best one is served."""
+    rec = Recommender(config, prefix, index=None)
+    rec.apply([r for r in records if r["kind"] == KIND_ITEM])
+    rec.apply(prefix_events)
+    sample = set(_validation_sample(suffix, config))
+    gains: dict[str, list[float]] = {name: [] for name in ORDERINGS}
+    for n, r in enumerate(suffix):
+        if n in sample:
+            view = rec.view(r["user_id"])
+            cands = rec.recall(view)
+            ids = np.asarray(cands.item_ids)
+            target = np.asarray([r["item_id"]])
+            for name in ORDERINGS:
+                scores = rec.order_scores(view, cands, _context_of(r), name)
+                ranked = ids[np.argsort(-scores, kind="stable")]
+                gains[name].append(_gain(ranked, target[0]))
+        rec.apply([r])
+    results = {name: round(float(np.mean(g)), 5) for name, g in gains.items() if g}
+    if not results:
+        return "ranker", {}
+    return max(ORDERINGS, key=lambda name: (results[name], name == "ranker")), results
 
 
 def holdout_split(events: list[dict], config: RecConfig) -> tuple[list[dict], list[dict]]:
