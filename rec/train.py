@@ -30,9 +30,10 @@ from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matr
 
 log = logging.getLogger(__name__)
 HARD_POOL = 100  # hard negatives are drawn from the top of the recall scores
-VALIDATION_EVENTS = 400  # held-out events that choose the graph filter's β and the ordering
+VALIDATION_EVENTS = 400  # held-out events that choose the graph filter's β, γ and the ordering
 VALIDATION_K = 20
 SHARPEN_GRID = (0.0, 0.4, 0.8)
+POP_GRID = (0.0, 0.1, 0.2)
 
 # Hook that trains the ranker on assembled examples (Ray Train supplies a distributed one).
 FitRanker = Callable[[Ranker, "Examples"], dict]
@@ -73,13 +74,13 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
 
     ranker = None
     basis: Embeddings | None = None
-    sharpen, ordering = config.recall.gf_sharpen, "ranker"
+    sharpen, pop, ordering = config.recall.gf_sharpen, 0.0, "ranker"
     if fit_ranker is not None and prefix_events and suffix_events:
         prefix = _fit_recall(prefix_events, item_index, user_index, config, categories,
                              item_ids, user_ids)
-        sharpen, metrics["gf_sharpen_ndcg"] = choose_sharpen(
+        (sharpen, pop), metrics["gf_validation_ndcg"] = choose_graph_filter(
             prefix, prefix_events, suffix_events, config)
-        prefix.graph.sharpen = sharpen
+        prefix.graph.sharpen, prefix.graph.pop = sharpen, pop
         basis = prefix.embeddings
         ex = assemble_examples(prefix, records, prefix_events, suffix_events, config,
                                _impressions(records))
@@ -93,7 +94,7 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
                 prefix, records, prefix_events, suffix_events, config)
 
     final = _fit_recall(events, item_index, user_index, config, categories, item_ids, user_ids)
-    final.graph.sharpen = sharpen
+    final.graph.sharpen, final.graph.pop = sharpen, pop
     final.ordering = ordering
     if basis is not None:
         rot, _ = orthogonal_procrustes(final.embeddings.item, basis.item)
@@ -121,10 +122,10 @@ def _gain(ranked: np.ndarray, item: int) -> float:
     return float(1.0 / np.log2(hit[0] + 2)) if len(hit) else 0.0
 
 
-def choose_sharpen(prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict],
-                   config: RecConfig) -> tuple[float, dict]:
-    """The graph filter's sharpening β with the best NDCG@20 on held-out events, each scored
-    from its user's earlier history (a small validation search inside fit)."""
+def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict],
+                        config: RecConfig) -> tuple[tuple[float, float], dict]:
+    """The graph filter's sharpening β and degree exponent γ with the best NDCG@20 on held-out
+    events, each scored from its user's earlier history (a small validation search in fit)."""
     index = {i: n for n, i in enumerate(prefix.item_ids)}
     history: dict[str, set[int]] = {}
     for r in prefix_events:
@@ -133,20 +134,25 @@ def choose_sharpen(prefix: ModelBundle, prefix_events: list[dict], suffix: list[
     cases = [(np.fromiter(history[suffix[n]["user_id"]], np.int64), index[suffix[n]["item_id"]])
              for n in _validation_sample(suffix, config) if suffix[n]["user_id"] in history]
     cases = [(h, i) for h, i in cases if i not in set(h.tolist())]
+    default = (config.recall.gf_sharpen, 0.0)
     if not cases:
-        return config.recall.gf_sharpen, {}
-    results = {}
-    graph, keep = prefix.graph, prefix.graph.sharpen
+        return default, {}
+    graph, keep = prefix.graph, (prefix.graph.sharpen, prefix.graph.pop)
+    results: dict[str, float] = {}
     for beta in SHARPEN_GRID:
-        graph.sharpen = beta
-        gains = []
-        for hist, item in cases:
-            s = graph.scores(hist, np.ones(len(hist), np.float32), prefix.n_items)
-            s[hist] = -np.inf
-            gains.append(_gain(top_n(s, VALIDATION_K, min_score=-np.inf)[0], item))
-        results[str(beta)] = round(float(np.mean(gains)), 5)
-    graph.sharpen = keep
-    best = max(SHARPEN_GRID, key=lambda b: results[str(b)])
+        graph.sharpen, graph.pop = beta, 0.0
+        base = [graph.scores(h, np.ones(len(h), np.float32), prefix.n_items) for h, _ in cases]
+        for gamma in POP_GRID:
+            weight = np.power(graph.item_degree + 1.0, gamma)
+            gains = []
+            for (hist, item), s in zip(cases, base, strict=True):
+                s = s * weight
+                s[hist] = -np.inf
+                gains.append(_gain(top_n(s, VALIDATION_K, min_score=-np.inf)[0], item))
+            results[f"beta={beta},gamma={gamma}"] = round(float(np.mean(gains)), 5)
+    graph.sharpen, graph.pop = keep
+    best = max(((b, g) for b in SHARPEN_GRID for g in POP_GRID),
+               key=lambda bg: (results[f"beta={bg[0]},gamma={bg[1]}"], bg == default))
     return best, results
 
 

@@ -4,8 +4,8 @@ items by passing the user's interaction signal through the normalised item-item 
 With R̃ = D_U^-1/2 R D_I^-1/2, a user with binary history r gets
     b = r R̃ᵀR̃  +  α · r D_I^-1/2 Ū Ūᵀ D_I^1/2,   s = b - β · b R̃ᵀR̃
 the linear low-pass filter plus an ideal low-pass filter on the top singular vectors Ū of R̃
-(GF-CF), then one sharpening step as in BSPM (Choi et al., SIGIR 2023); β is chosen on
-held-out data at training time.
+(GF-CF), then one sharpening step as in BSPM (Choi et al., SIGIR 2023), and a re-weighing by
+item degree, s · (d_i + 1)^γ; β and γ are chosen on held-out data at training time.
 Both terms are computed per request from the live history (two sparse products and one
 small dense one), so a new event changes the next answer."""
 
@@ -22,10 +22,11 @@ class GraphFilter(ScoreSource):
     name = "gf"
 
     def __init__(self, by_item: sp.csr_matrix, basis: np.ndarray, item_degree: np.ndarray,
-                 alpha: float, sharpen: float = 0.0) -> None:
+                 alpha: float, sharpen: float = 0.0, pop: float = 0.0) -> None:
         self.by_item = by_item.tocsr()  # R̃ᵀ: items × users
         self.by_user = self.by_item.T.tocsr()  # R̃: users × items
         self.sharpen = float(sharpen)
+        self.pop = float(pop)
         self.basis = basis.astype(np.float32)  # Ū: items × k
         self.item_degree = item_degree.astype(np.float32)
         self.alpha = float(alpha)
@@ -66,15 +67,18 @@ class GraphFilter(ScoreSource):
         blurred = linear + self.alpha * ideal
         if self.sharpen:  # one sharpening step (BSPM): s - β s R̃ᵀR̃, undoing some over-smoothing
             blurred = blurred - self.sharpen * (self.by_item @ (self.by_user @ blurred))
+        if self.pop:  # re-weigh by item degree: the normalisation can over-penalise popular items
+            blurred = blurred * np.power(self.item_degree + 1.0, self.pop)
         out[: self.n_items] = blurred
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {**save_csr("gf", self.by_item), "gf_basis": self.basis,
                 "gf_degree": self.item_degree, "gf_alpha": np.asarray(self.alpha),
-                "gf_sharpen": np.asarray(self.sharpen)}
+                "gf_sharpen": np.asarray(self.sharpen), "gf_pop": np.asarray(self.pop)}
 
     @classmethod
     def from_arrays(cls, arrays) -> GraphFilter:
         return cls(load_csr("gf", arrays), arrays["gf_basis"], arrays["gf_degree"],
-                   float(arrays["gf_alpha"]), float(arrays["gf_sharpen"]))
+                   float(arrays["gf_alpha"]), float(arrays["gf_sharpen"]),
+                   float(arrays["gf_pop"]))

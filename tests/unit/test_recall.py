@@ -16,6 +16,7 @@ from rec.recall import (
     Candidates,
     Cooccurrence,
     Embeddings,
+    GraphFilter,
     ItemCF,
     ScoreSource,
     Trending,
@@ -54,14 +55,22 @@ SOURCES: dict[str, Callable[[], ScoreSource]] = {
     "usercf-cosine": lambda: UserCF.fit(X, "cosine", k=50),
     "usercf-pearson": lambda: UserCF.fit(X, "pearson", k=50),
     "embeddings": lambda: Embeddings.fit(X, dim=2, seed=0),
+    "graph-filter": lambda: GraphFilter.fit(X, dim=2, alpha=0.3, seed=0),
+    "graph-filter-sharpened": lambda: _sharpened(GraphFilter.fit(X, dim=2, alpha=0.3, seed=0)),
 }
 NAMES = {"itemcf-cosine": "itemcf", "itemcf-pearson": "itemcf", "usercf-cosine": "usercf",
-         "usercf-pearson": "usercf", "embeddings": "ann"}
+         "usercf-pearson": "usercf", "embeddings": "ann", "graph-filter": "gf",
+         "graph-filter-sharpened": "gf"}
 
 
 def history(user: int) -> tuple[np.ndarray, np.ndarray]:
     idx = X[user].indices.astype(np.int64)
     return idx, np.ones(len(idx), np.float32)
+
+
+def _sharpened(graph: GraphFilter) -> GraphFilter:
+    graph.sharpen, graph.pop = 0.4, 0.1
+    return graph
 
 
 @pytest.fixture(params=list(SOURCES), scope="module")
