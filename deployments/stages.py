@@ -81,10 +81,6 @@ class _Stage:
         self.live = make_live(self.config, log)
         self._started = asyncio.get_event_loop().create_task(self.live.start())
 
-    async def ready(self) -> str | None:
-        await self._started
-        return self.live.rec.version
-
 
 @serve.deployment
 class ProfileStage(_Stage):

@@ -102,9 +102,6 @@ class Trainer:
             await asyncio.sleep(interval_s)
             await self.retrain()
 
-    def status(self) -> dict | None:
-        return self.last
-
 
 def get_or_create_trainer(config: RecConfig):
     return Trainer.options(name=TRAINER_ACTOR, namespace="rec", get_if_exists=True,

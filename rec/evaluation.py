@@ -67,11 +67,7 @@ def run(split: Split, models: list[Model], ks: list[int]) -> dict:
     users, relevant = split.test_users, split.relevant()
     seen = split.train.seen()
     results = []
-    for model in models:
-        fitted = _fit(model, split)
-        if "skipped" in fitted:
-            results.append(fitted)
-            continue
+    for model, fitted in _fitted(models, split, results):
         start = time.perf_counter()
         chunks = [np.empty((0, max(ks)), dtype=np.int64)]
         for a in _progress(range(0, len(users), BATCH_USERS), f"{model.name} rank"):
@@ -108,11 +104,7 @@ def run_prequential(
         counted_events &= np.isin(test.users, users)
     window = np.arange(len(test)) * windows // max(len(test), 1)
     results = []
-    for model in models:
-        fitted = _fit(model, split)
-        if "skipped" in fitted:
-            results.append(fitted)
-            continue
+    for model, fitted in _fitted(models, split, results):
         start = time.perf_counter()
         rank = _replay(model, split, max(ks), counted_events)
         counted = rank >= 0
@@ -182,6 +174,18 @@ def _ts_at(ts: np.ndarray, position: int) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _fitted(models: list[Model], split: Split, results: list[dict]
+            ) -> Iterable[tuple[Model, dict]]:
+    """Fit each model in turn and yield it with its fit record; a model that refuses the data
+    gets its "skipped" record appended to `results` instead."""
+    for model in models:
+        fitted = _fit(model, split)
+        if "skipped" in fitted:
+            results.append(fitted)
+        else:
+            yield model, fitted
 
 
 def _fit(model: Model, split: Split) -> dict:

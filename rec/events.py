@@ -63,18 +63,11 @@ class EventIn(_Strict):
         None, max_length=ID_MAX, description="The /recommend request this event is feedback on."
     )
 
-    @field_validator("value")
+    @field_validator("value", "ts")
     @classmethod
-    def _finite_value(cls, v: float | None, info: ValidationInfo) -> float | None:
-        if v is None and info.data.get("type") == "rating":
+    def _finite(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is None and info.field_name == "value" and info.data.get("type") == "rating":
             raise ValueError("required for type 'rating'")
-        if v is not None and not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
-
-    @field_validator("ts")
-    @classmethod
-    def _finite_ts(cls, v: float | None) -> float | None:
         if v is not None and not math.isfinite(v):
             raise ValueError("must be a finite number")
         return v

@@ -214,9 +214,6 @@ class Recommender:
 
     # ---- stage 2: recall -------------------------------------------------------------------
 
-    def ann_query(self, view: ProfileView) -> np.ndarray | None:
-        return view.vec
-
     def ann_filter(self, view: ProfileView) -> np.ndarray:
         return self._indices(view.seen)
 

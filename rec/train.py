@@ -171,11 +171,11 @@ def choose_ordering(prefix: ModelBundle, records: list[dict], prefix_events: lis
             view = rec.view(r["user_id"])
             cands = rec.recall(view)
             ids = np.asarray(cands.item_ids)
-            target = np.asarray([r["item_id"]])
+            context = _context_of(r)
             for name in ORDERINGS:
-                scores = rec.order_scores(view, cands, _context_of(r), name)
+                scores = rec.order_scores(view, cands, context, name)
                 ranked = ids[np.argsort(-scores, kind="stable")]
-                gains[name].append(_gain(ranked, target[0]))
+                gains[name].append(_gain(ranked, r["item_id"]))
         rec.apply([r])
     results = {name: round(float(np.mean(g)), 5) for name, g in gains.items() if g}
     if not results:
