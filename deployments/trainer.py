@@ -33,7 +33,7 @@ def _train_worker(loop_config: dict) -> None:
     def fit_ranker(ranker, ex):
         prepare = ray.train.torch.prepare_model if ctx.get_world_size() > 1 else None
         return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels,
-                          prepare_model=prepare)
+                          group_size=ex.group_size, prepare_model=prepare)
 
     table = pq.read_table(loop_config["snapshot"])
     bundle = train(table, config, log_offset=loop_config["offset"], fit_ranker=fit_ranker,

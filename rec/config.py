@@ -64,15 +64,15 @@ class RecallConfig(_Config):
     embedding_reg: float = Field(
         10.0, ge=0, description="Ridge regulariser of the closed-form embedding factorisation."
     )
-    gf_dim: int = Field(256, gt=0, description="Singular vectors in the graph filter's ideal low-pass.")
-    gf_alpha: float = Field(0.3, ge=0, description="Weight of the ideal low-pass in the graph filter.")
+    gf_dim: int = Field(448, gt=0, description="Singular vectors in the graph filter's ideal low-pass.")
+    gf_alpha: float = Field(0.2, ge=0, description="Weight of the ideal low-pass in the graph filter.")
     gf_sharpen: float = Field(
-        0.0, ge=0, description="Graph filter sharpening β when training cannot choose it on held-out data."
+        0.0, ge=0, description="Graph filter (BSPM) sharpening time T when training cannot choose it on held-out data."
     )
     index: Literal["hnsw", "brute"] = Field("hnsw", description="Index serving the embeddings.")
     hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
     hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")
-    hnsw_ef_search: int = Field(128, gt=0, description="HNSW query-time candidate list.")
+    hnsw_ef_search: int = Field(256, gt=0, description="HNSW query-time candidate list.")
     index_headroom: int = Field(
         10_000, ge=0, description="Free slots pre-allocated in the index for items added while serving."
     )
@@ -84,19 +84,18 @@ class RecallConfig(_Config):
 
 
 class RankerConfig(_Config):
-    item_embedding_dim: int = Field(32, gt=0, description="Learned item-id embedding size.")
+    item_embedding_dim: int = Field(0, ge=0, description="Learned item-id embedding size (0: none).")
     hidden: list[int] = Field(default_factory=lambda: [128, 64], description="MLP hidden layer sizes.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between MLP layers.")
-    epochs: int = Field(4, gt=0, description="Training epochs over the assembled examples.")
+    epochs: int = Field(8, gt=0, description="Training epochs over the assembled examples.")
     batch_size: int = Field(1024, gt=0, description="Training mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay.")
-    negatives: int = Field(4, gt=0, description="Negatives per positive when assembling examples.")
-    hard_negatives: int = Field(
-        0, ge=0, description="Of those, drawn from the recall sources' top items (the rest by popularity)."
+    negatives: int = Field(
+        16, gt=0, description="Negatives per training positive, drawn from the same answer's recall candidates."
     )
     max_examples: int = Field(
-        30_000, gt=0, description="Cap on training positives (the newest are kept)."
+        8_000, gt=0, description="Cap on training positives (spread evenly over the held-out events)."
     )
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda[:N]'.")
     seed: int = Field(0, description="Seed for initialisation, sampling and shuffling.")

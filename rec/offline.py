@@ -5,6 +5,7 @@ Prequential variants differ only in what happens to an event after it is scored:
 rec-static ignores it (frozen at the cut), rec-profile updates the user's profile only,
 rec-incremental also updates co-occurrence, trending and the catalogue (everything a replica
 does per event), and rec-retrain additionally retrains from the log every `retrain_every` events.
+The ablations (rec-ranker, rec-recall, rec-exact) change one thing of the full model.
 """
 
 from __future__ import annotations
@@ -22,14 +23,22 @@ from rec.train import snapshot_table, train
 VARIANTS = ("full", "static", "profile", "incremental", "retrain")
 
 
+# Ablations of the full model: "ranker" always orders by the ranker, "recall" by the better
+# recall-score order on the held-out validation (the ranker left out), "exact" searches the
+# embeddings exactly instead of through HNSW.
+ABLATIONS = ("ranker", "recall", "exact")
+
+
 class RecModel(Model):
     def __init__(self, variant: str = "full", config: RecConfig | None = None,
                  retrain_every: int = 20_000) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}")
+        if variant not in VARIANTS + ABLATIONS:
+            raise ValueError(f"variant must be one of {VARIANTS + ABLATIONS}")
         self.variant = variant
         self.name = "rec" if variant == "full" else f"rec-{variant}"
-        self.config = config or RecConfig()
+        self.config = (config or RecConfig()).model_copy(deep=True)
+        if variant == "exact":
+            self.config.recall.index = "brute"
         self.retrain_every = retrain_every
         self.records: list[dict] = []
         self.since_retrain = 0
@@ -42,6 +51,11 @@ class RecModel(Model):
 
     def _train(self) -> None:
         self.bundle = train(snapshot_table(self.records), self.config, version=f"eval-{len(self.records)}")
+        measured = self.bundle.metrics.get("ordering_ndcg") or {}
+        if self.variant == "ranker" and self.bundle.ranker is not None:
+            self.bundle.ordering = "ranker"
+        elif self.variant == "recall" and measured:
+            self.bundle.ordering = max((o for o in measured if o != "ranker"), key=measured.get)
         self.rec = Recommender(self.config, self.bundle)
         self.rec.apply(self.records)
         self.since_retrain = 0

@@ -38,6 +38,11 @@ DENSE_FEATURES = (
     "s_usercf",
     "s_gf",
     "s_ann",
+    "r_itemcf",  # the same scores relative to the best candidate of the request
+    "r_usercf",
+    "r_gf",
+    "r_ann",
+    "last_sim",  # similarity to the user's latest positive item (item-CF + live co-occurrence)
     "log_pop",
     "log_trend",
     "log_age_days",
@@ -254,21 +259,6 @@ class Recommender:
         return CandidateSet(tuple(self.catalog.ids[i] for i in cand.tolist()),
                             tuple(tuple(found[i]) for i in cand.tolist()), scores)
 
-    def score_candidates(self, view: ProfileView, item_ids: list[str],
-                         dense: dict[str, np.ndarray] | None = None) -> CandidateSet:
-        """The same per-source scores for items chosen elsewhere (training examples); `dense`
-        reuses score vectors from `dense_scores` for the same view."""
-        idx = np.asarray([self.catalog.ensure(i) for i in item_ids], np.int64)
-        self._ensure_vectors(len(self.catalog) - 1)
-        if dense is None or len(next(iter(dense.values()))) < len(self.catalog):
-            dense = self._dense_scores(view, len(self.catalog))
-        scores = self._score_matrix(view, idx, dense)
-        return CandidateSet(tuple(item_ids), tuple(() for _ in item_ids), scores)
-
-    def dense_scores(self, view: ProfileView) -> dict[str, np.ndarray]:
-        """Every history-based source's score of every catalogue item for this view."""
-        return self._dense_scores(view, len(self.catalog))
-
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
         out = {name: np.zeros(n_total, np.float32) for name in ("itemcf", "usercf", "gf")}
         if not view.recent:
@@ -337,6 +327,9 @@ class Recommender:
             return f
         col = {name: j for j, name in enumerate(DENSE_FEATURES)}
         f[:, : len(SCORED)] = cands.scores
+        top = np.abs(cands.scores).max(axis=0)
+        f[:, len(SCORED) : 2 * len(SCORED)] = cands.scores / np.where(top > 0, top, 1.0)
+        f[:, col["last_sim"]] = self._last_similarity(view, cands)
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
         last_cat = self.catalog.category(view.recent[-1][0]) if view.recent else None
@@ -359,6 +352,22 @@ class Recommender:
         f[:, col["hour_cos"]] = math.cos(2 * math.pi * hour / 24)
         return f
 
+    def _last_similarity(self, view: ProfileView, cands: CandidateSet) -> np.ndarray:
+        out = np.zeros(len(cands), np.float32)
+        last = next((self.catalog.index.get(i) for i, w, _ in reversed(view.recent) if w > 0), None)
+        if last is None:
+            return out
+        idx = np.asarray([self.catalog.index.get(i, -1) for i in cands.item_ids], np.int64)
+        if self.model is not None and last < self.model.itemcf.n_items:
+            ok = (idx >= 0) & (idx < self.model.itemcf.n_items)
+            out[ok] = self.model.itemcf.sim[last][:, idx[ok]].toarray().ravel()
+        js, sims = self.cooc.row(last)
+        where = {int(j): k for k, j in enumerate(idx.tolist()) if j >= 0}
+        for j, sim in zip(js.tolist(), sims.tolist(), strict=True):
+            if j in where:
+                out[where[j]] += sim
+        return out
+
     def rank(self, view: ProfileView, cands: CandidateSet,
              context: dict | None = None) -> np.ndarray:
         """Calibrated relevance probability per candidate (a recall-score blend before the first
@@ -370,11 +379,11 @@ class Recommender:
         """Rank several requests' candidates in one model call (batching across requests).
         The model's `ordering` (chosen on held-out data in training) decides whether the ranker
         or a recall-score order is served."""
-        inputs = [self._rank_inputs(*req) for req in requests]
+        inputs = [self.rank_inputs(*req) for req in requests]
         sizes = [len(x[0]) for x in inputs]
         ordering = self.model.ordering if self.model else "blend"
         if ordering != "ranker" or self.model.ranker is None or sum(sizes) == 0:
-            return [_recall_order(x[3], "blend" if ordering == "ranker" else ordering)
+            return [recall_order(x[3], "blend" if ordering == "ranker" else ordering)
                     for x in inputs]
         probs = self.model.ranker.predict(*(np.concatenate(col) for col in zip(*inputs, strict=True)))
         return np.split(probs, np.cumsum(sizes)[:-1])
@@ -383,10 +392,10 @@ class Recommender:
                      ordering: str) -> np.ndarray:
         """Candidate scores under one ordering (used to choose the ordering in training)."""
         if ordering == "ranker" and self.model is not None and self.model.ranker is not None:
-            return self.model.ranker.predict(*self._rank_inputs(view, cands, context))
-        return _recall_order(self.features(view, cands, context), ordering)
+            return self.model.ranker.predict(*self.rank_inputs(view, cands, context))
+        return recall_order(self.features(view, cands, context), ordering)
 
-    def _rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
+    def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         dense = self.features(view, cands, context)
         dim = self._item_vecs.shape[1]
@@ -534,7 +543,7 @@ def _hour(context: dict | None, now: float) -> float:
     return (now % 86400) / 3600.0
 
 
-def _recall_order(dense: np.ndarray, ordering: str) -> np.ndarray:
+def recall_order(dense: np.ndarray, ordering: str) -> np.ndarray:
     """Scores in (0, 1) from recall scores alone: the graph filter's ('gf'), or a blend of every
     source scaled to its maximum within the request ('blend', also used before any model)."""
     col = {name: n for n, name in enumerate(DENSE_FEATURES)}

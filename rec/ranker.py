@@ -65,7 +65,7 @@ def _take(arrays: Arrays, rows: np.ndarray) -> Arrays:
 
 
 class RankerNet(nn.Module):
-    """Item-id embedding + user/item vectors + standardised dense features -> one logit.
+    """(Item-id embedding +) user/item vectors + standardised dense features -> one logit.
 
     Row `n_items` of the embedding is the shared "unknown item" row: any index outside
     [0, n_items) maps to it. Buffers hold the dense standardisation and the Platt calibration,
@@ -83,7 +83,9 @@ class RankerNet(nn.Module):
     ) -> None:
         super().__init__()
         self.n_items = n_items
-        self.item_emb = nn.Embedding(n_items + 1, item_embedding_dim)
+        # Optional: on held-out replays an id embedding overfit (validation NDCG fell below the
+        # recall blend on ml-100k), so the default ranks by features and vectors alone.
+        self.item_emb = nn.Embedding(n_items + 1, item_embedding_dim) if item_embedding_dim else None
         self.register_buffer("dense_mean", torch.zeros(n_dense))
         self.register_buffer("dense_std", torch.ones(n_dense))
         self.register_buffer("calib_a", torch.ones(()))
@@ -103,9 +105,10 @@ class RankerNet(nn.Module):
         known = (item_idx >= 0) & (item_idx < self.n_items)
         idx = torch.where(known, item_idx, self.n_items)
         product = user_vec * item_vec
+        ids = [self.item_emb(idx)] if self.item_emb is not None else []
         x = torch.cat(
             [
-                self.item_emb(idx),
+                *ids,
                 user_vec,
                 item_vec,
                 product,
@@ -155,17 +158,24 @@ class Ranker:
         dense: ArrayLike,
         labels: ArrayLike,
         *,
+        group_size: int = 1,
         valid_fraction: float = 0.1,
         prepare_model: Callable[[nn.Module], nn.Module] | None = None,
         on_epoch: Callable[[int, dict], None] | None = None,
     ) -> dict[str, float]:
         """Train on the examples (warm-starting from the current weights), then calibrate.
 
-        A seeded random `valid_fraction` of the rows is held out: it reports AUC each epoch and
-        fits the Platt calibration afterwards. `prepare_model` may wrap the net (e.g. for
-        distributed data parallel); training runs through the wrapper while `self.net` stays the
-        unwrapped module. `on_epoch(epoch, {"loss", "valid_auc"})` is called after each epoch
-        (epochs count from 0). Validation metrics are NaN when no row is held out.
+        With `group_size` 1 every row is an independent labelled example (binary cross-entropy).
+        With `group_size` g > 1 the rows are consecutive groups of g candidates of one request,
+        exactly one of them labelled 1 (the item the user picked), and the loss is the softmax
+        cross-entropy of the picked item within its group: the ranker learns to order one
+        request's candidates, which is its job when serving.
+
+        A seeded random `valid_fraction` of the rows (of the groups) is held out: it reports AUC
+        each epoch and fits the Platt calibration afterwards. `prepare_model` may wrap the net
+        (e.g. for distributed data parallel); training runs through the wrapper while `self.net`
+        stays the unwrapped module. `on_epoch(epoch, {"loss", "valid_auc"})` is called after each
+        epoch (epochs count from 0). Validation metrics are NaN when no row is held out.
         """
         cfg = self.config
         arrays = self._arrays(item_idx, user_vec, item_vec, dense)
@@ -177,11 +187,17 @@ class Ranker:
             raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
         if not all(np.isfinite(a).all() for a in (*arrays[1:], y)):
             raise ValueError("non-finite values in the features or labels")
+        g = int(group_size)
+        if g < 1 or n % g:
+            raise ValueError(f"{n} rows do not split into groups of {group_size}")
+        if g > 1 and not (y.reshape(-1, g).sum(axis=1) == 1).all():
+            raise ValueError("every group needs exactly one row labelled 1")
 
         rng = np.random.default_rng(cfg.seed)
-        order = rng.permutation(n)
-        n_valid = int(round(n * valid_fraction))
-        valid_rows, train_rows = order[:n_valid], order[n_valid:]
+        order = rng.permutation(n // g)
+        n_valid = int(round(n // g * valid_fraction))
+        valid_rows = (order[:n_valid, None] * g + np.arange(g)).ravel()
+        train_rows = (order[n_valid:, None] * g + np.arange(g)).ravel()
         if train_rows.size == 0:
             raise ValueError("no training rows")
         train, valid = _take(arrays, train_rows), _take(arrays, valid_rows)
@@ -193,12 +209,16 @@ class Ranker:
         self.net.dense_mean.copy_(torch.from_numpy(dense_train.mean(axis=0)))
         self.net.dense_std.copy_(torch.from_numpy(std))
 
+        rate = float(np.clip(y[train_rows].mean(), 1e-4, 1 - 1e-4))
+        with torch.no_grad():  # start at the base rate, so early steps learn ranking, not the prior
+            self.net.mlp[-1].bias.fill_(math.log(rate / (1 - rate)))
         model = prepare_model(self.net) if prepare_model is not None else self.net
         self.net = getattr(model, "module", model)
         self.device = next(self.net.parameters()).device
         t_idx, t_user, t_item, t_dense = (torch.from_numpy(a).to(self.device) for a in train)
         t_y = torch.from_numpy(y[train_rows]).to(self.device)
-        n_train = len(train_rows)
+        n_train = len(train_rows) // g  # training units: rows, or groups of g rows
+        per_batch = max(1, cfg.batch_size // g)
         optimizer = torch.optim.Adam(
             model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
         )
@@ -208,17 +228,22 @@ class Ranker:
             for epoch in range(cfg.epochs):
                 model.train()
                 perm = torch.from_numpy(rng.permutation(n_train)).to(self.device)
-                hide = torch.from_numpy(rng.random(n_train) < UNKNOWN_ID_RATE).to(self.device)
+                hide = torch.from_numpy(rng.random(n_train * g) < UNKNOWN_ID_RATE).to(self.device)
                 total = torch.zeros((), device=self.device)
-                for start in range(0, n_train, cfg.batch_size):
-                    rows = perm[start : start + cfg.batch_size]
+                offsets = torch.arange(g, device=self.device)
+                for start in range(0, n_train, per_batch):
+                    units = perm[start : start + per_batch]
+                    rows = (units[:, None] * g + offsets).reshape(-1)
                     idx = torch.where(hide[rows], self.n_items, t_idx[rows])
                     logits = model(idx, t_user[rows], t_item[rows], t_dense[rows])
-                    loss = F.binary_cross_entropy_with_logits(logits, t_y[rows])
+                    if g == 1:
+                        loss = F.binary_cross_entropy_with_logits(logits, t_y[rows])
+                    else:
+                        loss = F.cross_entropy(logits.view(-1, g), t_y[rows].view(-1, g).argmax(1))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    total += loss.detach() * len(rows)
+                    total += loss.detach() * len(units)
                 train_loss = float(total) / n_train
                 valid_auc = (
                     auc(y_valid, self._logits(valid, calibrated=False)) if n_valid else math.nan

@@ -1,10 +1,12 @@
 """Training from a log snapshot: recall models, ranker examples, the ranker, one model version.
 
 The ranker learns from the future: recall models are fitted on each user's earlier events,
-the held-out later ones are replayed through the serving pipeline, and
-each positive event becomes one example (the item that came next) plus sampled negatives, with
-features computed by the very code that serves. The final recall models are then refitted on
-the whole log and their embeddings rotated onto the basis the ranker learned on.
+the held-out later ones are replayed through the serving pipeline, and each positive event
+becomes one group of examples: the candidates serving's recall returned for it, the item that
+came next labelled 1, trained listwise with features computed by the very code that serves.
+A spread-out sample of held-out events chooses the graph filter's settings and the served
+ordering (ranker or a recall order). The final recall models are then refitted on the whole log
+and their embeddings rotated onto the basis the ranker learned on.
 """
 
 from __future__ import annotations
@@ -17,22 +19,24 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 from scipy.linalg import orthogonal_procrustes
 
 from rec.config import RecConfig
 from rec.eventlog import SCHEMA
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
 from rec.model import ModelBundle, new_version_name
-from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender
+from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender, recall_order
 from rec.profile import event_weight
 from rec.ranker import Ranker
-from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix, top_n
+from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
 
 log = logging.getLogger(__name__)
-HARD_POOL = 100  # hard negatives are drawn from the top of the recall scores
-VALIDATION_EVENTS = 400  # held-out events that choose the graph filter's β, γ and the ordering
+VALIDATION_EVENTS = 1000  # held-out events that choose the graph filter's T, γ and the ordering
 VALIDATION_K = 20
-SHARPEN_GRID = (0.0, 0.4, 0.8)
+GF_VALIDATION_EVENTS = 2000  # the graph filter's grid is cheap to score in batches
+GF_BATCH = 250
+SHARPEN_GRID = (0.0, 1.0, 2.0, 2.5, 3.0)  # BSPM sharpening times T
 POP_GRID = (0.0, 0.1, 0.2)
 
 # Hook that trains the ranker on assembled examples (Ray Train supplies a distributed one).
@@ -46,13 +50,15 @@ class Examples:
     item_vec: np.ndarray
     dense: np.ndarray
     labels: np.ndarray
+    group_size: int = 1  # rows come in groups of this many candidates of one request
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
 def fit_ranker_locally(ranker: Ranker, ex: Examples) -> dict:
-    return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels)
+    return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels,
+                      group_size=ex.group_size)
 
 
 def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
@@ -82,16 +88,17 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
             prefix, prefix_events, suffix_events, config)
         prefix.graph.sharpen, prefix.graph.pop = sharpen, pop
         basis = prefix.embeddings
-        ex = assemble_examples(prefix, records, prefix_events, suffix_events, config,
-                               _impressions(records))
+        ex, cases = replay_holdout(prefix, records, prefix_events, suffix_events, config,
+                                   _impressions(records))
         metrics["ranker_examples"] = len(ex)
+        metrics["recall_hit_rate"] = round(float(np.mean([c.positive >= 0 for c in cases])), 4) \
+            if cases else None
         if len(ex) and 0 < ex.labels.mean() < 1:
             ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
                             list(DENSE_FEATURES))
             metrics["ranker"] = fit_ranker(ranker, ex)
             prefix.ranker = ranker
-            ordering, metrics["ordering_ndcg"] = choose_ordering(
-                prefix, records, prefix_events, suffix_events, config)
+            ordering, metrics["ordering_ndcg"] = choose_ordering(prefix, cases)
 
     final = _fit_recall(events, item_index, user_index, config, categories, item_ids, user_ids)
     final.graph.sharpen, final.graph.pop = sharpen, pop
@@ -108,12 +115,14 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
     return final
 
 
-def _validation_sample(suffix: list[dict], config: RecConfig) -> list[int]:
-    """Evenly spread positions of positive held-out events used to choose settings."""
-    positive = [n for n, r in enumerate(suffix)
+def _validation_sample(suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
+                       ) -> list[int]:
+    """Evenly spread positions of up to n positive held-out events used to choose settings."""
+    positive = [i for i, r in enumerate(suffix)
                 if event_weight(r["type"], r.get("value"), config.profile) > 0]
-    step = max(1, len(positive) // VALIDATION_EVENTS)
-    return positive[::step][:VALIDATION_EVENTS]
+    n = min(n, len(positive) // 4)  # a small log keeps most of its held-out events to learn from
+    step = max(1, len(positive) // max(n, 1))
+    return positive[::step][:n]
 
 
 def _gain(ranked: np.ndarray, item: int) -> float:
@@ -124,63 +133,42 @@ def _gain(ranked: np.ndarray, item: int) -> float:
 
 def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict],
                         config: RecConfig) -> tuple[tuple[float, float], dict]:
-    """The graph filter's sharpening β and degree exponent γ with the best NDCG@20 on held-out
-    events, each scored from its user's earlier history (a small validation search in fit)."""
+    """The graph filter's sharpening time T and degree exponent γ with the best NDCG@20 on held-out
+    events, each scored from its user's earlier history (a small validation search in fit; the
+    cases are scored in batches and every (T, γ) reuses the same filtered signals)."""
     index = {i: n for n, i in enumerate(prefix.item_ids)}
     history: dict[str, set[int]] = {}
     for r in prefix_events:
         if event_weight(r["type"], r.get("value"), config.profile) > 0:
             history.setdefault(r["user_id"], set()).add(index[r["item_id"]])
-    cases = [(np.fromiter(history[suffix[n]["user_id"]], np.int64), index[suffix[n]["item_id"]])
-             for n in _validation_sample(suffix, config) if suffix[n]["user_id"] in history]
-    cases = [(h, i) for h, i in cases if i not in set(h.tolist())]
+    cases = [(sorted(history[suffix[n]["user_id"]]), index[suffix[n]["item_id"]])
+             for n in _validation_sample(suffix, config, GF_VALIDATION_EVENTS)
+             if suffix[n]["user_id"] in history]
+    cases = [(h, i) for h, i in cases if i not in set(h)]
     default = (config.recall.gf_sharpen, 0.0)
     if not cases:
         return default, {}
-    graph, keep = prefix.graph, (prefix.graph.sharpen, prefix.graph.pop)
-    results: dict[str, float] = {}
-    for beta in SHARPEN_GRID:
-        graph.sharpen, graph.pop = beta, 0.0
-        base = [graph.scores(h, np.ones(len(h), np.float32), prefix.n_items) for h, _ in cases]
-        for gamma in POP_GRID:
-            weight = np.power(graph.item_degree + 1.0, gamma)
-            gains = []
-            for (hist, item), s in zip(cases, base, strict=True):
-                s = s * weight
-                s[hist] = -np.inf
-                gains.append(_gain(top_n(s, VALIDATION_K, min_score=-np.inf)[0], item))
-            results[f"beta={beta},gamma={gamma}"] = round(float(np.mean(gains)), 5)
-    graph.sharpen, graph.pop = keep
-    best = max(((b, g) for b in SHARPEN_GRID for g in POP_GRID),
-               key=lambda bg: (results[f"beta={bg[0]},gamma={bg[1]}"], bg == default))
+    graph = prefix.graph
+    grid = [(t, g) for t in SHARPEN_GRID for g in POP_GRID]
+    gains = {tg: 0.0 for tg in grid}
+    for start in range(0, len(cases), GF_BATCH):
+        batch = cases[start : start + GF_BATCH]
+        x = sp.csr_matrix((np.ones(sum(len(h) for h, _ in batch), np.float32),
+                           np.concatenate([h for h, _ in batch]),
+                           np.cumsum([0] + [len(h) for h, _ in batch])),
+                          shape=(len(batch), prefix.n_items))
+        terms = graph.sharpening_terms(graph.blurred(x))
+        truth = np.asarray([i for _, i in batch])
+        for t, g in grid:
+            s = graph.combine(terms, t, g).T  # cases × items
+            s[x.nonzero()] = -np.inf
+            top = np.argpartition(-s, VALIDATION_K, axis=1)[:, :VALIDATION_K]
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
+            rows, rank = np.nonzero(top == truth[:, None])
+            gains[(t, g)] += float((1.0 / np.log2(rank + 2)).sum())
+    results = {f"T={t},gamma={g}": round(v / len(cases), 5) for (t, g), v in gains.items()}
+    best = max(grid, key=lambda tg: (gains[tg], tg == default))
     return best, results
-
-
-def choose_ordering(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
-                    suffix: list[dict], config: RecConfig) -> tuple[str, dict]:
-    """Order the final list by the ranker only where it earns its place: replay held-out events
-    through the whole pipeline (recall included) and compare NDCG@20 of the ranker's order
-    with the recall-score orders; the best one is served."""
-    rec = Recommender(config, prefix, index=None)
-    rec.apply([r for r in records if r["kind"] == KIND_ITEM])
-    rec.apply(prefix_events)
-    sample = set(_validation_sample(suffix, config))
-    gains: dict[str, list[float]] = {name: [] for name in ORDERINGS}
-    for n, r in enumerate(suffix):
-        if n in sample:
-            view = rec.view(r["user_id"])
-            cands = rec.recall(view)
-            ids = np.asarray(cands.item_ids)
-            context = _context_of(r)
-            for name in ORDERINGS:
-                scores = rec.order_scores(view, cands, context, name)
-                ranked = ids[np.argsort(-scores, kind="stable")]
-                gains[name].append(_gain(ranked, r["item_id"]))
-        rec.apply([r])
-    results = {name: round(float(np.mean(g)), 5) for name, g in gains.items() if g}
-    if not results:
-        return "ranker", {}
-    return max(ORDERINGS, key=lambda name: (results[name], name == "ranker")), results
 
 
 def holdout_split(events: list[dict], config: RecConfig) -> tuple[list[dict], list[dict]]:
@@ -252,82 +240,88 @@ def _impressions(records: list[dict]) -> dict[str, list[str]]:
             if r["kind"] == KIND_IMPRESSION and r.get("request_id") and r.get("payload")}
 
 
-def assemble_examples(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
-                      suffix: list[dict], config: RecConfig,
-                      shown: dict[str, list[str]] | None = None) -> Examples:
+@dataclass
+class ValidationCase:
+    """One held-out event the ranker never trained on: its whole candidate set's ranker inputs
+    and the row of the item the user picked (-1 when recall missed it)."""
+    inputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    positive: int
+
+
+def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
+                   suffix: list[dict], config: RecConfig,
+                   shown: dict[str, list[str]] | None = None
+                   ) -> tuple[Examples, list[ValidationCase]]:
     """Replay the held-out events (in time order) through a pipeline holding the prefix model
-    and every earlier event: each positive event is a positive example; its negatives are the
-    items the same answer showed and the user did not pick (when the event names the request it
-    answers), topped up with popularity-sampled unseen items."""
+    and every earlier event, asking recall for each positive event's candidates exactly as
+    serving would. A spread-out sample of events becomes validation cases (to choose the
+    ordering); up to `max_examples` others become training groups: the item the user picked
+    (when recall found it) and `negatives` other candidates of the same answer, the items an
+    earlier answer showed and the user did not pick first. The ranker thus learns the job it
+    serves: ordering recall's candidates, with features computed by the serving code."""
     shown = shown or {}
     rc = config.ranker
     rng = np.random.default_rng(rc.seed)
-    rec = Recommender(config, prefix, index=None)
+    rec = Recommender(config, prefix)
     rec.apply([r for r in records if r["kind"] == KIND_ITEM])
     rec.apply(prefix_events)
-    positive = [n for n, r in enumerate(suffix)
-                if event_weight(r["type"], r.get("value"), config.profile) > 0]
-    if len(positive) > rc.max_examples:
-        positive = positive[-rc.max_examples:]
-    take = set(positive)
-    counts = np.asarray([rec.pop_counts.get(i, 0.0) for i in prefix.item_ids]) + 1.0
-    probs = counts**0.75 / (counts**0.75).sum()
+    validation = set(_validation_sample(suffix, config))
+    rest = [n for n, r in enumerate(suffix) if n not in validation
+            and event_weight(r["type"], r.get("value"), config.profile) > 0]
+    step = max(1, len(rest) // rc.max_examples)
+    take = set(rest[::step][: rc.max_examples])
 
-    rows_item, rows_user, rows_dense, rows_label = [], [], [], []
+    groups: list[tuple[np.ndarray, ...]] = []
+    cases: list[ValidationCase] = []
     for n, r in enumerate(suffix):
-        if n in take:
+        if n in take or n in validation:
             view = rec.view(r["user_id"])
-            negs = [i for i in shown.get(r.get("request_id") or "", [])
-                    if i != r["item_id"] and i not in view.seen][: rc.negatives]
-            dense = rec.dense_scores(view)
-            hard = _hard_negatives(rec, view, r["item_id"], dense, rng, rc.hard_negatives)
-            negs += [i for i in hard if i not in negs][: rc.negatives - len(negs)]
-            draws = rng.choice(prefix.n_items, size=rc.negatives * 3, p=probs)
-            for d in draws.tolist():
-                cand = prefix.item_ids[d]
-                if len(negs) >= rc.negatives:
-                    break
-                if cand != r["item_id"] and cand not in view.seen and cand not in negs:
-                    negs.append(cand)
-            cands = rec.score_candidates(view, [r["item_id"], *negs], dense)
-            context = _context_of(r)
-            rows_dense.append(rec.features(view, cands, context))
-            rows_item.append([rec.catalog.index[i] for i in cands.item_ids])
-            user = view.vec if view.vec is not None else np.zeros(prefix.embeddings.dim)
-            rows_user.append(np.broadcast_to(user, (len(cands), len(user))))
-            rows_label.append([1.0] + [0.0] * len(negs))
+            cands = rec.recall(view)
+            inputs = rec.rank_inputs(view, cands, _context_of(r))
+            row = {item: k for k, item in enumerate(cands.item_ids)}
+            positive = row.get(r["item_id"], -1)
+            if n in validation:
+                cases.append(ValidationCase(inputs, positive))
+            elif positive >= 0 and len(row) > 1:
+                negs = [row[i] for i in dict.fromkeys(shown.get(r.get("request_id") or "", []))
+                        if i in row and row[i] != positive][: rc.negatives]
+                others = np.setdiff1d(np.arange(len(row)), [positive, *negs])
+                need = rc.negatives - len(negs)  # groups have one size; few candidates repeat
+                negs += rng.choice(others, need, replace=need > len(others)).tolist()
+                rows = np.asarray([positive, *negs], np.int64)
+                groups.append((*(a[rows] for a in inputs),
+                               np.asarray([1.0] + [0.0] * len(negs), np.float32)))
         rec.apply([r])
-    if not rows_label:
+    if not groups:
         d = prefix.embeddings.dim
         return Examples(np.zeros(0, np.int64), np.zeros((0, d), np.float32),
                         np.zeros((0, d), np.float32), np.zeros((0, len(DENSE_FEATURES)), np.float32),
-                        np.zeros(0, np.float32))
-    item_idx = np.concatenate([np.asarray(x, np.int64) for x in rows_item])
-    item_vec = np.zeros((len(item_idx), prefix.embeddings.dim), np.float32)
-    known = item_idx < prefix.n_items
-    item_vec[known] = prefix.embeddings.item[item_idx[known]]
-    return Examples(
-        item_idx=np.where(known, item_idx, prefix.n_items),
-        user_vec=np.concatenate(rows_user).astype(np.float32),
-        item_vec=item_vec,
-        dense=np.concatenate(rows_dense).astype(np.float32),
-        labels=np.concatenate([np.asarray(x, np.float32) for x in rows_label]),
-    )
+                        np.zeros(0, np.float32)), cases
+    item_idx, user_vec, item_vec, dense, labels = (np.concatenate(col) for col in zip(*groups))
+    return Examples(item_idx, user_vec.astype(np.float32), item_vec.astype(np.float32),
+                    dense.astype(np.float32), labels, 1 + rc.negatives), cases
 
 
-def _hard_negatives(rec: Recommender, view, positive: str, dense: dict[str, np.ndarray],
-                    rng: np.random.Generator, n: int) -> list[str]:
-    """Items the recall sources rank high for this user but the user did not pick next: the
-    ranker's real job is to order such candidates, not to tell them from random items."""
-    if n <= 0:
-        return []
-    total = sum(v / (v.max() or 1.0) for v in dense.values())
-    top, _ = top_n(total, HARD_POOL, rec._exclude(view))
-    pool = [rec.catalog.ids[i] for i in top.tolist() if rec.catalog.ids[i] != positive]
-    if not pool:
-        return []
-    picks = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
-    return [pool[i] for i in sorted(picks.tolist())]
+def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[str, dict]:
+    """Order the final list by the ranker only where it earns its place: NDCG@20 of the ranker's
+    order against the recall-score orders on held-out events (recall misses count as 0 for all);
+    the best one is served."""
+    if not cases:
+        return "ranker", {}
+    gains: dict[str, list[float]] = {name: [] for name in ORDERINGS}
+    for case in cases:
+        for name in ORDERINGS:
+            if case.positive < 0:
+                gains[name].append(0.0)
+                continue
+            if name == "ranker":
+                scores = prefix.ranker.predict(*case.inputs)
+            else:
+                scores = recall_order(case.inputs[3], name)
+            order = np.argsort(-scores, kind="stable")
+            gains[name].append(_gain(order, case.positive))
+    results = {name: round(float(np.mean(g)), 5) for name, g in gains.items()}
+    return max(ORDERINGS, key=lambda name: (results[name], name == "ranker")), results
 
 
 def _context_of(record: dict) -> dict | None:

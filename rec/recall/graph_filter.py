@@ -2,12 +2,14 @@
 items by passing the user's interaction signal through the normalised item-item graph.
 
 With R̃ = D_U^-1/2 R D_I^-1/2, a user with binary history r gets
-    b = r R̃ᵀR̃  +  α · r D_I^-1/2 Ū Ūᵀ D_I^1/2,   s = b - β · b R̃ᵀR̃
+    b = r R̃ᵀR̃  +  α · r D_I^-1/2 Ū Ūᵀ D_I^1/2
 the linear low-pass filter plus an ideal low-pass filter on the top singular vectors Ū of R̃
-(GF-CF), then one sharpening step as in BSPM (Choi et al., SIGIR 2023), and a re-weighing by
-item degree, s · (d_i + 1)^γ; β and γ are chosen on held-out data at training time.
-Both terms are computed per request from the live history (two sparse products and one
-small dense one), so a new event changes the next answer."""
+(GF-CF). BSPM (Choi et al., SIGIR 2023) then sharpens the blurred signal by running the reverse
+heat equation ds/dt = -s R̃ᵀR̃ for a time T, here one fourth-order Runge-Kutta step:
+    s = b (I - T P + (T P)²/2 - (T P)³/6 + (T P)⁴/24),   P = R̃ᵀR̃
+and finally re-weighs by item degree, s · (d_i + 1)^γ; T and γ are chosen on held-out data at
+training time. Everything is computed per request from the live history (sparse products and
+one small dense one), so a new event changes the next answer."""
 
 from __future__ import annotations
 
@@ -61,15 +63,38 @@ class GraphFilter(ScoreSource):
         if len(liked) == 0:
             return out
         liked = np.unique(liked)
-        users = np.asarray(self.by_item[liked].sum(axis=0)).ravel()  # r R̃ᵀ
-        linear = self.by_item @ users.astype(np.float32)  # (r R̃ᵀ) R̃, transposed
-        ideal = (self.basis @ (self._inv_sqrt[liked] @ self.basis[liked])) * self._sqrt
-        blurred = linear + self.alpha * ideal
-        if self.sharpen:  # one sharpening step (BSPM): s - β s R̃ᵀR̃, undoing some over-smoothing
-            blurred = blurred - self.sharpen * (self.by_item @ (self.by_user @ blurred))
-        if self.pop:  # re-weigh by item degree: the normalisation can over-penalise popular items
-            blurred = blurred * np.power(self.item_degree + 1.0, self.pop)
-        out[: self.n_items] = blurred
+        x = sp.csr_matrix((np.ones(len(liked), np.float32), liked, [0, len(liked)]),
+                          shape=(1, self.n_items))
+        terms = self.sharpening_terms(self.blurred(x)) if self.sharpen else [self.blurred(x)]
+        out[: self.n_items] = self.combine(terms, self.sharpen, self.pop)[:, 0]
+        return out
+
+    def blurred(self, x: sp.csr_matrix) -> np.ndarray:
+        """items × n: the linear plus ideal low-pass filter of each row of the binary
+        histories x (n × items)."""
+        users = (x @ self.by_item).T.toarray()  # (x R̃ᵀ)ᵀ: users × n
+        linear = self.by_item @ users
+        ideal = self.basis @ (x.multiply(self._inv_sqrt[None, :]).tocsr() @ self.basis).T
+        return (linear + self.alpha * ideal * self._sqrt[:, None]).astype(np.float32)
+
+    def sharpening_terms(self, blurred: np.ndarray) -> list[np.ndarray]:
+        """[b, bP, bP², bP³, bP⁴] (items × n each): every sharpening time T is a mix of these."""
+        terms = [blurred]
+        for _ in range(4):
+            terms.append(self.by_item @ (self.by_user @ terms[-1]))
+        return terms
+
+    def combine(self, terms: list[np.ndarray], time: float, pop: float) -> np.ndarray:
+        """b · exp(-time P) to fourth order (one RK4 step of ds/dt = -s P, P = R̃ᵀR̃), then the
+        degree re-weighing (d_i + 1)^pop."""
+        out = terms[0].copy()
+        if time:
+            coef = 1.0
+            for order, term in enumerate(terms[1:], start=1):
+                coef *= -time / order
+                out += coef * term
+        if pop:  # the normalisation can over-penalise popular items
+            out *= np.power(self.item_degree + 1.0, pop)[:, None]
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -254,3 +254,40 @@ def test_save_creates_directory(tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         loaded.predict([0, 1], vec, vec, empty), ranker.predict([0, 1], vec, vec, empty)
     )
+
+
+def make_groups(n_groups: int, g: int, seed: int) -> dict[str, np.ndarray]:
+    """Groups of g candidates of one request; the picked one (labelled 1, any position) is the
+    candidate with the largest hidden utility 2 u.v + 1.5 z plus Gumbel noise."""
+    rows = make_problem(n_groups * g, seed)
+    rng = np.random.default_rng(seed + 1)
+    z = (rows["dense"][:, 0] - 50.0) / 100.0
+    utility = 2.0 * (rows["user_vec"] * rows["item_vec"]).sum(axis=1) + 1.5 * z
+    utility += rng.gumbel(size=len(z))
+    picked = utility.reshape(-1, g).argmax(axis=1)
+    labels = np.zeros((n_groups, g), np.float32)
+    labels[np.arange(n_groups), picked] = 1.0
+    return {**rows, "labels": labels.ravel()}
+
+
+def test_listwise_groups_learn_to_put_the_picked_candidate_first() -> None:
+    g = 5
+    ranker = Ranker(config(epochs=6), N_ITEMS, USER_DIM, N_DENSE, DENSE_NAMES)
+    ranker.fit(**make_groups(3000, g, seed=1), group_size=g)
+    test = make_groups(1000, g, seed=2)
+    scores = ranker.predict(**features(test)).reshape(-1, g)
+    truth = test["labels"].reshape(-1, g).argmax(axis=1)
+    top1 = float((scores.argmax(axis=1) == truth).mean())
+    best = 2.0 * (test["user_vec"] * test["item_vec"]).sum(axis=1) + 1.5 * (test["dense"][:, 0] - 50) / 100
+    oracle = float((best.reshape(-1, g).argmax(axis=1) == truth).mean())
+    assert top1 > 0.35 and top1 > 0.8 * oracle  # chance is 0.2
+
+
+def test_groups_must_be_whole_with_one_pick() -> None:
+    data = make_groups(10, 4, seed=3)
+    ranker = Ranker(config(), N_ITEMS, USER_DIM, N_DENSE, DENSE_NAMES)
+    with pytest.raises(ValueError, match="groups of 3"):
+        ranker.fit(**data, group_size=3)
+    data["labels"][:4] = 0.0
+    with pytest.raises(ValueError, match="exactly one"):
+        ranker.fit(**data, group_size=4)

@@ -10,20 +10,23 @@ import pytest
 from rec.config import RecConfig
 from rec.data import generate
 from rec.events import ItemIn, event_record, item_record
-from rec.pipeline import DENSE_FEATURES
+from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender
 from rec.profile import event_weight
+from rec.ranker import Ranker
 from rec.train import (
     _fit_recall,
     _item_order,
-    assemble_examples,
+    _validation_sample,
+    choose_ordering,
     holdout_split,
+    replay_holdout,
     snapshot_table,
     train,
 )
 
 CONFIG = RecConfig.model_validate({
     "recall": {"embedding_dim": 16, "index": "brute", "per_source": 50},
-    "ranker": {"epochs": 2, "hidden": [16], "item_embedding_dim": 8, "device": "cpu"},
+    "ranker": {"epochs": 2, "batch_size": 128, "hidden": [16], "item_embedding_dim": 8, "device": "cpu"},
 })
 
 
@@ -182,46 +185,73 @@ def test_pearson_config_trains() -> None:
 
 
 @pytest.fixture(scope="module")
-def examples(records):
+def replayed(records):
     events, item_ids, categories, user_ids, index, (head, tail) = split(records)
     prefix = fit(head, item_ids, categories, user_ids, index)
-    positives = sum(event_weight(r["type"], r["value"], CONFIG.profile) > 0 for r in tail)
-    return prefix, assemble_examples(prefix, records, head, tail, CONFIG), positives
+    ex, cases = replay_holdout(prefix, records, head, tail, CONFIG)
+    return prefix, ex, cases, head, tail
 
 
-def test_examples_have_one_positive_per_group(examples) -> None:
-    prefix, ex, positives = examples
-    labels = ex.labels
-    assert set(np.unique(labels).tolist()) == {0.0, 1.0}
-    assert int(labels.sum()) == positives
-    starts = np.flatnonzero(labels == 1.0)
-    assert starts[0] == 0
-    sizes = np.diff(np.append(starts, len(labels)))
-    assert sizes.min() >= 2 and sizes.max() <= 1 + CONFIG.ranker.negatives
+def positive_events(tail: list[dict]) -> list[int]:
+    return [n for n, r in enumerate(tail) if event_weight(r["type"], r["value"], CONFIG.profile) > 0]
 
 
-def test_examples_are_finite_and_shaped(examples) -> None:
-    prefix, ex, _ = examples
+def groups(ex) -> list[slice]:
+    starts = np.flatnonzero(ex.labels == 1.0)
+    return [slice(s, e) for s, e in zip(starts, np.append(starts[1:], len(ex)), strict=True)]
+
+
+def candidates_of(prefix, records, head, tail, n):
+    """What serving's recall returns for held-out event n, after every event before it."""
+    rec = Recommender(CONFIG, prefix)
+    rec.apply([r for r in records if r["kind"] == "item"])
+    rec.apply(head + tail[:n])
+    return rec.recall(rec.view(tail[n]["user_id"]))
+
+
+def test_examples_are_groups_of_one_positive_and_candidate_negatives(replayed) -> None:
+    prefix, ex, cases, head, tail = replayed
+    assert set(np.unique(ex.labels).tolist()) == {0.0, 1.0}
+    sizes = [g.stop - g.start for g in groups(ex)]
+    assert ex.labels[0] == 1.0 and min(sizes) >= 2
+    assert max(sizes) == 1 + CONFIG.ranker.negatives
+    n_train = len(positive_events(tail)) - len(cases)
+    # a group per held-out positive that recall found (the others cannot be ranked)
+    assert 0.15 * n_train < len(sizes) <= n_train
+
+
+def test_examples_are_finite_and_shaped(replayed) -> None:
+    prefix, ex, *_ = replayed
     n, d = len(ex), prefix.embeddings.dim
-    assert ex.dense.shape == (n, len(DENSE_FEATURES)) and not np.isnan(ex.dense).any()
-    assert np.isfinite(ex.dense).all()
+    assert ex.dense.shape == (n, len(DENSE_FEATURES)) and np.isfinite(ex.dense).all()
     assert ex.user_vec.shape == ex.item_vec.shape == (n, d)
     assert np.isfinite(ex.user_vec).all() and np.isfinite(ex.item_vec).all()
     assert ex.item_idx.min() >= 0 and ex.item_idx.max() < prefix.n_items
     np.testing.assert_array_equal(ex.item_vec, prefix.embeddings.item[ex.item_idx])
 
 
-def test_examples_positive_is_the_event_item_negatives_unseen(examples, records) -> None:
-    prefix, ex, _ = examples
-    *_, (_, tail) = split(records)
-    positives = [r for r in tail
-                 if event_weight(r["type"], r["value"], CONFIG.profile) > 0]
-    starts = np.flatnonzero(ex.labels == 1.0)
-    got = [prefix.item_ids[i] for i in ex.item_idx[starts]]
-    assert got == [r["item_id"] for r in positives]
-    for s, e in zip(starts, np.append(starts[1:], len(ex)), strict=True):
-        group = ex.item_idx[s:e].tolist()
-        assert len(set(group)) == len(group)  # no duplicate negatives, none equal the positive
+def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed, records) -> None:
+    """Each group's positive is the item of a held-out event and every row of the group is one
+    of the candidates serving's recall returned for that event (features as served)."""
+    prefix, ex, cases, head, tail = replayed
+    first = groups(ex)[0]
+    validation = set(_validation_sample(tail, CONFIG))
+    n = next(n for n in positive_events(tail) if n not in validation
+             and tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
+    cands = candidates_of(prefix, records, head, tail, n)
+    group = [prefix.item_ids[i] for i in ex.item_idx[first]]
+    assert group[0] == tail[n]["item_id"]
+    assert len(set(group)) == len(group) and set(group) <= set(cands.item_ids)
+    seen = {r["item_id"] for r in head + tail[:n] if r["user_id"] == tail[n]["user_id"]}
+    assert not set(group[1:]) & seen
+
+
+def test_validation_cases_are_disjoint_from_training_and_whole(replayed) -> None:
+    prefix, ex, cases, head, tail = replayed
+    assert len(cases) == len(_validation_sample(tail, CONFIG)) > 0
+    assert all(len(c.inputs[0]) > 0 and -1 <= c.positive < len(c.inputs[0]) for c in cases)
+    assert sum(c.positive >= 0 for c in cases) > len(cases) / 5
+    assert len(groups(ex)) <= len(positive_events(tail)) - len(cases)
 
 
 def test_examples_are_capped_at_max_examples(records) -> None:
@@ -229,39 +259,53 @@ def test_examples_are_capped_at_max_examples(records) -> None:
     config.ranker.max_examples = 10
     events, item_ids, categories, user_ids, index, (head, tail) = split(records)
     prefix = fit(head, item_ids, categories, user_ids, index, config)
-    ex = assemble_examples(prefix, records, head, tail, config)
-    assert int(ex.labels.sum()) == 10
+    ex, _ = replay_holdout(prefix, records, head, tail, config)
+    assert 0 < int(ex.labels.sum()) <= 10
 
 
-def test_examples_are_deterministic(examples, records) -> None:
-    prefix, ex, _ = examples
-    *_, (head, tail) = split(records)
-    again = assemble_examples(prefix, records, head, tail, CONFIG)
+def test_examples_are_deterministic(replayed, records) -> None:
+    prefix, ex, _, head, tail = replayed
+    again, _ = replay_holdout(prefix, records, head, tail, CONFIG)
     np.testing.assert_array_equal(again.item_idx, ex.item_idx)
     np.testing.assert_array_equal(again.dense, ex.dense)
 
 
-def test_shown_but_not_picked_items_are_the_negatives(records) -> None:
-    """Feedback: a click naming the request that caused it gets that answer's other items as
-    negatives, ahead of sampled ones."""
+def test_shown_but_not_picked_items_are_the_first_negatives(replayed, records) -> None:
+    """Feedback: a click naming the request that caused it gets that answer's other items (those
+    still among the candidates) as negatives, ahead of sampled ones."""
     from rec.events import impression_record
     from rec.train import _impressions
 
-    events, item_ids, categories, user_ids, index, (head, tail) = split(records)
-    prefix = fit(head, item_ids, categories, user_ids, index)
-    first = tail[0]
-    clicked = dict(first, type="click", request_id="req-1")
-    tail = [clicked, *tail[1:]]
-    seen = {r["item_id"] for r in head if r["user_id"] == first["user_id"]}
-    shown_items = [i for i in item_ids if i not in seen and i != first["item_id"]][:3]
-    impression = impression_record(first["user_id"], "req-1", [first["item_id"], *shown_items],
-                                   "v0", first["ts"])
+    prefix, ex, _, head, tail = replayed
+    validation = set(_validation_sample(tail, CONFIG))
+    n = next(n for n in positive_events(tail) if n not in validation
+             and tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
+    cands = candidates_of(prefix, records, head, tail, n)
+    shown_items = [i for i in cands.item_ids if i != tail[n]["item_id"]][-3:]
+    tail = [*tail[:n], dict(tail[n], request_id="req-1"), *tail[n + 1:]]
+    impression = impression_record(tail[n]["user_id"], "req-1", [tail[n]["item_id"], *shown_items],
+                                   "v0", tail[n]["ts"])
     shown = _impressions(snapshot_table([impression]).to_pylist())
-    assert shown == {"req-1": [first["item_id"], *shown_items]}
-    ex = assemble_examples(prefix, records, head, tail, CONFIG, shown)
-    group = [prefix.item_ids[i] for i in ex.item_idx[: 1 + CONFIG.ranker.negatives]]
-    assert group[0] == first["item_id"] and ex.labels[0] == 1.0
-    assert group[1:4] == shown_items and not ex.labels[1:4].any()
+    assert shown == {"req-1": [tail[n]["item_id"], *shown_items]}
+    got, _ = replay_holdout(prefix, records, head, tail, CONFIG, shown)
+    first = groups(got)[0]
+    group = [prefix.item_ids[i] for i in got.item_idx[first]]
+    assert group[0] == tail[n]["item_id"] and got.labels[first][0] == 1.0
+    assert group[1:4] == shown_items and not got.labels[first][1:4].any()
+
+
+def test_ordering_is_chosen_on_held_out_cases(replayed) -> None:
+    """The served ordering is the best of ranker/recall orders on the validation cases, and a
+    case whose item recall missed scores zero for every ordering."""
+    prefix, ex, cases, *_ = replayed
+    ranker = Ranker(CONFIG.ranker, prefix.n_items, prefix.embeddings.dim, len(DENSE_FEATURES))
+    ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels)
+    prefix.ranker = ranker
+    name, results = choose_ordering(prefix, cases)
+    assert set(results) == set(ORDERINGS) and results[name] == max(results.values())
+    missed = [c for c in cases if c.positive < 0]
+    _, zero = choose_ordering(prefix, missed)
+    assert not missed or all(v == 0.0 for v in zero.values())
 
 
 @pytest.mark.parametrize("mode", ["last", "random"])
