@@ -86,7 +86,7 @@ class RecallConfig(_Config):
 class RankerConfig(_Config):
     item_embedding_dim: int = Field(0, ge=0, description="Learned item-id embedding size (0: none).")
     hidden: list[int] = Field(default_factory=lambda: [128, 64], description="MLP hidden layer sizes.")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout between MLP layers.")
+    dropout: float = Field(0.3, ge=0, lt=1, description="Dropout between MLP layers.")
     epochs: int = Field(8, gt=0, description="Training epochs over the assembled examples.")
     batch_size: int = Field(1024, gt=0, description="Training mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")

@@ -248,6 +248,13 @@ class BruteForceIndex:
 class HNSWIndex:
     """Approximate inner-product search with hnswlib (space "ip"), for large catalogues.
 
+    Item vectors of a recommender have very uneven norms (popular items are long), and a graph
+    search for the largest inner product then misses many neighbours. Each vector p is stored
+    with one extra coordinate √(c² − ‖p‖²) (c: 1.2 × the largest norm of the first batch) and
+    queries get 0 there: inner products are unchanged, every stored vector has norm c, so the
+    search is a cosine search, which HNSW does well. A later vector longer than c is stored with
+    0 there (exact score, a little less findable).
+
     Capacity doubles automatically when an upsert needs more slots. Upserting an existing label
     updates its vector in place and un-deletes it (hnswlib's own behaviour for a repeated label).
     The library's deleted flags are saved with the graph; the set of deleted labels, which hnswlib
@@ -274,7 +281,8 @@ class HNSWIndex:
         self.ef_search = ef_search
         self.num_threads = num_threads
         self.seed = seed
-        self._index = hnswlib.Index(space="ip", dim=dim)
+        self.norm_cap = 0.0  # c above; set by the first add
+        self._index = hnswlib.Index(space="ip", dim=dim + 1)
         self._index.init_index(
             max_elements=max(1, max_elements),
             M=m,
@@ -298,9 +306,16 @@ class HNSWIndex:
         capacity = self._index.get_max_elements()
         if needed > capacity:
             self._index.resize_index(max(needed, 2 * capacity))
-        self._index.add_items(vectors, ids, num_threads=self.num_threads)
+        self._index.add_items(self._augment(vectors), ids, num_threads=self.num_threads)
         self._labels.update(new)
         self._deleted.difference_update(id_list)
+
+    def _augment(self, vectors: np.ndarray) -> np.ndarray:
+        sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64)
+        if self.norm_cap == 0.0:
+            self.norm_cap = 1.2 * float(np.sqrt(sq.max())) or 1.0
+        extra = np.sqrt(np.maximum(self.norm_cap**2 - sq, 0.0)).astype(np.float32)
+        return np.hstack([vectors, extra[:, None]])
 
     def mark_deleted(self, ids: np.ndarray) -> None:
         for item in _check_ids(ids).tolist():
@@ -328,7 +343,9 @@ class HNSWIndex:
         while True:
             try:
                 labels, distances = self._index.knn_query(
-                    queries, k=fetch, num_threads=self.num_threads
+                    np.hstack([queries, np.zeros((len(queries), 1), np.float32)]),
+                    k=fetch,
+                    num_threads=self.num_threads,
                 )
                 break
             except RuntimeError:
@@ -351,6 +368,7 @@ class HNSWIndex:
                 "ef_search": self.ef_search,
                 "num_threads": self.num_threads,
                 "seed": self.seed,
+                "norm_cap": self.norm_cap,
             },
         )
         self._index.save_index(str(path / "hnsw.bin"))
@@ -360,9 +378,10 @@ class HNSWIndex:
     def load(cls, path: str | Path) -> HNSWIndex:
         path = Path(path)
         meta = _read_meta(path, cls.kind)
-        params = {key: int(value) for key, value in meta.items() if key != "kind"}
+        params = {key: int(value) for key, value in meta.items() if key not in ("kind", "norm_cap")}
         index = cls(max_elements=1, **params)
-        index._index = hnswlib.Index(space="ip", dim=index.dim)
+        index.norm_cap = float(meta["norm_cap"])
+        index._index = hnswlib.Index(space="ip", dim=index.dim + 1)
         index._index.load_index(str(path / "hnsw.bin"))
         index._index.set_num_threads(index.num_threads)
         index._labels = set(index._index.get_ids_list())

@@ -164,7 +164,7 @@ def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: 
             s[x.nonzero()] = -np.inf
             top = np.argpartition(-s, VALIDATION_K, axis=1)[:, :VALIDATION_K]
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
-            rows, rank = np.nonzero(top == truth[:, None])
+            _, rank = np.nonzero(top == truth[:, None])
             gains[(t, g)] += float((1.0 / np.log2(rank + 2)).sum())
     results = {f"T={t},gamma={g}": round(v / len(cases), 5) for (t, g), v in gains.items()}
     best = max(grid, key=lambda tg: (gains[tg], tg == default))
@@ -297,7 +297,7 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
         return Examples(np.zeros(0, np.int64), np.zeros((0, d), np.float32),
                         np.zeros((0, d), np.float32), np.zeros((0, len(DENSE_FEATURES)), np.float32),
                         np.zeros(0, np.float32)), cases
-    item_idx, user_vec, item_vec, dense, labels = (np.concatenate(col) for col in zip(*groups))
+    item_idx, user_vec, item_vec, dense, labels = (np.concatenate(col) for col in zip(*groups, strict=True))
     return Examples(item_idx, user_vec.astype(np.float32), item_vec.astype(np.float32),
                     dense.astype(np.float32), labels, 1 + rc.negatives), cases
 
