@@ -304,8 +304,9 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
 
 def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[str, dict]:
     """Order the final list by the ranker only where it earns its place: NDCG@20 of the ranker's
-    order against the recall-score orders on held-out events (recall misses count as 0 for all);
-    the best one is served."""
+    order against the recall-score orders on held-out events (recall misses count as 0 for all).
+    The ranker is served when its paired gain over the best recall order exceeds two standard
+    errors; otherwise that recall order is (a few hundred cases cannot tell smaller gaps apart)."""
     if not cases:
         return "ranker", {}
     gains: dict[str, list[float]] = {name: [] for name in ORDERINGS}
@@ -321,7 +322,10 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[s
             order = np.argsort(-scores, kind="stable")
             gains[name].append(_gain(order, case.positive))
     results = {name: round(float(np.mean(g)), 5) for name, g in gains.items()}
-    return max(ORDERINGS, key=lambda name: (results[name], name == "ranker")), results
+    recall_best = max((o for o in ORDERINGS if o != "ranker"), key=lambda o: results[o])
+    diff = np.asarray(gains["ranker"]) - np.asarray(gains[recall_best])
+    margin = 2.0 * diff.std() / np.sqrt(len(diff))  # the ranker must win beyond noise
+    return ("ranker" if diff.mean() > margin else recall_best), results
 
 
 def _context_of(record: dict) -> dict | None:
