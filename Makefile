@@ -26,8 +26,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check rec deployments tests loadtest
 	$(BIN)/ruff format --check rec deployments tests loadtest
 
-loadtest: $(STAMP)  ## bounded locust run against a local stack (127.0.0.1 only)
-	$(BIN)/python -m loadtest.run
+loadtest: $(STAMP)  ## start a local stack, run bounded scenarios on 127.0.0.1 (<= 15 min), stop it; loadtest/results/
+	$(BIN)/python -m loadtest.run $(if $(DATA),--data $(DATA) --format $(or $(FORMAT),csv)) $(if $(CONFIG),--config $(CONFIG)) $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -9,18 +9,15 @@ from ray.serve import Application
 
 from deployments.eventlog import get_or_create_log
 from deployments.ingress import Aggregator
-from deployments.runtime import actor_options
+from deployments.runtime import INGRESS_MAX_ONGOING, MAX_ONGOING, MAX_QUEUED, actor_options
 from deployments.stages import ProfileStage, RankerStage, RecallStage
 from deployments.trainer import get_or_create_trainer
 from rec.config import RecConfig
 
-MAX_ONGOING = 64
-MAX_QUEUED = 256  # beyond this the ingress answers 503 at once instead of queueing forever
 
-
-def build_app(config: RecConfig, log=None, trainer=None) -> Application:
-    """The Serve app. Without `log`/`trainer` (a test may pass stand-ins) it creates the
-    EventLog and Trainer actors."""
+def build_app(config: RecConfig, log=None, trainer=None, replicas: int = 1) -> Application:
+    """The Serve app with `replicas` ingress replicas. Without `log`/`trainer` (a test may pass
+    stand-ins) it creates the EventLog and Trainer actors."""
     if log is None:
         log = get_or_create_log(config.log_dir, config.eventlog)
         trainer = get_or_create_trainer(config)
@@ -31,7 +28,9 @@ def build_app(config: RecConfig, log=None, trainer=None) -> Application:
         return {"ray_actor_options": actor_options(s.replica_cpus, num_gpus),
                 "max_ongoing_requests": MAX_ONGOING}
 
-    ingress = Aggregator.options(max_queued_requests=MAX_QUEUED, **opts())
+    ingress = Aggregator.options(
+        num_replicas=replicas, max_queued_requests=MAX_QUEUED,
+        ray_actor_options=actor_options(s.replica_cpus), max_ongoing_requests=INGRESS_MAX_ONGOING)
     if s.topology == "fused":
         return ingress.bind(cfg, log, trainer=trainer)
     profile = ProfileStage.options(**opts()).bind(cfg, log)

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deployments.runtime import set_process_env
+from deployments.runtime import lower_training_priority, set_process_env
 from rec.config import RecConfig
 
 LOAD_BATCH = 10_000
@@ -77,7 +77,13 @@ def serve_main(args: argparse.Namespace) -> int:
             print("training the first model with Ray Train ...")
             result = ray.get(get_or_create_trainer(config).retrain.remote())
             print(f"published {result['published']} in {result['seconds']} s")
-        serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
+        serve.run(build_app(config, replicas=args.replicas), name="rec", route_prefix="/",
+                  blocking=False)
+        if args.floor:  # the load tests' baseline: same Ray, same proxy, same replica settings
+            from deployments.floor import APP_NAME, ROUTE, build_floor
+
+            serve.run(build_floor(config.serving.replica_cpus, args.replicas), name=APP_NAME,
+                      route_prefix=ROUTE, blocking=False)
         if config.train.every_s:
             get_or_create_trainer(config).run_every.remote(config.train.every_s)
         url = f"http://{args.host}:{args.port}"
@@ -94,7 +100,8 @@ def serve_main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, _stop)  # also when started with SIGINT ignored (nohup, &)
         signal.signal(signal.SIGTERM, _stop)
         while True:
-            time.sleep(3600)
+            time.sleep(0.5)
+            lower_training_priority()  # a retrain yields the CPU to serving (~3 ms a scan)
     except KeyboardInterrupt:
         print("\nshutting down ...")
     finally:
@@ -120,13 +127,14 @@ def generate_main(args: argparse.Namespace) -> int:
 
 def eval_main(argv: list[str]) -> int:
     """`rec eval ...`: the offline harness (pure, no Ray), with the served pipeline registered
-    as the models rec, rec-static, rec-profile, rec-incremental and rec-retrain."""
+    as the models rec, rec-static, rec-profile, rec-incremental, rec-retrain and the ablations
+    rec-ranker, rec-recall and rec-exact."""
     from rec import evaluation, offline
 
     config = RecConfig()
     if "lightgcn" in argv:  # that format has no time: its line order says nothing
         config.train.holdout = "random"
-    for variant in offline.VARIANTS:
+    for variant in offline.VARIANTS + offline.ABLATIONS:
         evaluation.register(offline.RecModel(variant).name,
                             lambda v=variant: offline.RecModel(v, config.model_copy(deep=True)))
     return evaluation.main(argv)
@@ -146,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-dir", help="where the log and models live (default: var/)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=2,
+                   help="ingress replicas; each runs the whole pipeline in the fused topology "
+                        "(default 2: on 2 cores, 2 served ~1.5x more than 1, 3 no more than 2)")
+    s.add_argument("--floor", action="store_true",
+                   help="also serve a constant-JSON deployment at /floor (load-test baseline)")
     s.set_defaults(func=serve_main)
     g = sub.add_parser("generate", help="write the synthetic demo data set as Parquet")
     g.add_argument("--out", required=True)

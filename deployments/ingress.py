@@ -30,6 +30,8 @@ from rec.events import (
 from rec.model import current_version
 
 READYZ_USER = "__readyz__"
+IMPRESSION_FLUSH_S = 0.1  # impressions wait at most this long to be appended, in one batch
+IMPRESSION_BATCH = 1000
 api = FastAPI(title="rec", description="Real-time recommendations: post events, get items.")
 
 
@@ -81,6 +83,8 @@ class Aggregator:
         self.stages = RemoteStages(profile, recall, ranker) if split else LocalStages(self.live)
         self.trainer = trainer
         self._started = asyncio.get_event_loop().create_task(self.live.start())
+        self._impressions: list[dict] = []
+        self._impression_timer: asyncio.TimerHandle | None = None
 
     # ---- the logic, HTTP-free ----------------------------------------------------------------
 
@@ -115,11 +119,29 @@ class Aggregator:
         out = self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
                                      req.request_id or uuid.uuid4().hex)
         if self.config.serving.log_impressions and req.user_id != READYZ_USER:
-            # feedback for training; not awaited: the answer does not wait for the disk
-            self.log.append.remote([impression_record(
+            self._log_impression(impression_record(
                 req.user_id, out["request_id"], [i["item_id"] for i in out["items"]],
-                out["model_version"], time.time())])
+                out["model_version"], time.time()))
         return out
+
+    def _log_impression(self, record: dict) -> None:
+        """Feedback for training, not awaited: the answer does not wait for the disk. Records
+        are gathered for IMPRESSION_FLUSH_S and appended together: one actor call, one log
+        frame and one read by every follower per flush instead of per request."""
+        self._impressions.append(record)
+        if len(self._impressions) >= IMPRESSION_BATCH:
+            self._flush_impressions()
+        elif self._impression_timer is None:
+            self._impression_timer = asyncio.get_running_loop().call_later(
+                IMPRESSION_FLUSH_S, self._flush_impressions)
+
+    def _flush_impressions(self) -> None:
+        if self._impression_timer is not None:
+            self._impression_timer.cancel()
+            self._impression_timer = None
+        batch, self._impressions = self._impressions, []
+        if batch:
+            self.log.append.remote(batch)
 
     async def similar_items(self, item_id: str, k: int) -> dict:
         await self._started

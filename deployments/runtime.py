@@ -6,6 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+# Admission limits. The ingress runs at most INGRESS_MAX_ONGOING requests at once per replica;
+# at most MAX_QUEUED more wait in each proxy's router, and beyond that the proxy answers 503
+# instead of queueing without bound (32 closed-loop clients on 2 replicas get no 503). The
+# internal stages of the split topology admit more (MAX_ONGOING): their callers are limited.
+INGRESS_MAX_ONGOING = 16
+MAX_QUEUED = 32
+MAX_ONGOING = 64
+
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 ENV = {
@@ -38,3 +46,31 @@ def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict:
     if num_gpus:
         opts["num_gpus"] = num_gpus
     return opts
+
+
+TRAIN_NICE = 19
+TRAIN_TITLES = ("ray::RayTrainWorker", "ray::TrainController")
+
+
+def lower_training_priority(root_pid: int | None = None) -> int:
+    """On a single machine: move the Ray Train processes started under `root_pid` (default: this
+    process, the driver that started the local Ray) to the lowest CPU priority, so a retrain
+    takes only the CPU that serving leaves (Ray starts every worker at nice 15; torch in the
+    Train worker is already pinned to `train.torch_threads`). Returns how many it changed."""
+    try:
+        import psutil
+    except ImportError:
+        return 0
+    changed = 0
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return 0
+    for p in children:
+        try:
+            if p.nice() < TRAIN_NICE and (p.cmdline() or [""])[0].startswith(TRAIN_TITLES):
+                p.nice(TRAIN_NICE)
+                changed += 1
+        except psutil.Error:
+            continue
+    return changed

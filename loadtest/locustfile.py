@@ -1,7 +1,8 @@
 """Locust users exercising the whole API with a realistic mix: most traffic asks for
 recommendations (known users, cold users, users who just acted), some posts events (single and
-batched), a little asks for similar items. Run: `locust -f loadtest/locustfile.py --host
-http://127.0.0.1:8000` (or `make loadtest` for a bounded headless run)."""
+batched), a little asks for similar items. For interactive exploration against a server started
+with `make run`: `locust -f loadtest/locustfile.py --host http://127.0.0.1:8000`. `make loadtest`
+does not use it: loadtest/run.py drives its own asyncio client (see loadtest/client.py why)."""
 
 from __future__ import annotations
 

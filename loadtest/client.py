@@ -1,0 +1,349 @@
+"""The load generator: an asyncio closed-loop client (N workers, each sends its next request as
+soon as the last one is answered) and an open-loop one (requests at a fixed rate whatever the
+answers do, for overload), on aiohttp + uvloop in one process.
+
+Why not locust: the client shares the server's 2 cores, so its CPU per request matters. Against
+a trivial local HTTP server, aiohttp used 0.14 ms CPU per request, locust's FastHttpUser
+0.28 ms (its start-up included) and httpx 1.5 ms. Locust also has no open-loop mode (the
+overload scenario needs a fixed arrival rate at 3x capacity, not N users that slow down with the
+server) and no natural place for the freshness timing (POST answer -> reflecting GET answer).
+`loadtest/locustfile.py` stays for interactive exploration.
+
+Each scenario records latencies of the requests started inside its measuring window (after a
+warm-up), counts non-200 answers and transport failures as errors, and the runner adds the CPU
+time this process, the server's processes and the whole machine used meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import itertools
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import aiohttp
+
+JSON = {"Content-Type": "application/json"}
+FRESH_RETRY_S = 2.0  # how long a freshness probe re-reads before giving up
+
+
+@dataclass
+class Tally:
+    """What one stream of requests did inside the measuring window."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    error_examples: list[str] = field(default_factory=list)
+    units: int = 0  # events acknowledged (event streams)
+    started: list[float] = field(default_factory=list)  # perf_counter at start, when given
+
+    def add(self, status: int, ms: float, units: int = 0, why: str = "",
+            t: float | None = None) -> None:
+        self.statuses[status] += 1
+        if status == 200:
+            self.latencies_ms.append(ms)
+            self.units += units
+            if t is not None:
+                self.started.append(t)
+        else:
+            self.errors += 1
+            if len(self.error_examples) < 5:
+                self.error_examples.append(f"{status} {why}"[:300])
+
+
+@dataclass
+class Window:
+    """The measuring window: requests started in [start, end) count."""
+
+    start: float = float("inf")
+    end: float = float("inf")
+
+    def active(self, t: float) -> bool:
+        return self.start <= t < self.end
+
+
+@dataclass
+class Population:
+    """Who and what the traffic is about, taken from the data set the stack was loaded with."""
+
+    users: list[str]  # known users
+    user_cum: list[float]  # cumulative activity weights
+    items: list[str]  # by popularity, most popular first
+    item_cum: list[float]
+    categories: list[str]
+    active: list[str] = field(default_factory=list)  # users who acted since the model was trained
+
+    @classmethod
+    def from_dataset(cls, ds) -> Population:
+        users = Counter(ds.events.column("user_id").to_pylist())
+        items = Counter(ds.events.column("item_id").to_pylist())
+        cats = sorted({c for c in ds.items.column("category").to_pylist() if c})
+        u_ids, u_w = zip(*users.most_common(), strict=True)
+        i_ids, i_w = zip(*items.most_common(), strict=True)
+        return cls(list(u_ids), list(itertools.accumulate(u_w)), list(i_ids),
+                   list(itertools.accumulate(i_w)), cats)
+
+    def known_user(self, rng: random.Random) -> str:
+        return self.users[bisect.bisect(self.user_cum, rng.random() * self.user_cum[-1])]
+
+    def item(self, rng: random.Random) -> str:
+        i = bisect.bisect(self.item_cum, rng.random() * self.item_cum[-1])
+        return self.items[min(i, len(self.items) - 1)]
+
+    def user_mix(self, rng: random.Random) -> tuple[str, str]:
+        """The recommend mix: 70% known users (by activity), 15% cold, 15% just active."""
+        r = rng.random()
+        if r < 0.70 or not self.active:
+            return "known", self.known_user(rng)
+        if r < 0.85:
+            return "cold", f"cold-{rng.getrandbits(48):x}"
+        return "active", rng.choice(self.active)
+
+    def event(self, rng: random.Random, user: str | None = None) -> dict:
+        kind = rng.choices(("view", "click", "add_to_cart", "purchase", "like"),
+                           (60, 25, 8, 4, 3))[0]
+        return {"user_id": user or self.known_user(rng), "item_id": self.item(rng), "type": kind}
+
+
+class Client:
+    """One aiohttp session against the stack (127.0.0.1 only)."""
+
+    def __init__(self, base: str, api_key: str = "") -> None:
+        if not base.startswith(("http://127.", "http://localhost", "http://[::1]")):
+            raise ValueError("load tests only target this machine (127.0.0.0/8, localhost, ::1)")
+        self.base = base.rstrip("/")
+        self.api_key = api_key
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=30), skip_auto_headers=("User-Agent",))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, body: bytes | None = None,
+                   headers: dict | None = None,
+                   timeout_s: float | None = None) -> tuple[int, bytes, float]:
+        """(status, body, seconds); status -1 for a transport failure (body = the error)."""
+        t = time.perf_counter()
+        extra = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+        try:
+            async with self.session.request(method, self.base + path, data=body,
+                                            headers=headers, **extra) as r:
+                data = await r.read()
+                status = r.status
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            status, data = -1, repr(exc).encode()
+        return status, data, time.perf_counter() - t
+
+    async def timed(self, tally: Tally | None, win: Window, method: str, path: str,
+                    body: bytes | None = None, headers: dict | None = None,
+                    units=None) -> tuple[int, bytes]:
+        """A call recorded in `tally` when it started inside the window; `units(body)` says how
+        many events a 200 acknowledged."""
+        t0 = time.perf_counter()
+        status, data, dt = await self.call(method, path, body, headers)
+        if tally is not None and win.active(t0):
+            n = units(data) if (units and status == 200) else 0
+            tally.add(status, dt * 1000, n, "" if status == 200 else data[:200].decode(errors="replace"))
+        return status, data
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    @staticmethod
+    def recommend_path(user: str, k: int = 10) -> str:
+        return f"/recommend?user_id={quote(user, safe='')}&k={k}"
+
+    async def recommend_items(self, user: str, k: int = 10) -> list[str] | None:
+        status, data, _ = await self.call("GET", self.recommend_path(user, k))
+        return [i["item_id"] for i in json.loads(data)["items"]] if status == 200 else None
+
+    async def post_json(self, path: str, obj) -> tuple[int, bytes]:
+        status, data, _ = await self.call("POST", path, json.dumps(obj).encode(), JSON)
+        return status, data
+
+    async def wait_ready(self, paths: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for path in paths:
+            while True:
+                status, data, _ = await self.call("GET", path)
+                if status == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path} not ready: {status} {data[:200]!r}")
+                await asyncio.sleep(0.5)
+
+
+def _accepted(data: bytes) -> int:
+    return int(json.loads(data)["accepted"])
+
+
+# ---- drivers -------------------------------------------------------------------------------
+
+
+async def closed_loop(n: int, seconds: float, warmup: float, step, stop: asyncio.Event | None
+                      = None, max_seconds: float | None = None) -> tuple[Window, float]:
+    """n workers call `await step(worker, rng, win)` back to back. Measures for `seconds` after
+    `warmup`, or, given `stop`, until it is set (at most `max_seconds`). Returns the window and
+    its length."""
+    win = Window()
+    done = False
+
+    async def worker(w: int) -> None:
+        rng = random.Random(1000 + w)
+        while not done:
+            await step(w, rng, win)
+
+    tasks = [asyncio.create_task(worker(w)) for w in range(n)]
+    try:
+        await asyncio.sleep(warmup)
+        win.start = time.perf_counter()
+        if stop is None:
+            await asyncio.sleep(seconds)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max_seconds)
+        win.end = time.perf_counter()
+        done = True
+        await asyncio.gather(*tasks)
+    finally:
+        done = True
+        for t in tasks:
+            t.cancel()
+    return win, win.end - win.start
+
+
+async def open_loop(rate: float, seconds: float, fire) -> int:
+    """Starts `fire(scheduled_time)` `rate` times a second for `seconds`, whatever the answers
+    do (late ticks fire at once, so the offered load is kept). Returns how many were started."""
+    tasks = []
+    t0 = time.perf_counter()
+    for i in itertools.count():
+        due = t0 + i / rate
+        if due - t0 >= seconds:
+            break
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(fire(due)))
+    await asyncio.gather(*tasks)
+    return len(tasks)
+
+
+# ---- scenario steps ------------------------------------------------------------------------
+
+
+def floor_step(client: Client, tally: Tally):
+    async def step(_w, _rng, win):
+        await client.timed(tally, win, "GET", "/floor")
+    return step
+
+
+def recommend_step(client: Client, pop: Population, tallies: dict[str, Tally]):
+    """GET /recommend over the user mix; `tallies` gets one Tally per user kind and "all"."""
+    async def step(_w, rng, win):
+        kind, user = pop.user_mix(rng)
+        t0 = time.perf_counter()
+        status, data, dt = await client.call("GET", client.recommend_path(user))
+        if win.active(t0):
+            why = "" if status == 200 else data[:200].decode(errors="replace")
+            for key in ("all", kind):
+                tallies.setdefault(key, Tally()).add(status, dt * 1000, why=why, t=t0)
+    return step
+
+
+@dataclass
+class Freshness:
+    """Read-your-writes probes: POST /events answer -> first /recommend answer reflecting it."""
+
+    ms: list[float] = field(default_factory=list)
+    stale_first_reads: int = 0
+    never: int = 0
+
+
+def mixed_step(client: Client, pop: Population, rec: Tally, ev: Tally, fresh: Freshness,
+               event_share: float = 0.10):
+    """90% GET /recommend (the user mix) / 10% POST /events. Every event is a click on an item
+    the user was just recommended, and the worker's next request is that user's /recommend,
+    which must no longer contain it (seen items are filtered): the freshness probe."""
+    act_p = event_share / (1 - event_share)  # an act = one event + one recommend
+    last: list[dict[str, str]] = []
+
+    async def step(w, rng, win):
+        while len(last) <= w:
+            last.append({})
+        mine = last[w]
+        if mine and rng.random() < act_p:
+            user, item = mine.popitem()
+            body = json.dumps({"user_id": user, "item_id": item, "type": "click"}).encode()
+            status, _ = await client.timed(ev, win, "POST", "/events", body, JSON)
+            if status != 200:
+                return
+            acked = time.perf_counter()
+            measuring = win.active(acked)
+            first = True
+            while time.perf_counter() - acked < FRESH_RETRY_S:
+                status, data = await client.timed(rec, win, "GET", client.recommend_path(user))
+                if status == 200 and item not in {i["item_id"] for i in json.loads(data)["items"]}:
+                    if measuring:
+                        fresh.ms.append((time.perf_counter() - acked) * 1000)
+                    return
+                if measuring and first:
+                    fresh.stale_first_reads += 1
+                first = False
+            if measuring:
+                fresh.never += 1
+            return
+        kind, user = pop.user_mix(rng)
+        status, data = await client.timed(rec, win, "GET", client.recommend_path(user))
+        if status == 200 and kind != "cold" and len(mine) < 64:
+            items = json.loads(data)["items"]
+            if items:
+                mine[user] = items[0]["item_id"]
+    return step
+
+
+def event_single_step(client: Client, pop: Population, tally: Tally):
+    async def step(_w, rng, win):
+        body = json.dumps(pop.event(rng)).encode()
+        await client.timed(tally, win, "POST", "/events", body, JSON, units=_accepted)
+    return step
+
+
+def event_batch_step(client: Client, bodies: list[bytes], tally: Tally):
+    async def step(_w, rng, win):
+        await client.timed(tally, win, "POST", "/events", rng.choice(bodies), JSON,
+                           units=_accepted)
+    return step
+
+
+def batch_bodies(pop: Population, n_bodies: int, size: int, seed: int = 7) -> list[bytes]:
+    rng = random.Random(seed)
+    return [json.dumps({"events": [pop.event(rng) for _ in range(size)]}).encode()
+            for _ in range(n_bodies)]
+
+
+async def new_item_trial(client: Client, item: dict, user: str, timeout_s: float,
+                         interval_s: float = 0.02) -> float | None:
+    """POST /items, then poll /recommend for a known user until the item is in the answer;
+    seconds from the POST answer to that answer (None: not within timeout_s)."""
+    status, data = await client.post_json("/items", item)
+    if status != 200:
+        raise RuntimeError(f"POST /items: {status} {data[:200]!r}")
+    acked = time.perf_counter()
+    while time.perf_counter() - acked < timeout_s:
+        items = await client.recommend_items(user)
+        if items and item["item_id"] in items:
+            return time.perf_counter() - acked
+        await asyncio.sleep(interval_s)
+    return None

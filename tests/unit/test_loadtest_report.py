@@ -1,0 +1,93 @@
+"""The load test's pure parts: percentiles, result rows, targets, summary and plot (no server)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from loadtest import report
+from loadtest.client import Client, Population
+
+
+def test_percentile_matches_numpy() -> None:
+    rng = random.Random(0)
+    xs = [rng.expovariate(0.05) for _ in range(1001)]
+    for q in (0, 50, 95, 99, 100):
+        assert report.percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert report.percentile([], 99) is None
+    assert report.percentile([7.0], 99) == 7.0
+
+
+def test_scenario_row_has_the_required_fields() -> None:
+    row = report.scenario_row("recommend", 8, 2.0, [10.0] * 99 + [50.0], errors=2, extra=1)
+    assert {"name", "concurrency", "rps", "p50_ms", "p95_ms", "p99_ms", "errors"} <= set(row)
+    assert row["rps"] == 51.0  # errors are answered requests too
+    assert row["p50_ms"] == 10.0 and row["p99_ms"] > 10.0 and row["extra"] == 1
+    json.dumps(row)
+
+
+def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0) -> dict:
+    row = report.scenario_row
+    fresh = {"samples": 50, "stale_first_reads": stale, "p99_ms": 40.0}
+    scenarios = [
+        row("floor", 8, 1, [5.0] * 177, 0),
+        {**row("recommend", 8, 1, [40.0] * int(rec8_rps), 0), "p99_ms": rec8_p99},
+        row("recommend", 32, 1, [200.0] * 125, 0),
+        {**row("mixed", 8, 1, [40.0] * 100, 0), "freshness": fresh},
+        {**row("events-batch", 4, 1, [50.0] * 20, 0), "events_per_s": 20_000.0},
+        row("events-single", 1, 1, [12.0] * 80, 0),
+        row("retrain-baseline", 8, 1, [80.0] * 100, 0),
+        {**row("retrain", 8, 1, [100.0] * 100, 0), "swapped": True},
+        {**row("overload", None, 1, [300.0] * 100, 0),
+         "rejected": {"count": 200, "p99_ms": 20.0}, "offered": 300},
+        row("recovery", 8, 1, [60.0] * 120, 0),
+    ]
+    return {"machine": "test", "scenarios": scenarios,
+            "new_items": {"seconds": [0.03, 0.05], "not_seen": 0, "timeout_s": 10}}
+
+
+def test_targets_pass_and_fail_on_the_right_figures() -> None:
+    targets = {t["target"]: t for t in report.evaluate_targets(_results())}
+    assert set(targets) == set(report.TARGET_TEXT)
+    assert all(t["ok"] for t in targets.values()), [t for t in targets.values() if not t["ok"]]
+    bad = {t["target"]: t for t in report.evaluate_targets(_results(100.0, 150.0, stale=1))}
+    assert bad["recommend_vs_floor"]["ok"] is False  # 100 < 0.7 * 177
+    assert bad["recommend8_p99"]["ok"] is False
+    assert bad["freshness_reflected"]["ok"] is False
+    assert bad["recommend32_scaling"]["ok"] is True  # 125 >= 0.9 * 100
+
+
+def test_missing_scenarios_are_not_measured_rather_than_failed() -> None:
+    targets = report.evaluate_targets({"scenarios": []})
+    assert {t["ok"] for t in targets} == {None}
+
+
+def test_summary_and_plot(tmp_path) -> None:
+    results = _results()
+    results["targets"] = report.evaluate_targets(results)
+    md = report.to_markdown(results)
+    assert "| recommend | 8 |" in md and "## Targets" in md
+    report.plot(results, tmp_path / "latency.png")
+    assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_client_only_targets_this_machine() -> None:
+    with pytest.raises(ValueError):
+        Client("http://example.org:8000")
+    Client("http://127.0.0.1:8000")
+
+
+def test_user_mix() -> None:
+    from rec.data import generate
+
+    pop = Population.from_dataset(generate(n_users=50, n_items=40, n_events=2000, seed=1))
+    pop.active = ["a1", "a2"]
+    rng = random.Random(0)
+    kinds = [pop.user_mix(rng)[0] for _ in range(4000)]
+    share = {k: kinds.count(k) / len(kinds) for k in ("known", "cold", "active")}
+    assert share["known"] == pytest.approx(0.70, abs=0.03)
+    assert share["cold"] == pytest.approx(0.15, abs=0.03)
+    assert pop.item(rng) in set(pop.items)
