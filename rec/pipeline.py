@@ -444,24 +444,25 @@ class Recommender:
             if row not in explore and fits(row):
                 rows.append(row)
         items = []
-        for row in rows + explore:
+        chosen = rows + explore
+        anchors = self._anchors(view, [cands.item_ids[r] for r in chosen
+                                       if "itemcf" in cands.sources[r]])
+        for row in chosen:
             entry = {"item_id": cands.item_ids[row], "score": round(float(scores[row]), 6),
                      "sources": list(cands.sources[row])}
-            entry["reason"] = self._reason(view, entry)
+            entry["reason"] = self._reason(view, entry, anchors.get(entry["item_id"]))
             items.append(entry)
         return {"user_id": view.user_id, "items": items, "model_version": self.version,
                 "request_id": request_id or uuid.uuid4().hex}
 
-    def _reason(self, view: ProfileView, entry: dict) -> str:
+    def _reason(self, view: ProfileView, entry: dict, anchor: str | None) -> str:
         sources = entry["sources"]
         item_id = entry["item_id"]
         if "new" in sources:
             cat = self.catalog.category(item_id)
             return f"new in {cat}" if cat else "new arrival"
-        if "itemcf" in sources and view.recent:
-            anchor = self._anchor(view, item_id)
-            if anchor is not None:
-                return f"because you interacted with {anchor}"
+        if anchor is not None:
+            return f"because you interacted with {anchor}"
         if "usercf" in sources:
             return "popular with users like you"
         if "ann" in sources:
@@ -469,20 +470,30 @@ class Recommender:
             return f"matches your taste for {cat}" if cat else "matches your taste"
         return "trending now"
 
-    def _anchor(self, view: ProfileView, item_id: str) -> str | None:
-        """The recent item that contributes most to item_id's item-CF score."""
-        j = self.catalog.index.get(item_id)
-        best, best_s = None, 0.0
-        for idx, w in self._seeds(view):
-            s = 0.0
-            if self.model is not None and idx < self.model.itemcf.n_items and j is not None \
-                    and j < self.model.itemcf.n_items:
-                s = float(self.model.itemcf.sim[idx, j])
-            if j is not None:
-                s += self.cooc.similarity(idx, j)
-            if s * w > best_s:
-                best, best_s = self.catalog.ids[idx], s * w
-        return best
+    def _anchors(self, view: ProfileView, item_ids: list[str]) -> dict[str, str]:
+        """For each item, the recent item that contributes most to its item-CF score (trained
+        similarity plus live co-occurrence, weighted by recency); one sparse slice for all."""
+        seeds = self._seeds(view)
+        if not item_ids or not seeds:
+            return {}
+        seed_idx = np.asarray([i for i, _ in seeds], np.int64)
+        weights = np.asarray([w for _, w in seeds], np.float32)
+        cols = np.asarray([self.catalog.index.get(i, -1) for i in item_ids], np.int64)
+        contrib = np.zeros((len(seeds), len(item_ids)), np.float32)
+        if self.model is not None:
+            n = self.model.itemcf.n_items
+            rows_ok, cols_ok = seed_idx < n, (cols >= 0) & (cols < n)
+            if rows_ok.any() and cols_ok.any():
+                block = self.model.itemcf.sim[seed_idx[rows_ok]][:, cols[cols_ok]].toarray()
+                contrib[np.ix_(rows_ok, cols_ok)] = block
+        for r, i in enumerate(seed_idx.tolist()):
+            for c, j in enumerate(cols.tolist()):
+                if j >= 0:
+                    contrib[r, c] += self.cooc.similarity(i, j)
+        contrib *= weights[:, None]
+        best = contrib.argmax(axis=0)
+        return {item: self.catalog.ids[seed_idx[best[c]]] for c, item in enumerate(item_ids)
+                if contrib[best[c], c] > 0}
 
     # ---- one process, whole pipeline -------------------------------------------------------
 
