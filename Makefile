@@ -7,7 +7,7 @@ export HNSWLIB_NO_NATIVE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: run test lint loadtest clean
+.PHONY: run test lint loadtest bench-hnsw bench-gpu clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: $(STAMP)
 
 loadtest: $(STAMP)  ## start a local stack, run bounded scenarios on 127.0.0.1 (<= 15 min), stop it; loadtest/results/
 	$(BIN)/python -m loadtest.run $(if $(DATA),--data $(DATA) --format $(or $(FORMAT),csv)) $(if $(CONFIG),--config $(CONFIG)) $(LOADTEST_ARGS)
+
+bench-hnsw: $(STAMP)  ## 1M x 64 HNSW over 2 shard actors: build, memory, latency, recall@100, churn (ITEMS=20000 for a smoke run)
+	$(BIN)/python -m loadtest.hnsw_shards $(if $(ITEMS),--items $(ITEMS))
+
+bench-gpu: $(STAMP)  ## ranker candidates/s at 1/16/128 x 500 on CPU, and on CUDA when present
+	$(BIN)/python -m loadtest.gpu_ranker
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
