@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from deployments.runtime import lower_training_priority, set_process_env
+from deployments.runtime import set_process_env
 from rec.config import RecConfig
 
 LOAD_BATCH = 10_000
@@ -100,8 +100,7 @@ def serve_main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, _stop)  # also when started with SIGINT ignored (nohup, &)
         signal.signal(signal.SIGTERM, _stop)
         while True:
-            time.sleep(0.5)
-            lower_training_priority()  # a retrain yields the CPU to serving (~3 ms a scan)
+            time.sleep(3600)
     except KeyboardInterrupt:
         print("\nshutting down ...")
     finally:

@@ -49,28 +49,10 @@ def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict:
 
 
 TRAIN_NICE = 19
-TRAIN_TITLES = ("ray::RayTrainWorker", "ray::TrainController")
 
 
-def lower_training_priority(root_pid: int | None = None) -> int:
-    """On a single machine: move the Ray Train processes started under `root_pid` (default: this
-    process, the driver that started the local Ray) to the lowest CPU priority, so a retrain
-    takes only the CPU that serving leaves (Ray starts every worker at nice 15; torch in the
-    Train worker is already pinned to `train.torch_threads`). Returns how many it changed."""
-    try:
-        import psutil
-    except ImportError:
-        return 0
-    changed = 0
-    try:
-        children = psutil.Process(root_pid).children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in children:
-        try:
-            if p.nice() < TRAIN_NICE and (p.cmdline() or [""])[0].startswith(TRAIN_TITLES):
-                p.nice(TRAIN_NICE)
-                changed += 1
-        except psutil.Error:
-            continue
-    return changed
+def lower_own_priority(nice: int = TRAIN_NICE) -> None:
+    """Run this process at the lowest CPU priority (a Ray Train worker: a retrain takes only the
+    CPU that serving leaves; Ray starts workers at nice 15)."""
+    with contextlib.suppress(OSError):
+        os.nice(max(0, nice - os.nice(0)))

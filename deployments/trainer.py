@@ -11,7 +11,7 @@ from pathlib import Path
 import ray
 
 from deployments.eventlog import get_log
-from deployments.runtime import actor_options
+from deployments.runtime import actor_options, lower_own_priority
 from rec.config import RecConfig
 from rec.model import new_version_name, publish
 
@@ -28,6 +28,7 @@ def _train_worker(loop_config: dict) -> None:
 
     config = RecConfig.model_validate(loop_config["config"])
     torch.set_num_threads(config.train.torch_threads)
+    lower_own_priority()
     ctx = ray.train.get_context()
 
     def fit_ranker(ranker, ex):

@@ -84,28 +84,26 @@ def _check(key: str, value, ok: bool | None, detail: str = "") -> dict:
     return {"target": key, "what": TARGET_TEXT[key], "value": value, "ok": ok, "detail": detail}
 
 
+def _ratio_check(name: str, top: dict | None, base: dict | None, minimum: float) -> dict:
+    """top's req/s over base's req/s must reach `minimum`; unmeasured when either is missing."""
+    if not (top and base and base["rps"]):
+        return _check(name, None, None)
+    ratio = top["rps"] / base["rps"]
+    return _check(name, round(ratio, 2), ratio >= minimum, f"{top['rps']} vs {base['rps']} req/s")
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """Every target of the issue, checked against one run. ok is None when the run did not
     measure it (scenario skipped or failed)."""
     out = []
     floor8, rec8, rec32 = find(results, "floor", 8), find(results, "recommend", 8), find(
         results, "recommend", 32)
-    if floor8 and rec8 and floor8["rps"]:
-        ratio = rec8["rps"] / floor8["rps"]
-        out.append(_check("recommend_vs_floor", round(ratio, 2), ratio >= 0.7,
-                          f"{rec8['rps']} vs {floor8['rps']} req/s"))
-    else:
-        out.append(_check("recommend_vs_floor", None, None))
+    out.append(_ratio_check("recommend_vs_floor", rec8, floor8, 0.7))
     out.append(_check("recommend8_p99", rec8 and rec8["p99_ms"],
                       None if not rec8 or rec8["p99_ms"] is None else rec8["p99_ms"] <= 100))
     out.append(_check("recommend32_errors", rec32 and rec32["errors"],
                       None if not rec32 else rec32["errors"] == 0))
-    if rec8 and rec32 and rec8["rps"]:
-        ratio = rec32["rps"] / rec8["rps"]
-        out.append(_check("recommend32_scaling", round(ratio, 2), ratio >= 0.9,
-                          f"{rec32['rps']} vs {rec8['rps']} req/s"))
-    else:
-        out.append(_check("recommend32_scaling", None, None))
+    out.append(_ratio_check("recommend32_scaling", rec32, rec8, 0.9))
     out.append(_check("recommend32_p99", rec32 and rec32["p99_ms"],
                       None if not rec32 or rec32["p99_ms"] is None else rec32["p99_ms"] <= 400))
 

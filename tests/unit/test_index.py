@@ -186,6 +186,19 @@ class TestIndexContract:
         assert (ids[:, 0] == exact).mean() >= 0.95
 
 
+def hnsw_recall(vectors: np.ndarray, queries: np.ndarray, k: int, approx: HNSWIndex
+                ) -> tuple[float, np.ndarray, np.ndarray]:
+    """Recall@k of `approx` against exact search over the same vectors, and its answers."""
+    ids = np.arange(len(vectors))
+    exact = BruteForceIndex(vectors.shape[1])
+    exact.add(ids, vectors)
+    approx.add(ids, vectors)
+    truth, _ = exact.search(queries, k)
+    found, scores = approx.search(queries, k)
+    recall = np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found, strict=True)])
+    return float(recall), found, scores
+
+
 def test_hnsw_recall_against_brute_force() -> None:
     """Default HNSW parameters find >= 95% of the exact top-10 on clustered data."""
     rng = np.random.default_rng(0)
@@ -196,33 +209,22 @@ def test_hnsw_recall_against_brute_force() -> None:
     queries = (centres[rng.integers(0, 50, 200)] + rng.standard_normal((200, 32))).astype(
         np.float32
     )
-    ids = np.arange(vectors.shape[0])
-    exact, approx = BruteForceIndex(32), HNSWIndex(32)
-    exact.add(ids, vectors)
-    approx.add(ids, vectors)
-    truth, _ = exact.search(queries, 10)
-    found, _ = approx.search(queries, 10)
-    recall = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    recall, _, _ = hnsw_recall(vectors, queries, 10, HNSWIndex(32))
     assert recall >= 0.95
 
 
 def test_hnsw_recall_with_uneven_norms() -> None:
-    """Recommender item vectors: directions clustered, norms spanning 100x (popularity). The
-    norm-equalising extra coordinate keeps HNSW's inner-product top-20 >= 95% of the exact one,
-    and the scores it returns are the exact inner products."""
+    """Recommender item vectors: directions clustered, norms spanning 100x (popularity). HNSW's
+    inner-product top-20 is >= 95% of the exact one, and the scores it returns (vectors stored
+    with the norm-equalising coordinate) are the exact inner products."""
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((40, 32))
     direction = centres[rng.integers(0, 40, 8_000)] + 0.7 * rng.standard_normal((8_000, 32))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     vectors = (direction * np.exp(rng.uniform(0, np.log(100), (8_000, 1)))).astype(np.float32)
     queries = (centres[rng.integers(0, 40, 200)] + rng.standard_normal((200, 32))).astype(np.float32)
-    ids = np.arange(len(vectors))
-    exact, approx = BruteForceIndex(32), HNSWIndex(32, max_elements=len(vectors))
-    exact.add(ids, vectors)
-    approx.add(ids, vectors)
-    truth, _ = exact.search(queries, 20)
-    found, scores = approx.search(queries, 20)
-    recall = np.mean([len(set(t) & set(f)) / 20 for t, f in zip(truth, found, strict=True)])
+    recall, found, scores = hnsw_recall(vectors, queries, 20,
+                                        HNSWIndex(32, max_elements=len(vectors)))
     assert recall >= 0.95
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found]),
                                rtol=1e-4, atol=1e-3)
