@@ -353,19 +353,27 @@ class Recommender:
         return f
 
     def _last_similarity(self, view: ProfileView, cands: CandidateSet) -> np.ndarray:
-        out = np.zeros(len(cands), np.float32)
-        last = next((self.catalog.index.get(i) for i, w, _ in reversed(view.recent) if w > 0), None)
-        if last is None:
-            return out
-        idx = np.asarray([self.catalog.index.get(i, -1) for i in cands.item_ids], np.int64)
-        if self.model is not None and last < self.model.itemcf.n_items:
-            ok = (idx >= 0) & (idx < self.model.itemcf.n_items)
-            out[ok] = self.model.itemcf.sim[last][:, idx[ok]].toarray().ravel()
-        js, sims = self.cooc.row(last)
-        where = {int(j): k for k, j in enumerate(idx.tolist()) if j >= 0}
-        for j, sim in zip(js.tolist(), sims.tolist(), strict=True):
-            if j in where:
-                out[where[j]] += sim
+        seeds = self._seeds(view)  # the first is the latest positive item
+        if not seeds:
+            return np.zeros(len(cands), np.float32)
+        return self._similarity(np.asarray([seeds[0][0]]), list(cands.item_ids))[0]
+
+    def _similarity(self, seed_idx: np.ndarray, item_ids: list[str]) -> np.ndarray:
+        """[seeds × items]: trained item-CF similarity plus live co-occurrence."""
+        cols = np.asarray([self.catalog.index.get(i, -1) for i in item_ids], np.int64)
+        out = np.zeros((len(seed_idx), len(item_ids)), np.float32)
+        if self.model is not None:
+            n = self.model.itemcf.n_items
+            rows_ok, cols_ok = seed_idx < n, (cols >= 0) & (cols < n)
+            if rows_ok.any() and cols_ok.any():
+                block = self.model.itemcf.sim[seed_idx[rows_ok]][:, cols[cols_ok]].toarray()
+                out[np.ix_(rows_ok, cols_ok)] = block
+        where = {j: c for c, j in enumerate(cols.tolist()) if j >= 0}
+        for r, i in enumerate(seed_idx.tolist()):
+            js, sims = self.cooc.row(i)
+            for j, sim in zip(js.tolist(), sims.tolist(), strict=True):
+                if j in where:
+                    out[r, where[j]] += sim
         return out
 
     def rank(self, view: ProfileView, cands: CandidateSet,
@@ -387,13 +395,6 @@ class Recommender:
                     for x in inputs]
         probs = self.model.ranker.predict(*(np.concatenate(col) for col in zip(*inputs, strict=True)))
         return np.split(probs, np.cumsum(sizes)[:-1])
-
-    def order_scores(self, view: ProfileView, cands: CandidateSet, context: dict | None,
-                     ordering: str) -> np.ndarray:
-        """Candidate scores under one ordering (used to choose the ordering in training)."""
-        if ordering == "ranker" and self.model is not None and self.model.ranker is not None:
-            return self.model.ranker.predict(*self.rank_inputs(view, cands, context))
-        return recall_order(self.features(view, cands, context), ordering)
 
     def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -472,25 +473,13 @@ class Recommender:
 
     def _anchors(self, view: ProfileView, item_ids: list[str]) -> dict[str, str]:
         """For each item, the recent item that contributes most to its item-CF score (trained
-        similarity plus live co-occurrence, weighted by recency); one sparse slice for all."""
+        similarity plus live co-occurrence, weighted by recency)."""
         seeds = self._seeds(view)
         if not item_ids or not seeds:
             return {}
         seed_idx = np.asarray([i for i, _ in seeds], np.int64)
-        weights = np.asarray([w for _, w in seeds], np.float32)
-        cols = np.asarray([self.catalog.index.get(i, -1) for i in item_ids], np.int64)
-        contrib = np.zeros((len(seeds), len(item_ids)), np.float32)
-        if self.model is not None:
-            n = self.model.itemcf.n_items
-            rows_ok, cols_ok = seed_idx < n, (cols >= 0) & (cols < n)
-            if rows_ok.any() and cols_ok.any():
-                block = self.model.itemcf.sim[seed_idx[rows_ok]][:, cols[cols_ok]].toarray()
-                contrib[np.ix_(rows_ok, cols_ok)] = block
-        for r, i in enumerate(seed_idx.tolist()):
-            for c, j in enumerate(cols.tolist()):
-                if j >= 0:
-                    contrib[r, c] += self.cooc.similarity(i, j)
-        contrib *= weights[:, None]
+        contrib = self._similarity(seed_idx, item_ids)
+        contrib *= np.asarray([w for _, w in seeds], np.float32)[:, None]
         best = contrib.argmax(axis=0)
         return {item: self.catalog.ids[seed_idx[best[c]]] for c, item in enumerate(item_ids)
                 if contrib[best[c], c] > 0}
