@@ -131,8 +131,6 @@ def eval_main(argv: list[str]) -> int:
     from rec import evaluation, offline
 
     config = RecConfig()
-    if "lightgcn" in argv:  # that format has no time: its line order says nothing
-        config.train.holdout = "random"
     for variant in offline.VARIANTS + offline.ABLATIONS:
         evaluation.register(offline.RecModel(variant).name,
                             lambda v=variant: offline.RecModel(v, config.model_copy(deep=True)))

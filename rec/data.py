@@ -59,6 +59,10 @@ class Dataset:
     events: pa.Table
     items: pa.Table
     name: str
+    # Whether ts orders each user's events in real (or sequence) time. False when ts is only a
+    # position in a file whose order is not time (LightGCN lists are sorted by item id, Last.fm
+    # by artist id): what comes "last" there says nothing about the future.
+    ordered: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "events", _conform(self.events, EVENTS_SCHEMA, "events"))
@@ -99,6 +103,7 @@ def _make_dataset(
     value: pa.Array | pa.ChunkedArray,
     ts: pa.Array | pa.ChunkedArray,
     items: pa.Table | None = None,
+    ordered: bool = True,
 ) -> Dataset:
     """Build a Dataset from event columns: sort by ts (stable) and complete the catalogue.
 
@@ -114,7 +119,7 @@ def _make_dataset(
     extra = pc.filter(seen, pc.invert(pc.is_in(seen, value_set=items.column("item_id"))))
     if len(extra):
         items = pa.concat_tables([items, _bare_items(extra)])
-    return Dataset(events=events, items=items, name=name)
+    return Dataset(events=events, items=items, name=name, ordered=ordered)
 
 
 def _bare_items(item_ids: pa.Array) -> pa.Table:
@@ -436,7 +441,8 @@ def load_lightgcn(path: str | Path) -> tuple[Dataset, Dataset]:
 
     There are no timestamps, so ts is the position in file order: train events get 0, 1, 2, ...
     and test events continue after the last train event, so replaying train then test keeps
-    time increasing. Both data sets share one catalogue: every item in either file (ids only).
+    time increasing. Each user's items are listed by id, not time, so the data are not
+    `ordered`. Both data sets share one catalogue: every item in either file (ids only).
     """
     path = Path(path)
     if not path.is_dir():
@@ -461,6 +467,7 @@ def load_lightgcn(path: str | Path) -> tuple[Dataset, Dataset]:
                 pa.nulls(n, pa.float64()),
                 pa.array(np.arange(start, start + n, dtype=np.float64)),
                 catalogue,
+                ordered=False,
             )
         )
         start += n

@@ -376,6 +376,7 @@ def load_lastfm(path: str | Path) -> Dataset:
         pa.repeat(pa.scalar("view"), n),
         table["weight"],
         pa.array(np.arange(n, dtype=np.float64)),
+        ordered=False,
     )
 
 

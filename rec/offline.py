@@ -49,6 +49,8 @@ class RecModel(Model):
 
     def fit(self, data: Interactions) -> RecModel:
         self.data = data
+        if not data.ordered:  # file order is not time: hold out a random share, not the "last"
+            self.config.train.holdout = "random"
         self.records = [{**r, "offset": n} for n, r in enumerate(data.to_records())]
         self._train()
         return self

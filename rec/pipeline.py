@@ -92,10 +92,13 @@ class Recommender:
     def version(self) -> str | None:
         return self.model.version if self.model else None
 
-    def apply(self, records: list[dict], learn: bool = True) -> None:
+    def apply(self, records: list[dict], learn: bool = True, in_model: bool = False) -> None:
         """Fold log records (in offset order) into the live state; already-applied ones are
         skipped. learn=False updates profiles and the catalogue only (no co-occurrence or
-        trending), the 'profile updates only' variant of the prequential evaluation."""
+        trending), the 'profile updates only' variant of the prequential evaluation.
+        in_model=True: the model was trained on these records, so their co-occurrence is in its
+        item-CF already and is not counted again (what `model.log_offset` says for a log
+        prefix, for records that are not one: training's held-out replay)."""
         for r in records:
             off = r.get("offset")
             if off is not None:
@@ -104,7 +107,7 @@ class Recommender:
                 self.offset = off + 1
             kind = r["kind"]
             if kind == KIND_EVENT:
-                self._apply_event(r, learn)
+                self._apply_event(r, learn, in_model)
             elif kind == KIND_ITEM:
                 p = parse_payload(r)
                 is_new = r["item_id"] not in self.catalog.index
@@ -123,14 +126,14 @@ class Recommender:
             elif kind == KIND_USER_DELETE:
                 self.profiles.forget(r["user_id"])
 
-    def _apply_event(self, r: dict, learn: bool = True) -> None:
+    def _apply_event(self, r: dict, learn: bool = True, in_model: bool = False) -> None:
         item_id, ts = r["item_id"], float(r["ts"])
         idx = self.catalog.ensure(item_id, ts)
         self._ensure_vectors(idx)
         prof = self.profiles.users.get(r["user_id"])
         w = event_weight(r["type"], r.get("value"), self.config.profile) if learn else 0.0
-        if w > 0 and (self.model is None
-                      or r.get("offset", self.offset) >= self.model.log_offset):
+        if w > 0 and not in_model and (self.model is None
+                                       or r.get("offset", self.offset) >= self.model.log_offset):
             self._count_pair(idx, prof)  # older pairs are in the model already
         self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
                                   self.version)

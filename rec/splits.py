@@ -44,6 +44,7 @@ class Interactions:
     ts: np.ndarray  # float64
     types: list[str] | np.ndarray
     values: np.ndarray  # float64, nan when the event has no value
+    ordered: bool = True  # ts is time (see `rec.data.Dataset.ordered`)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -144,7 +145,8 @@ def split_full(train: Dataset, test: Dataset) -> Split:
     users = _vocab(train.events["user_id"], test.events["user_id"])
     items = _vocab(train.events["item_id"], test.events["item_id"])
     name = train.name.removesuffix("-train")
-    return _split(name, "full", *_pair(train.events, test.events, users, items))
+    return _split(name, "full", *_pair(train.events, test.events, users, items,
+                                         train.ordered and test.ordered))
 
 
 def split_temporal(ds: Dataset, test_fraction: float = 0.2) -> Split:
@@ -152,7 +154,7 @@ def split_temporal(ds: Dataset, test_fraction: float = 0.2) -> Split:
     events after it whose user and item occur in train (the vocabularies are train's)."""
     train, test = _cut(ds.events, test_fraction)
     users, items = _vocab(train["user_id"]), _vocab(train["item_id"])
-    return _split(ds.name, "temporal", *_pair(train, test, users, items))
+    return _split(ds.name, "temporal", *_pair(train, test, users, items, ds.ordered))
 
 
 def split_leave_last_out(ds: Dataset) -> Split:
@@ -168,7 +170,7 @@ def split_leave_last_out(ds: Dataset) -> Split:
     is_test[last] = True
     train, test = events.filter(pa.array(~is_test)), events.filter(pa.array(is_test))
     users, items = _vocab(train["user_id"]), _vocab(train["item_id"])
-    return _split(ds.name, "leave-last-out", *_pair(train, test, users, items))
+    return _split(ds.name, "leave-last-out", *_pair(train, test, users, items, ds.ordered))
 
 
 def split_prequential(ds: Dataset, test_fraction: float = 0.2) -> Split:
@@ -177,7 +179,7 @@ def split_prequential(ds: Dataset, test_fraction: float = 0.2) -> Split:
     train, test = _cut(ds.events, test_fraction)
     users = _vocab(train["user_id"], test["user_id"])
     items = _vocab(train["item_id"], test["item_id"])
-    return _split(ds.name, "prequential", *_pair(train, test, users, items))
+    return _split(ds.name, "prequential", *_pair(train, test, users, items, ds.ordered))
 
 
 def _cut(events: pa.Table, test_fraction: float) -> tuple[pa.Table, pa.Table]:
@@ -198,18 +200,19 @@ def _vocab(*columns: pa.ChunkedArray) -> pa.Array:
 
 
 def _pair(
-    train: pa.Table, test: pa.Table, users: pa.Array, items: pa.Array
+    train: pa.Table, test: pa.Table, users: pa.Array, items: pa.Array, ordered: bool
 ) -> tuple[Interactions, Interactions]:
     """Both sides encoded against the same vocabularies (the same list objects)."""
     user_ids, item_ids = users.to_pylist(), items.to_pylist()
     return (
-        _encode(train, users, items, user_ids, item_ids),
-        _encode(test, users, items, user_ids, item_ids),
+        _encode(train, users, items, user_ids, item_ids, ordered),
+        _encode(test, users, items, user_ids, item_ids, ordered),
     )
 
 
 def _encode(
-    table: pa.Table, users: pa.Array, items: pa.Array, user_ids: list[str], item_ids: list[str]
+    table: pa.Table, users: pa.Array, items: pa.Array, user_ids: list[str], item_ids: list[str],
+    ordered: bool,
 ) -> Interactions:
     """Interactions of the rows whose user and item are in the vocabularies (others dropped)."""
     u = pc.index_in(table["user_id"], value_set=users)
@@ -224,6 +227,7 @@ def _encode(
         ts=table["ts"].to_numpy().astype(np.float64),
         types=table["type"].to_numpy(),
         values=pc.fill_null(table["value"], np.nan).to_numpy().astype(np.float64),
+        ordered=ordered,
     )
 
 

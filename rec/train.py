@@ -264,7 +264,7 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
     rng = np.random.default_rng(rc.seed)
     rec = Recommender(config, prefix)
     rec.apply([r for r in records if r["kind"] == KIND_ITEM])
-    rec.apply(prefix_events)
+    rec.apply(prefix_events, in_model=True)
     validation = set(_validation_sample(suffix, config))
     rest = [n for n, r in enumerate(suffix) if n not in validation
             and event_weight(r["type"], r.get("value"), config.profile) > 0]

@@ -18,8 +18,8 @@ class Embeddings(ScoreSource):
     name = "ann"
 
     def __init__(self, query: np.ndarray, item: np.ndarray) -> None:
-        self.query = query.astype(np.float32)  # fold-in rows q_j
-        self.item = item.astype(np.float32)  # index rows p_i
+        self.query = np.ascontiguousarray(query, np.float32)  # fold-in rows q_j
+        self.item = np.ascontiguousarray(item, np.float32)  # index rows p_i
 
     @classmethod
     def fit(cls, x: sp.csr_matrix, dim: int, seed: int = 0) -> Embeddings:

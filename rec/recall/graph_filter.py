@@ -29,7 +29,8 @@ class GraphFilter(ScoreSource):
         self.by_user = self.by_item.T.tocsr()  # R̃: users × items
         self.sharpen = float(sharpen)
         self.pop = float(pop)
-        self.basis = basis.astype(np.float32)  # Ū: items × k
+        self.basis = np.ascontiguousarray(basis, np.float32)  # Ū: items × k (row-major: a
+        # column-major basis is copied whole by every sparse @ dense product)
         self.item_degree = item_degree.astype(np.float32)
         self.alpha = float(alpha)
         d = self.item_degree

@@ -11,23 +11,34 @@ from rec.catalog import Catalog
 
 
 class Trending:
-    """Exponentially decayed event counts keyed by item id, readable at the newest event time."""
+    """Exponentially decayed event counts keyed by item id, readable at the newest event time.
+
+    Counts live in one array (a slot per item id), so reading the whole catalogue's vector is
+    one gather, not a Python loop over every item."""
 
     def __init__(self, half_life_s: float) -> None:
         self.half_life_s = half_life_s
-        self.values: dict[str, float] = {}
+        self.slots: dict[str, int] = {}
+        self.weights = np.zeros(64, np.float64)  # per slot, scaled to 2**((t - origin) / h)
         self.origin: float | None = None
         self.latest = 0.0
+        self._catalog: Catalog | None = None  # the catalogue `_rows` maps slots into
+        self._catalog_len = -1
+        self._rows = np.zeros(0, np.int64)  # slot -> catalogue index (-1: not in it)
 
     def add(self, item_id: str, ts: float) -> None:
         if self.origin is None:
             self.origin = ts
         exp = (ts - self.origin) / self.half_life_s
         if exp > 60:  # rebase before 2**exp loses precision
-            factor = math.pow(2.0, -exp)
-            self.values = {k: v * factor for k, v in self.values.items()}
+            self.weights *= math.pow(2.0, -exp)
             self.origin, exp = ts, 0.0
-        self.values[item_id] = self.values.get(item_id, 0.0) + math.pow(2.0, exp)
+        slot = self.slots.get(item_id)
+        if slot is None:
+            slot = self.slots[item_id] = len(self.slots)
+            if slot >= len(self.weights):
+                self.weights = np.concatenate([self.weights, np.zeros_like(self.weights)])
+        self.weights[slot] += math.pow(2.0, exp)
         self.latest = max(self.latest, ts)
 
     def _scale(self) -> float:
@@ -36,13 +47,20 @@ class Trending:
         return math.pow(2.0, -(self.latest - self.origin) / self.half_life_s)
 
     def get(self, item_id: str) -> float:
-        return self.values.get(item_id, 0.0) * self._scale()
+        slot = self.slots.get(item_id)
+        return 0.0 if slot is None else float(self.weights[slot]) * self._scale()
 
     def vector(self, catalog: Catalog) -> np.ndarray:
+        """Every catalogue item's trending value (0 for items without events)."""
+        n = len(self.slots)
+        if catalog is not self._catalog or len(catalog) != self._catalog_len:
+            self._catalog, self._catalog_len = catalog, len(catalog)
+            self._rows = np.fromiter((catalog.index.get(i, -1) for i in self.slots), np.int64, n)
+        elif len(self._rows) < n:  # new items since the last read
+            new = list(self.slots)[len(self._rows):]
+            self._rows = np.concatenate(
+                [self._rows, np.fromiter((catalog.index.get(i, -1) for i in new), np.int64)])
         out = np.zeros(len(catalog), np.float32)
-        scale = self._scale()
-        for item_id, v in self.values.items():
-            idx = catalog.index.get(item_id)
-            if idx is not None:
-                out[idx] = v * scale
+        ok = self._rows >= 0
+        out[self._rows[ok]] = self.weights[:n][ok] * self._scale()
         return out
