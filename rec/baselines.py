@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from rec.metrics import PAD_ID
+from rec.recall import ease_weights
 from rec.splits import Interactions
 
 BATCH_USERS = 1024  # users scored per dense block in `recommend`
@@ -29,6 +30,10 @@ class Model:
     def scores(self, users: np.ndarray) -> np.ndarray:
         """Dense float32 [len(users), n_items] scores, a new array the caller may modify."""
         raise NotImplementedError
+
+    def fit_info(self) -> dict:
+        """What fit chose or measured, for the report (empty for models without choices)."""
+        return {}
 
     def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix) -> np.ndarray:
         """Top-k item indices [len(users), k], best first. `exclude` is indexed by user (row u:
@@ -210,12 +215,7 @@ class EASE(Model):
                 f"refusing above {self.max_items} items"
             )
         self.x = train.matrix()
-        gram = (self.x.T @ self.x).toarray().astype(np.float64)
-        gram[np.diag_indices(n)] += self.l2
-        p = np.linalg.inv(gram)
-        b = p / -np.diag(p)
-        b[np.diag_indices(n)] = 0.0
-        self.b = b.astype(np.float32)
+        self.b = ease_weights(self.x, self.l2)  # the closed form rec's EASE source uses
         return self
 
     def scores(self, users: np.ndarray) -> np.ndarray:

@@ -69,6 +69,11 @@ class RecallConfig(_Config):
     gf_sharpen: float = Field(
         0.0, ge=0, description="Graph filter (BSPM) sharpening time T when training cannot choose it on held-out data."
     )
+    ease_l2: float = Field(500.0, gt=0, description="EASE ridge regulariser λ.")
+    ease_max_items: int = Field(
+        20_000, ge=0, description="Largest catalogue the EASE source is fitted for (a dense items² "
+        "matrix: 20k items take 1.6 GB); 0 turns it off."
+    )
     index: Literal["hnsw", "brute"] = Field("hnsw", description="Index serving the embeddings.")
     hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
     hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")

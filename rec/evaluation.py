@@ -189,13 +189,15 @@ def _fitted(models: list[Model], split: Split, results: list[dict]
 
 
 def _fit(model: Model, split: Split) -> dict:
-    """Fit the model; {"model", "fit_seconds"}, or {"model", "skipped"} on a MemoryError."""
+    """Fit the model; {"model", "fit_seconds"} plus "training" (what fit chose, when the model
+    reports it), or {"model", "skipped"} on a MemoryError."""
     start = time.perf_counter()
     try:
         model.fit(split.train)
     except MemoryError as e:
         return {"model": model.name, "skipped": str(e)}
-    return {"model": model.name, "fit_seconds": _seconds(start)}
+    record = {"model": model.name, "fit_seconds": _seconds(start)}
+    return {**record, "training": model.fit_info()} if model.fit_info() else record
 
 
 def _header(split: Split, ks: Sequence[int]) -> dict:

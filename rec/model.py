@@ -1,7 +1,7 @@
 """A model version: everything training produces, saved as a directory of safe formats.
 
     models/<version>/meta.json     version, log offset it was trained up to, metrics, config
-    models/<version>/arrays.npz    item ids, embeddings, item-CF and user-CF matrices (no pickle)
+    models/<version>/arrays.npz    item ids, embeddings, item-CF, user-CF, graph filter, EASE (no pickle)
     models/<version>/ranker/       safetensors weights + JSON
     models/<version>/index/        the HNSW (or brute-force) shards over the item vectors
     models/CURRENT                 name of the live version (written atomically)
@@ -21,7 +21,7 @@ import numpy as np
 from rec.config import RecallConfig
 from rec.index import Index, ShardedIndex, load_index, make_index
 from rec.ranker import Ranker
-from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF
+from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF
 
 
 @dataclass
@@ -34,8 +34,9 @@ class ModelBundle:
     usercf: UserCF
     graph: GraphFilter
     item_categories: list[str | None]
+    ease: EASE | None = None  # fitted for catalogues that fit a dense item × item matrix
     ranker: Ranker | None = None
-    ordering: str = "ranker"  # how the final list is ordered: ranker, gf or blend (chosen in fit)
+    ordering: str = "ranker"  # how the final list is ordered: one of pipeline.ORDERINGS (fit picks)
     log_offset: int = 0
     metrics: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
@@ -76,6 +77,7 @@ class ModelBundle:
             **self.itemcf.arrays(),
             **self.usercf.arrays(),
             **self.graph.arrays(),
+            **(self.ease.arrays() if self.ease is not None else {}),
         }
         np.savez(tmp / "arrays.npz", **arrays)
         if self.ranker is not None:
@@ -104,6 +106,7 @@ class ModelBundle:
             itemcf=ItemCF.from_arrays(arrays),
             usercf=UserCF.from_arrays(arrays),
             graph=GraphFilter.from_arrays(arrays),
+            ease=EASE.from_arrays(arrays) if "ease_weights" in arrays else None,
             item_categories=[c or None for c in arrays["item_categories"].tolist()],
             ranker=ranker,
             ordering=meta.get("ordering", "ranker"),

@@ -73,6 +73,11 @@ class RecModel(Model):
         self.rec.apply(self.records)
         self.since_retrain = 0
 
+    def fit_info(self) -> dict:
+        """The served ordering and the training measurements behind it (validation NDCG@20 of
+        each ordering and of the graph filter's settings, ranker metrics, train seconds)."""
+        return {"ordering": self.bundle.ordering, **self.bundle.metrics}
+
     def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
                   ) -> np.ndarray:
         """Top-k item indices per user through the serving pipeline (seen items are filtered by

@@ -30,17 +30,20 @@ from rec.model import ModelBundle
 from rec.profile import ProfileStore, ProfileView, event_weight
 from rec.recall import Cooccurrence, Trending, top_n
 
-SOURCES = ("itemcf", "usercf", "gf", "ann", "pop", "new")
-SCORED = ("itemcf", "usercf", "gf", "ann")  # sources whose score every candidate carries
-ORDERINGS = ("ranker", "gf", "blend")  # ways to order the final list; training picks one
+SOURCES = ("itemcf", "usercf", "gf", "ease", "ann", "pop", "new")
+SCORED = ("itemcf", "usercf", "gf", "ease", "ann")  # sources whose score every candidate carries
+DENSE_SOURCES = ("itemcf", "usercf", "gf", "ease")  # scored over the whole catalogue per request
+ORDERINGS = ("ranker", "gf", "ease", "blend")  # ways to order the final list; training picks one
 DENSE_FEATURES = (
     "s_itemcf",
     "s_usercf",
     "s_gf",
+    "s_ease",
     "s_ann",
     "r_itemcf",  # the same scores relative to the best candidate of the request
     "r_usercf",
     "r_gf",
+    "r_ease",
     "r_ann",
     "last_sim",  # similarity to the user's latest positive item (item-CF + live co-occurrence)
     "log_pop",
@@ -233,37 +236,37 @@ class Recommender:
         n_total = len(self.catalog)
         exclude = self._exclude(view)
         found: dict[int, list[str]] = {}
-        dense = self._dense_scores(view, n_total)
-        for name in ("itemcf", "usercf", "gf"):
-            for i in top_n(dense[name], n, exclude)[0].tolist():
+        rank: dict[int, int] = {}  # each candidate's best position in any source's list
+
+        def add(name: str, items: list[int]) -> None:
+            for pos, i in enumerate(items):
                 found.setdefault(i, []).append(name)
+                rank[i] = min(rank.get(i, pos), pos)
+
+        dense = self._dense_scores(view, n_total)
+        for name in DENSE_SOURCES:
+            add(name, top_n(dense[name], n, exclude)[0].tolist())
         if view.vec is not None:
             if ann is None and self.index is not None and len(self.index):
                 ids, _ = self.index.search(view.vec, n, filter_ids=exclude)
                 ann = (ids[0], None)
             if ann is not None:
                 bad = set(exclude.tolist())
-                for i in ann[0].tolist():
-                    if i >= 0 and i not in bad:
-                        found.setdefault(int(i), []).append("ann")
+                add("ann", [int(i) for i in ann[0].tolist() if i >= 0 and i not in bad])
         trend = self.pop_trend.vector(self.catalog)
-        idx, _ = top_n(trend, n, exclude)
-        for i in idx.tolist():
-            found.setdefault(i, []).append("pop")
-        for item_id in list(self.new_items)[-n:]:
-            i = self.catalog.index[item_id]
-            if item_id not in view.seen and item_id not in self.catalog.deleted:
-                found.setdefault(i, []).append("new")
+        add("pop", top_n(trend, n, exclude)[0].tolist())
+        add("new", [self.catalog.index[i] for i in reversed(list(self.new_items)[-n:])
+                    if i not in view.seen and i not in self.catalog.deleted])
         cand = np.fromiter(found.keys(), np.int64, len(found))
-        if len(cand) > self.config.aggregate.candidates:
-            prior = dense["gf"][cand] + dense["itemcf"][cand] + 1e-3 * trend[cand]
-            cand = cand[np.argsort(-prior, kind="stable")[: self.config.aggregate.candidates]]
+        if len(cand) > self.config.aggregate.candidates:  # merge the lists round-robin
+            best = np.fromiter((rank[i] for i in cand.tolist()), np.int64, len(cand))
+            cand = cand[np.argsort(best, kind="stable")[: self.config.aggregate.candidates]]
         scores = self._score_matrix(view, cand, dense)
         return CandidateSet(tuple(self.catalog.ids[i] for i in cand.tolist()),
                             tuple(tuple(found[i]) for i in cand.tolist()), scores)
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
-        out = {name: np.zeros(n_total, np.float32) for name in ("itemcf", "usercf", "gf")}
+        out = {name: np.zeros(n_total, np.float32) for name in DENSE_SOURCES}
         if not view.recent:
             return out
         seeds = self._seeds(view)
@@ -277,7 +280,10 @@ class Recommender:
                 hw = np.asarray([w for _, w in hist], np.float32)
                 out["usercf"] = self.model.usercf.scores(hidx, hw, n_total)
             liked = self._indices(view.liked)
-            out["gf"] = self.model.graph.scores(liked, np.ones(len(liked), np.float32), n_total)
+            ones = np.ones(len(liked), np.float32)
+            out["gf"] = self.model.graph.scores(liked, ones, n_total)
+            if self.model.ease is not None:
+                out["ease"] = self.model.ease.scores(liked, ones, n_total)
         for i, w in seeds:  # online co-occurrence, including items newer than the model
             js, sims = self.cooc.row(i)
             ok = js < n_total
@@ -309,7 +315,7 @@ class Recommender:
         if view.vec is not None and len(self._item_vecs):
             ok = idx < len(self._item_vecs)
             ann[ok] = self._item_vecs[idx[ok]] @ view.vec.astype(np.float32)
-        return np.stack([dense["itemcf"][idx], dense["usercf"][idx], dense["gf"][idx], ann],
+        return np.stack([dense[name][idx] for name in DENSE_SOURCES] + [ann],
                         axis=1).astype(np.float32)
 
     def _exclude(self, view: ProfileView) -> np.ndarray:
@@ -547,11 +553,11 @@ def _hour(context: dict | None, now: float) -> float:
 
 
 def recall_order(dense: np.ndarray, ordering: str) -> np.ndarray:
-    """Scores in (0, 1) from recall scores alone: the graph filter's ('gf'), or a blend of every
-    source scaled to its maximum within the request ('blend', also used before any model)."""
+    """Scores in (0, 1) from recall scores alone: one source's ('gf', 'ease'), or a blend of
+    every source scaled to its maximum within the request ('blend', also used before any model)."""
     col = {name: n for n, name in enumerate(DENSE_FEATURES)}
-    if ordering == "gf":
-        s = dense[:, col["s_gf"]]
+    if ordering in SCORED:
+        s = dense[:, col[f"s_{ordering}"]]
     else:
         parts = [dense[:, col[f"s_{name}"]] for name in SCORED]
         s = sum(p / (np.abs(p).max() or 1.0) for p in parts) + 0.01 * dense[:, col["log_pop"]]

@@ -29,7 +29,7 @@ from rec.model import ModelBundle, new_version_name
 from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender, recall_order
 from rec.profile import event_weight
 from rec.ranker import Ranker
-from rec.recall import Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
+from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
 
 log = logging.getLogger(__name__)
 VALIDATION_EVENTS = 1000  # held-out events that choose the graph filter's T, γ and the ordering
@@ -149,6 +149,7 @@ def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: 
     if not cases:
         return default, {}
     graph = prefix.graph
+    k = min(VALIDATION_K, prefix.n_items - 1)
     grid = [(t, g) for t in SHARPEN_GRID for g in POP_GRID]
     gains = {tg: 0.0 for tg in grid}
     for start in range(0, len(cases), GF_BATCH):
@@ -162,7 +163,7 @@ def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: 
         for t, g in grid:
             s = graph.combine(terms, t, g).T  # cases × items
             s[x.nonzero()] = -np.inf
-            top = np.argpartition(-s, VALIDATION_K, axis=1)[:, :VALIDATION_K]
+            top = np.argpartition(-s, k, axis=1)[:, :k]
             top = np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), 1), 1)
             _, rank = np.nonzero(top == truth[:, None])
             gains[(t, g)] += float((1.0 / np.log2(rank + 2)).sum())
@@ -230,6 +231,7 @@ def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict
         itemcf=ItemCF.fit(cf_input, rc.similarity, rc.itemcf_neighbors, rc.shrinkage),
         usercf=UserCF.fit(cf_input, rc.similarity, rc.usercf_neighbors),
         graph=GraphFilter.fit(positive, rc.gf_dim, rc.gf_alpha, seed=config.seed),
+        ease=EASE.fit(positive, rc.ease_l2) if len(item_ids) <= rc.ease_max_items else None,
         item_categories=[categories.get(i) for i in item_ids],
     )
 
@@ -309,9 +311,10 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[s
     errors; otherwise that recall order is (a few hundred cases cannot tell smaller gaps apart)."""
     if not cases:
         return "ranker", {}
-    gains: dict[str, list[float]] = {name: [] for name in ORDERINGS}
+    names = [o for o in ORDERINGS if o != "ease" or prefix.ease is not None]
+    gains: dict[str, list[float]] = {name: [] for name in names}
     for case in cases:
-        for name in ORDERINGS:
+        for name in names:
             if case.positive < 0:
                 gains[name].append(0.0)
                 continue
@@ -322,7 +325,7 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[s
             order = np.argsort(-scores, kind="stable")
             gains[name].append(_gain(order, case.positive))
     results = {name: round(float(np.mean(g)), 5) for name, g in gains.items()}
-    recall_best = max((o for o in ORDERINGS if o != "ranker"), key=lambda o: results[o])
+    recall_best = max((o for o in names if o != "ranker"), key=lambda o: results[o])
     diff = np.asarray(gains["ranker"]) - np.asarray(gains[recall_best])
     margin = 2.0 * diff.std() / np.sqrt(len(diff))  # the ranker must win beyond noise
     return ("ranker" if diff.mean() > margin else recall_best), results

@@ -213,8 +213,8 @@ def test_main_reports_bad_input(tmp_path, capsys) -> None:
     data = tmp_path / "events.csv"
     write_csv(data)
     base = ["--data", str(data), "--format", "csv"]
-    assert main([*base, "--protocol", "temporal", "--models", "pop,rec"]) == 2
-    assert "unknown model(s) ['rec']; available:" in capsys.readouterr().err
+    assert main([*base, "--protocol", "temporal", "--models", "pop,nosuch"]) == 2
+    assert "unknown model(s) ['nosuch']; available:" in capsys.readouterr().err
     assert main([*base, "--protocol", "full"]) == 2
     assert "'full' is for format 'lightgcn'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -3,6 +3,7 @@ through the harness on small generated data, and `rec eval` registering them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -53,9 +54,27 @@ def test_ablations_are_the_same_trained_model_served_differently(leave_last_out)
     assert full.bundle.itemcf is recall.bundle.itemcf is ranker.bundle.itemcf is exact.bundle.itemcf
     measured = full.bundle.metrics["ordering_ndcg"]
     assert full.bundle.ordering == max(measured, key=lambda o: (measured[o], o == "ranker"))
-    assert ranker.bundle.ordering == "ranker" and recall.bundle.ordering in ("gf", "blend")
+    assert ranker.bundle.ordering == "ranker" and recall.bundle.ordering in ("gf", "ease", "blend")
     assert all(isinstance(s, BruteForceIndex) for s in exact.rec.index.shards)
     assert all(isinstance(s, HNSWIndex) for s in full.rec.index.shards)
+
+
+def test_the_result_reports_what_training_chose(leave_last_out) -> None:
+    _, (full, *_), result = leave_last_out
+    info = result["results"][0]["training"]
+    assert info["ordering"] == full.bundle.ordering
+    assert set(info["ordering_ndcg"]) <= {"ranker", "gf", "ease", "blend"}
+    assert info["train_seconds"] > 0
+
+
+def test_data_without_time_order_hold_out_a_random_share(data) -> None:
+    """Where ts is only a file position (LightGCN lists items by id), a user's "last" events
+    are not their latest, so the ranker's held-out events are a random share."""
+    model = RecModel("full", config())
+    model.config.ranker.max_examples = 50
+    model.fit(split_leave_last_out(dataclasses.replace(data, ordered=False)).train)
+    assert model.config.train.holdout == "random"
+    assert RecModel("full", config()).config.train.holdout == "last"
 
 
 def test_recommendations_leave_out_the_training_items(leave_last_out) -> None:

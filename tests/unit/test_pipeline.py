@@ -5,6 +5,7 @@ the pipeline follows all of them, so the last ~1100 events arrive "live" after t
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -350,6 +351,21 @@ def test_swap_model_keeps_profiles_and_changes_version(rec, model2, log, users) 
         response = rec.recommend(user)
         assert response["model_version"] == "v2"
         assert gone not in ids(response)
+
+
+def test_records_in_the_model_do_not_count_cooccurrence_twice(model, log) -> None:
+    """Training's replay applies the events its model was fitted on (interleaved with held-out
+    ones, so no log offset separates them): their pairs are in item-CF already."""
+    held = copy.copy(model)
+    held.log_offset = 0  # a model that says nothing about which records it has seen
+    r = Recommender(CONFIG, held)
+    events = [x for x in log[:MODEL_RECORDS] if x["kind"] == "event"]
+    r.apply(events, in_model=True)
+    assert r.cooc.pairs == {} and r.cooc.item_users.sum() == 0
+    assert r.profiles.users  # profiles and popularity still follow every record
+    after = [x for x in log[MODEL_RECORDS:] if x["kind"] == "event"]
+    r.apply(after)
+    assert r.cooc.item_users.sum() > 0
 
 
 def test_swap_model_recounts_cooccurrence_like_a_fresh_start(rec, model2, log) -> None:

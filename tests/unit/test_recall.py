@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from rec.catalog import Catalog
 from rec.recall import (
     Candidates,
+    EASE,
     Cooccurrence,
     Embeddings,
     GraphFilter,
@@ -21,6 +22,7 @@ from rec.recall import (
     ScoreSource,
     Trending,
     UserCF,
+    ease_weights,
     interaction_matrix,
     top_n,
 )
@@ -57,10 +59,11 @@ SOURCES: dict[str, Callable[[], ScoreSource]] = {
     "embeddings": lambda: Embeddings.fit(X, dim=2, seed=0),
     "graph-filter": lambda: GraphFilter.fit(X, dim=2, alpha=0.3, seed=0),
     "graph-filter-sharpened": lambda: _sharpened(GraphFilter.fit(X, dim=2, alpha=0.3, seed=0)),
+    "ease": lambda: EASE.fit(X, l2=10.0),
 }
 NAMES = {"itemcf-cosine": "itemcf", "itemcf-pearson": "itemcf", "usercf-cosine": "usercf",
          "usercf-pearson": "usercf", "embeddings": "ann", "graph-filter": "gf",
-         "graph-filter-sharpened": "gf"}
+         "graph-filter-sharpened": "gf", "ease": "ease"}
 
 
 def history(user: int) -> tuple[np.ndarray, np.ndarray]:
@@ -381,6 +384,36 @@ def test_cooccurrence_partner_with_a_large_index_never_added_itself() -> None:
     js, sims = c.row(0)
     assert js.tolist() == [100] and sims.tolist() == [1.0]
     assert c.similarity(100, 0) == 1.0 and c.row(100)[0].tolist() == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# EASE
+
+
+def test_ease_weights_match_the_closed_form() -> None:
+    """B = I - P diagMat(1/diag(P)), P = (XᵀX + λI)⁻¹ (Steck 2019), against a dense inverse."""
+    rng = np.random.default_rng(3)
+    x = sp.csr_matrix((rng.random((40, 15)) < 0.3).astype(np.float32))
+    for l2 in (1.0, 50.0):
+        p = np.linalg.inv(x.T.toarray() @ x.toarray() + l2 * np.eye(15))
+        expected = np.eye(15) - p / np.diag(p)[None, :]
+        np.testing.assert_allclose(ease_weights(x, l2), expected, atol=1e-5)
+        assert np.all(np.diag(ease_weights(x, l2)) == 0.0)
+
+
+def test_ease_reads_a_binary_history_and_round_trips() -> None:
+    model = EASE.fit(X, l2=10.0)
+    idx, _ = history(2)
+    np.testing.assert_allclose(model.scores(idx, np.full(len(idx), 3.0, np.float32), N_TOTAL),
+                               model.weights[idx].sum(axis=0).tolist() + [0.0] * 5, rtol=1e-6)
+    again = EASE.from_arrays(model.arrays())
+    np.testing.assert_array_equal(again.scores(*history(2), N_TOTAL),
+                                  model.scores(*history(2), N_TOTAL))
+
+
+def test_ease_refuses_a_singular_system() -> None:
+    with pytest.raises(ValueError, match="positive definite"):
+        ease_weights(X, l2=-1e9)
 
 
 # ---------------------------------------------------------------------------------------------

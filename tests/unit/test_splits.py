@@ -132,6 +132,9 @@ def test_full_split_from_lightgcn_files(tmp_path) -> None:
     assert split.test.user_ids is split.train.user_ids
     assert split.test_users.tolist() == [0, 1]
     assert split.relevant() == [{2}, {0}]
+    # each line lists items by id, not time: training must not treat "last" as "latest"
+    assert not split.train.ordered and not split.test.ordered
+    assert split_temporal(timeline()).train.ordered
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1])
