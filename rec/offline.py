@@ -5,6 +5,8 @@ Prequential variants differ only in what happens to an event after it is scored:
 rec-static ignores it (frozen at the cut), rec-profile updates the user's profile only,
 rec-incremental also updates co-occurrence, trending and the catalogue (everything a replica
 does per event), and rec-retrain additionally retrains from the log every `retrain_every` events.
+`rec` itself is served as a deployment serves by default: every event applied as it arrives
+(the same as rec-incremental; the ablations follow events the same way).
 The ablations (rec-ranker, rec-recall, rec-exact) change one thing of the full model.
 """
 
@@ -94,7 +96,7 @@ class RecModel(Model):
         return out
 
     def observe(self, user: int, item: int, ts: float) -> None:
-        if self.variant in ("full", "static"):
+        if self.variant == "static":
             return
         record = event_record(user_id=self.data.user_ids[user], item_id=self.data.item_ids[item],
                               type="click", ts=ts)

@@ -87,13 +87,14 @@ def test_recommendations_leave_out_the_training_items(leave_last_out) -> None:
 
 def test_prequential_static_stays_frozen_and_incremental_learns(data) -> None:
     split = split_prequential(data, 0.2)
-    models = [RecModel(v, config()) for v in ("static", "incremental")]
+    models = [RecModel(v, config()) for v in ("static", "incremental", "full")]
     result = evaluation.run_prequential(split, models, [10], users=split.test_users[:40])
-    static, incremental = models
+    static, incremental, full = models
     assert len(static.records) == len(split.train)  # nothing was fed to it
     assert len(incremental.records) > len(split.train)  # every test event was
     assert incremental.rec.offset == len(incremental.records)
-    assert [r["model"] for r in result["results"]] == ["rec-static", "rec-incremental"]
+    assert len(full.records) == len(incremental.records)  # rec serves live, as deployed
+    assert [r["model"] for r in result["results"]] == ["rec-static", "rec-incremental", "rec"]
 
 
 def test_rec_eval_registers_the_pipeline_variants(data, tmp_path, capsys) -> None:
