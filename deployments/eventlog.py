@@ -15,6 +15,7 @@ from pathlib import Path
 
 import ray
 
+from deployments.beacon import HeadWriter
 from deployments.runtime import actor_options
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
@@ -28,6 +29,8 @@ class EventLogService:
     def __init__(self, path: str, config: dict | None = None) -> None:
         self.config = EventLogConfig.model_validate(config or {})
         self.log = EventLog(Path(path), self.config)
+        self.head = HeadWriter(path)
+        self.head.publish(self.log.next_offset)
         self.recent: deque[dict] = deque(maxlen=self.config.tail_cache_records)
         self.pending: list[tuple[list[dict], asyncio.Future]] = []
         self.disk = asyncio.Lock()  # one disk operation at a time (append, snapshot, forget)
@@ -57,16 +60,24 @@ class EventLogService:
                         fut.set_exception(exc)
                     continue
                 offset = first
+                acks = []
                 for recs, fut in batch:
                     for r in recs:
                         self.recent.append({**r, "offset": offset})
                         offset += 1
-                    fut.set_result((offset - len(recs), offset - 1))
+                    acks.append((fut, (offset - len(recs), offset - 1)))
+                self.head.publish(offset)  # readable before any of it is acknowledged
+                for fut, offsets in acks:
+                    fut.set_result(offsets)
         finally:
             self.flushing = False
 
     def next_offset(self) -> int:
         return self.log.next_offset
+
+    def head_info(self) -> dict:
+        """Where replicas on this machine read the head offset without calling this actor."""
+        return self.head.info()
 
     async def read(self, start: int, limit: int = 10_000) -> list[dict]:
         """Committed records with offset >= start (at most `limit`)."""

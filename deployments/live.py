@@ -2,8 +2,9 @@
 event log (followed by offset) and with the newest published model version (hot reload).
 
 Read-your-writes: before serving a request, a strict replica makes sure it has applied every
-record committed before the request arrived. Concurrent requests share one log read, so the
-cost is one actor call per burst, not per request.
+record committed before the request arrived. On the log's machine it first reads the log's head
+offset from shared memory (`deployments.beacon`) and calls the log only when there is something
+new; concurrent requests share one log read, so the cost is one actor call per burst.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import time
 from pathlib import Path
 
+from deployments.beacon import HeadReader
 from rec.config import RecConfig
 from rec.index import Index
 from rec.model import ModelBundle, current_version, load_saved_index
@@ -20,6 +22,7 @@ from rec.pipeline import Recommender
 
 log = logging.getLogger("rec.live")
 READ_LIMIT = 20_000
+APPLY_SLICE = 1_000  # log records applied to a warming model version between yields to requests
 
 
 class Live:
@@ -31,10 +34,12 @@ class Live:
         self._lock = asyncio.Lock()
         self._synced_at = 0.0  # perf_counter when the newest completed sync started
         self._reloader: asyncio.Task | None = None
+        self._head: HeadReader | None = None
         self.reloads = 0
 
     async def start(self) -> None:
         """Load the published model (if any), catch up with the log, start watching for models."""
+        await self._open_head()
         await self.reload_if_changed()
         await self.sync()
         self._reloader = asyncio.get_running_loop().create_task(self._watch())
@@ -44,6 +49,9 @@ class Live:
         arrived = time.perf_counter()
         if self._synced_at >= arrived - max_staleness_s:
             return
+        head = self._head.head() if self._head is not None else None
+        if head is not None and head <= self.rec.offset:
+            return  # the log holds nothing this replica has not applied
         async with self._lock:
             if self._synced_at >= arrived - max_staleness_s:
                 return  # a sync that started after we arrived has finished meanwhile
@@ -55,6 +63,11 @@ class Live:
                 if len(records) < READ_LIMIT:
                     break
             self._synced_at = started
+        if self._head is not None and head is None:
+            await self._open_head()  # the log actor restarted: find its file again
+
+    async def _open_head(self) -> None:
+        self._head = HeadReader.open(await self.log.head_info.remote())
 
     async def _watch(self) -> None:
         while True:
@@ -70,9 +83,22 @@ class Live:
             return False
         path = Path(self.config.model_dir) / version
         model, index = await asyncio.to_thread(self._load, path)
-        async with self._lock:  # no log records are applied while the state switches
-            history = await self._read_all(0)
-            self.rec.swap_model(model, index, history)
+        # The new version's state is built as a fresh replica would build it, beside the one
+        # serving: the log is replayed in slices, yielding to requests between them, and only
+        # the records that arrived meanwhile are applied under the lock before the switch.
+        fresh = await asyncio.to_thread(Recommender, self.config, model, index)
+        start = 0
+        while True:
+            records = await self.log.read.remote(start, READ_LIMIT)
+            for i in range(0, len(records), APPLY_SLICE):
+                fresh.apply(records[i : i + APPLY_SLICE])
+                await asyncio.sleep(0)
+            if len(records) < READ_LIMIT:
+                break
+            start = records[-1]["offset"] + 1
+        async with self._lock:
+            fresh.apply(await self._read_all(fresh.offset))
+            self.rec = fresh
         self.reloads += 1
         log.info("now serving model %s", version)
         return True

@@ -87,7 +87,7 @@ class Recommender:
         self._item_vecs = np.zeros((0, 1), np.float32)
         self._query_vecs = np.zeros((0, 1), np.float32)
         if model is not None:
-            self.swap_model(model, index, [])
+            self._use_model(model, index)
 
     # ---- live state -------------------------------------------------------------------------
 
@@ -181,11 +181,10 @@ class Recommender:
             return None
         return self._query_vecs[idx]
 
-    def swap_model(self, model: ModelBundle, index: Index | None, history: list[dict]) -> None:
-        """Switch to a new model version: re-base the catalogue on its item order, rebuild the
-        vectors, and recount online co-occurrence (pairs formed by events after the model's
-        training offset) by replaying `history`, the log from offset 0 up to what this object
-        has applied, so a swapped replica holds exactly what a freshly started one would."""
+    def _use_model(self, model: ModelBundle, index: Index | None) -> None:
+        """Serve `model` from a fresh state: the catalogue based on its item order, its vectors
+        and index. A replica that moves to a new version builds a new Recommender and replays
+        the log into it (what a freshly started replica does), so no state outlives a version."""
         self.model = model
         self.catalog = self.catalog.rebase(model.item_ids)
         for item_id, cat in zip(model.item_ids, model.item_categories, strict=True):
@@ -199,24 +198,6 @@ class Recommender:
         self._query_vecs = model.embeddings.query.copy()
         self.index = index if index is not None else model.build_index(self.config.recall)
         self._ensure_vectors(len(self.catalog) - 1)
-        deleted = [self.catalog.index[i] for i in self.catalog.deleted if i in self.catalog.index]
-        if deleted and self.index is not None:
-            self.index.mark_deleted(np.asarray(deleted))
-        self.cooc = Cooccurrence(self.config.recall.recent_for_itemcf)
-        replay = ProfileStore(self.config.profile)
-        for r in history:  # records not applied yet will be counted by apply()
-            off = r.get("offset", 0)
-            if off >= self.offset:
-                break
-            if r["kind"] == KIND_USER_DELETE:
-                replay.forget(r["user_id"])
-            if r["kind"] != KIND_EVENT:
-                continue
-            if off >= model.log_offset and event_weight(r["type"], r.get("value"),
-                                                        self.config.profile) > 0:
-                self._count_pair(self.catalog.ensure(r["item_id"]),
-                                 replay.users.get(r["user_id"]))
-            replay.apply_event(r, None, _no_vector, None)
 
     # ---- stage 1: profile ------------------------------------------------------------------
 
@@ -540,10 +521,6 @@ class Recommender:
         return {"item_id": item_id, "category": meta.category, "tags": list(meta.tags),
                 "title": meta.title, "deleted": item_id in self.catalog.deleted,
                 "first_ts": meta.first_ts}
-
-
-def _no_vector(_: str) -> None:
-    return None
 
 
 def _hour(context: dict | None, now: float) -> float:

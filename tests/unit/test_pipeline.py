@@ -330,25 +330,27 @@ def test_user_delete_forgets_the_profile(rec, users) -> None:
                                      for x in response["items"])
 
 
-def test_swap_model_keeps_profiles_and_changes_version(rec, model2, log, users) -> None:
-    live(rec, item_record(ItemIn(item_id="new1", category="c01"), ts=1.7e9))
+def test_a_new_version_replayed_from_the_log_keeps_profiles(rec, model2, log, users) -> None:
+    """A replica moving to a new version replays the log into a new Recommender: profiles,
+    new and deleted items carry over and user vectors are refolded on the new factors."""
+    extra = live(rec, item_record(ItemIn(item_id="new1", category="c01"), ts=1.7e9))
     gone = rec.catalog.ids[4]
-    live(rec, item_delete_record(gone, ts=1.7e9))
+    extra += live(rec, item_delete_record(gone, ts=1.7e9))
     before = {u: rec.view(u) for u in users[:20]}
-    rec.swap_model(model2, None, log)
-    assert rec.version == "v2"
-    assert rec.catalog.ids[:100] == model2.item_ids and rec.catalog.ids[100] == "new1"
-    assert gone in rec.catalog.deleted
+    fresh = Recommender(CONFIG, model2)
+    fresh.apply(log + extra)
+    assert fresh.version == "v2" and fresh.offset == rec.offset
+    assert fresh.catalog.ids[:100] == model2.item_ids and fresh.catalog.ids[100] == "new1"
+    assert gone in fresh.catalog.deleted
     for user, old in before.items():
-        view = rec.view(user)
+        view = fresh.view(user)
         assert view.recent == old.recent and view.counts == old.counts
-        # The user vector is refolded against the new model's item factors.
-        items = rec.profiles.users[user].items
-        idx = np.asarray([rec.catalog.index[i] for i in items])
+        items = fresh.profiles.users[user].items
+        idx = np.asarray([fresh.catalog.index[i] for i in items])
         w = np.asarray(list(items.values()), np.float32)
         np.testing.assert_allclose(view.vec, model2.embeddings.fold_in(idx, w), rtol=1e-5,
                                    atol=1e-6)
-        response = rec.recommend(user)
+        response = fresh.recommend(user)
         assert response["model_version"] == "v2"
         assert gone not in ids(response)
 
@@ -368,16 +370,6 @@ def test_records_in_the_model_do_not_count_cooccurrence_twice(model, log) -> Non
     assert r.cooc.item_users.sum() > 0
 
 
-def test_swap_model_recounts_cooccurrence_like_a_fresh_start(rec, model2, log) -> None:
-    rec.swap_model(model2, None, log)
-    fresh = Recommender(CONFIG, model2)
-    fresh.apply(log)
-    n = len(fresh.catalog)
-    np.testing.assert_array_equal(rec.cooc.item_users[:n], fresh.cooc.item_users[:n])
-    assert {i: row for i, row in rec.cooc.pairs.items() if row} == \
-        {i: row for i, row in fresh.cooc.pairs.items() if row}
-
-
 def test_events_before_the_model_offset_are_not_counted_twice(model, log) -> None:
     r = Recommender(CONFIG, model)
     r.apply(log[:MODEL_RECORDS])
@@ -386,11 +378,10 @@ def test_events_before_the_model_offset_are_not_counted_twice(model, log) -> Non
     assert any(r.cooc.pairs.values())
 
 
-def test_live_event_by_an_existing_user_right_after_a_swap(model, log, users) -> None:
-    """Co-occurrence starts empty after a swap while users' histories hold high indices."""
+def test_live_event_by_an_existing_user_on_a_new_version(model, log, users) -> None:
+    """Co-occurrence starts empty on a new version while users' histories hold high indices."""
     r = Recommender(CONFIG, model)
-    r.apply(log)
-    r.swap_model(model, None, [])
+    r.apply(log[:MODEL_RECORDS])
     user = users[0]
     high = [i for i, _, _ in r.view(user).recent if r.catalog.index[i] >= 64]
     assert high

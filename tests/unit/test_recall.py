@@ -13,8 +13,8 @@ import scipy.sparse as sp
 
 from rec.catalog import Catalog
 from rec.recall import (
-    Candidates,
     EASE,
+    Candidates,
     Cooccurrence,
     Embeddings,
     GraphFilter,

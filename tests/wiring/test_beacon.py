@@ -1,0 +1,72 @@
+"""The log's head offset in shared memory (deployments/beacon.py) and the read-your-writes
+fast path of a replica's live state built on it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from deployments.beacon import HeadReader, HeadWriter
+from deployments.eventlog import EventLogService, LocalHandle
+from deployments.live import Live
+from rec.config import RecConfig
+from rec.events import event_record
+
+
+def test_a_reader_sees_each_published_head(tmp_path) -> None:
+    writer = HeadWriter(tmp_path)
+    reader = HeadReader.open(writer.info())
+    assert reader is not None and reader.head() == 0
+    writer.publish(41)
+    assert reader.head() == 41
+
+
+def test_other_machines_and_other_files_are_refused(tmp_path) -> None:
+    info = HeadWriter(tmp_path).info()
+    assert HeadReader.open({**info, "machine": "elsewhere/boot"}) is None
+    assert HeadReader.open({**info, "nonce": info["nonce"] + 1}) is None
+    assert HeadReader.open(None) is None
+
+
+def test_a_restarted_writer_invalidates_old_readers(tmp_path) -> None:
+    first = HeadWriter(tmp_path)
+    first.publish(7)
+    reader = HeadReader.open(first.info())
+    second = HeadWriter(tmp_path)  # the actor restarted: same file, new nonce
+    second.publish(9)
+    assert reader.head() is None  # the replica must ask the actor again
+    assert HeadReader.open(second.info()).head() == 9
+
+
+def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
+    config = RecConfig(data_dir=tmp_path)
+    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
+    reads = []
+    real_read = log._obj.read
+
+    async def counted(start, limit=10_000):
+        reads.append(start)
+        return await real_read(start, limit)
+
+    log._obj.read = counted
+
+    async def scenario() -> None:
+        live = Live(config, log)
+        await live.start()
+        assert live._head is not None  # same machine: the fast path is on
+        before = len(reads)
+        for _ in range(5):
+            await live.sync()
+        assert len(reads) == before  # nothing appended: no log call
+        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=1.0)])
+        await live.sync()  # acknowledged before this request: it must be applied
+        assert len(reads) == before + 1 and live.rec.offset == 1
+        assert "u" in live.rec.profiles.users
+        live.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()
+    assert np.fromfile(config.log_dir / "HEAD", np.int64)[0] == 1
