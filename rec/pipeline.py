@@ -56,6 +56,7 @@ DENSE_FEATURES = (
     "hour_sin",
     "hour_cos",
 )
+FEATURE_COLUMN = {name: j for j, name in enumerate(DENSE_FEATURES)}
 NEW_ITEMS_KEPT = 200
 
 
@@ -312,34 +313,49 @@ class Recommender:
                  context: dict | None = None) -> np.ndarray:
         """Dense ranker features of each candidate (names in DENSE_FEATURES)."""
         n = len(cands)
-        f = np.zeros((n, len(DENSE_FEATURES)), np.float32)
+        f = self._recall_features(cands)
         if n == 0:
             return f
-        col = {name: j for j, name in enumerate(DENSE_FEATURES)}
-        f[:, : len(SCORED)] = cands.scores
-        top = np.abs(cands.scores).max(axis=0)
-        f[:, len(SCORED) : 2 * len(SCORED)] = cands.scores / np.where(top > 0, top, 1.0)
+        col = FEATURE_COLUMN
         f[:, col["last_sim"]] = self._last_similarity(view, cands)
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
         last_cat = self.catalog.category(view.recent[-1][0]) if view.recent else None
-        for row, item_id in enumerate(cands.item_ids):
-            f[row, col["log_pop"]] = math.log1p(self.pop_counts.get(item_id, 0.0))
-            f[row, col["log_trend"]] = math.log1p(self.pop_trend.get(item_id))
-            meta = self.catalog.meta.get(item_id)
+        ids = cands.item_ids
+        metas, tags = self.catalog.meta, view.tags
+        f[:, col["log_trend"]] = np.log1p(self.pop_trend.values(ids))
+        first_ts = np.full(n, np.nan)
+        for row, meta in enumerate(map(metas.get, ids)):  # one pass over the item metadata
             if meta is None:
                 continue
             if meta.first_ts is not None:
-                f[row, col["log_age_days"]] = math.log1p(max(now - meta.first_ts, 0.0) / 86400.0)
+                first_ts[row] = meta.first_ts
             if meta.category is not None:
-                f[row, col["cat_affinity"]] = view.tags.get(meta.category, 0.0) / cat_total
+                f[row, col["cat_affinity"]] = tags.get(meta.category, 0.0) / cat_total
                 f[row, col["last_cat_match"]] = float(meta.category == last_cat)
             if meta.tags:
-                f[row, col["tag_affinity"]] = sum(view.tags.get(t, 0.0) for t in meta.tags) / cat_total
+                f[row, col["tag_affinity"]] = sum(tags.get(t, 0.0) for t in meta.tags) / cat_total
+        age = np.log1p(np.maximum(now - first_ts, 0.0) / 86400.0)
+        f[:, col["log_age_days"]] = np.where(np.isnan(first_ts), 0.0, age)
         f[:, col["log_user_events"]] = math.log1p(view.n_events)
         hour = _hour(context, now)
         f[:, col["hour_sin"]] = math.sin(2 * math.pi * hour / 24)
         f[:, col["hour_cos"]] = math.cos(2 * math.pi * hour / 24)
+        return f
+
+    def _recall_features(self, cands: CandidateSet) -> np.ndarray:
+        """The features a recall order reads: each source's score, raw and relative to the
+        request's best candidate, and popularity (the rest of the row is zero)."""
+        n = len(cands)
+        f = np.zeros((n, len(DENSE_FEATURES)), np.float32)
+        if n == 0:
+            return f
+        f[:, : len(SCORED)] = cands.scores
+        top = np.abs(cands.scores).max(axis=0)
+        f[:, len(SCORED) : 2 * len(SCORED)] = cands.scores / np.where(top > 0, top, 1.0)
+        pop = self.pop_counts.get
+        f[:, FEATURE_COLUMN["log_pop"]] = np.log1p(
+            np.fromiter((pop(i, 0.0) for i in cands.item_ids), np.float32, n))
         return f
 
     def _last_similarity(self, view: ProfileView, cands: CandidateSet) -> np.ndarray:
@@ -377,12 +393,14 @@ class Recommender:
         """Rank several requests' candidates in one model call (batching across requests).
         The model's `ordering` (chosen on held-out data in training) decides whether the ranker
         or a recall-score order is served."""
+        ordering = self.model.ordering if self.model else "blend"
+        if ordering != "ranker" or self.model.ranker is None:
+            name = "blend" if ordering == "ranker" else ordering
+            return [recall_order(self._recall_features(cands), name) for _, cands, _ in requests]
         inputs = [self.rank_inputs(*req) for req in requests]
         sizes = [len(x[0]) for x in inputs]
-        ordering = self.model.ordering if self.model else "blend"
-        if ordering != "ranker" or self.model.ranker is None or sum(sizes) == 0:
-            return [recall_order(x[3], "blend" if ordering == "ranker" else ordering)
-                    for x in inputs]
+        if sum(sizes) == 0:
+            return [np.zeros(0, np.float32) for _ in inputs]
         probs = self.model.ranker.predict(*(np.concatenate(col) for col in zip(*inputs, strict=True)))
         return np.split(probs, np.cumsum(sizes)[:-1])
 
@@ -532,7 +550,7 @@ def _hour(context: dict | None, now: float) -> float:
 def recall_order(dense: np.ndarray, ordering: str) -> np.ndarray:
     """Scores in (0, 1) from recall scores alone: one source's ('gf', 'ease'), or a blend of
     every source scaled to its maximum within the request ('blend', also used before any model)."""
-    col = {name: n for n, name in enumerate(DENSE_FEATURES)}
+    col = FEATURE_COLUMN
     if ordering in SCORED:
         s = dense[:, col[f"s_{ordering}"]]
     else:

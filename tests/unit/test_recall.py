@@ -460,6 +460,17 @@ def test_trending_rebase_keeps_relative_values() -> None:
     assert t.weights.max() < 2.0**61
 
 
+def test_trending_values_are_get_of_each_item() -> None:
+    t = Trending(H)
+    t.add("a", 0.0)
+    t.add("b", H)
+    t.add("b", 2 * H)
+    v = t.values(["b", "nope", "a"])
+    assert v.dtype == np.float32
+    np.testing.assert_allclose(v, [t.get("b"), 0.0, t.get("a")], rtol=1e-6)
+    assert t.values([]).shape == (0,)
+
+
 def test_trending_vector_aligns_with_the_catalogue() -> None:
     t = Trending(H)
     t.add("b", 0.0)
