@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from deployments.beacon import HeadWriter
-from deployments.runtime import actor_options
+from deployments.runtime import actor_options, lower_own_priority
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
 
@@ -96,8 +96,23 @@ class EventLogService:
             return await asyncio.to_thread(self.log.read, start, limit)
 
     async def snapshot(self, dest: str) -> tuple[str, int]:
+        """A Parquet copy of the log for training, written by a thread of its own at the lowest
+        priority (on Linux niceness is per thread), so appends and reads keep theirs."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+
+        def write() -> None:
+            lower_own_priority()
+            try:
+                result = self.log.snapshot(dest)
+            except Exception as exc:  # handed to the caller
+                loop.call_soon_threadsafe(done.set_exception, exc)
+            else:
+                loop.call_soon_threadsafe(done.set_result, result)
+
         async with self.disk:
-            path, offset = await asyncio.to_thread(self.log.snapshot, dest)
+            threading.Thread(target=write, name="snapshot", daemon=True).start()
+            path, offset = await done
         return str(path), offset
 
     async def forget_user(self, user_id: str) -> int:

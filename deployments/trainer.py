@@ -20,6 +20,7 @@ TRAINER_ACTOR = "rec_trainer"
 
 def _train_worker(loop_config: dict) -> None:
     """Runs inside each Ray Train worker: fit everything, rank 0 saves the version."""
+    lower_own_priority()  # first: the imports below take seconds of CPU
     import pyarrow.parquet as pq
     import ray.train
     import torch
@@ -28,7 +29,6 @@ def _train_worker(loop_config: dict) -> None:
 
     config = RecConfig.model_validate(loop_config["config"])
     torch.set_num_threads(config.train.torch_threads)
-    lower_own_priority()
     ctx = ray.train.get_context()
 
     def fit_ranker(ranker, ex):
@@ -56,6 +56,7 @@ def _flat(metrics: dict, prefix: str = "") -> dict:
 
 
 def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -> None:
+    lower_own_priority()  # this thread drives the job while serving runs (niceness is per thread)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
