@@ -293,7 +293,11 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
                 rows = np.asarray([positive, *negs], np.int64)
                 groups.append((*(a[rows] for a in inputs),
                                np.asarray([1.0] + [0.0] * len(negs), np.float32)))
-        rec.apply([r])
+        # Held-out events interleave with the prefix in log order, so they are applied as new
+        # records (no offset, which the prefix already passed); each case thus sees its user's
+        # every earlier event. Their pairs are not counted live: the served model will have been
+        # trained on them, as the offline test's model is on everything before its test event.
+        rec.apply([{k: v for k, v in r.items() if k != "offset"}], in_model=True)
     if not groups:
         d = prefix.embeddings.dim
         return Examples(np.zeros(0, np.int64), np.zeros((0, d), np.float32),

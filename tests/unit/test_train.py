@@ -205,7 +205,8 @@ def candidates_of(prefix, records, head, tail, n):
     """What serving's recall returns for held-out event n, after every event before it."""
     rec = Recommender(CONFIG, prefix)
     rec.apply([r for r in records if r["kind"] == "item"])
-    rec.apply(head + tail[:n])
+    rec.apply(head, in_model=True)
+    rec.apply([{k: v for k, v in r.items() if k != "offset"} for r in tail[:n]], in_model=True)
     return rec.recall(rec.view(tail[n]["user_id"]))
 
 
