@@ -56,12 +56,8 @@ class Live:
             if self._synced_at >= arrived - max_staleness_s:
                 return  # a sync that started after we arrived has finished meanwhile
             started = time.perf_counter()
-            while True:
-                records = await self.log.read.remote(self.rec.offset, READ_LIMIT)
-                if records:
-                    self.rec.apply(records)
-                if len(records) < READ_LIMIT:
-                    break
+            async for records in self._pages(self.rec.offset):
+                self.rec.apply(records)
             self._synced_at = started
         if self._head is not None and head is None:
             await self._open_head()  # the log actor restarted: find its file again
@@ -87,17 +83,13 @@ class Live:
         # serving: the log is replayed in slices, yielding to requests between them, and only
         # the records that arrived meanwhile are applied under the lock before the switch.
         fresh = await asyncio.to_thread(Recommender, self.config, model, index)
-        start = 0
-        while True:
-            records = await self.log.read.remote(start, READ_LIMIT)
+        async for records in self._pages(0):
             for i in range(0, len(records), APPLY_SLICE):
                 fresh.apply(records[i : i + APPLY_SLICE])
                 await asyncio.sleep(0)
-            if len(records) < READ_LIMIT:
-                break
-            start = records[-1]["offset"] + 1
         async with self._lock:
-            fresh.apply(await self._read_all(fresh.offset))
+            async for records in self._pages(fresh.offset):
+                fresh.apply(records)
             self.rec = fresh
         self.reloads += 1
         log.info("now serving model %s", version)
@@ -109,13 +101,14 @@ class Live:
             return model, self.index_factory(path)
         return model, load_saved_index(path)
 
-    async def _read_all(self, start: int) -> list[dict]:
-        out: list[dict] = []
+    async def _pages(self, start: int):
+        """Committed records from `start` on, in pages of at most READ_LIMIT."""
         while True:
             records = await self.log.read.remote(start, READ_LIMIT)
-            out.extend(records)
+            if records:
+                yield records
             if len(records) < READ_LIMIT:
-                return out
+                return
             start = records[-1]["offset"] + 1
 
     def stop(self) -> None:

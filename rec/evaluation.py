@@ -197,7 +197,8 @@ def _fit(model: Model, split: Split) -> dict:
     except MemoryError as e:
         return {"model": model.name, "skipped": str(e)}
     record = {"model": model.name, "fit_seconds": _seconds(start)}
-    return {**record, "training": model.fit_info()} if model.fit_info() else record
+    info = model.fit_info()
+    return {**record, "training": info} if info else record
 
 
 def _header(split: Split, ks: Sequence[int]) -> dict:
