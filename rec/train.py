@@ -260,10 +260,20 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
     ordering); up to `max_examples` others become training groups: the item the user picked
     (when recall found it) and `negatives` other candidates of the same answer, the items an
     earlier answer showed and the user did not pick first. The ranker thus learns the job it
-    serves: ordering recall's candidates, with features computed by the serving code."""
+    serves: ordering recall's candidates, with features computed by the serving code.
+
+    A random share held out of data whose order is not time (`train.holdout == "random"`) is not
+    a sequence: every case then sees its user's prefix only, as the test sees the training set,
+    and the user's other held-out items are never sampled as negatives (they are relevant too).
+    Applying them in file order would leak that order (LightGCN lists are sorted by item id)."""
     shown = shown or {}
     rc = config.ranker
     rng = np.random.default_rng(rc.seed)
+    sequential = config.train.holdout == "last"
+    held_by_user: dict[str, set[str]] = {}
+    if not sequential:
+        for r in suffix:
+            held_by_user.setdefault(r["user_id"], set()).add(r["item_id"])
     rec = Recommender(config, prefix)
     rec.apply([r for r in records if r["kind"] == KIND_ITEM])
     rec.apply(prefix_events, in_model=True)
@@ -287,7 +297,10 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
             elif positive >= 0 and len(row) > 1:
                 negs = [row[i] for i in dict.fromkeys(shown.get(r.get("request_id") or "", []))
                         if i in row and row[i] != positive][: rc.negatives]
-                others = np.setdiff1d(np.arange(len(row)), [positive, *negs])
+                relevant = [row[i] for i in held_by_user.get(r["user_id"], ()) if i in row]
+                others = np.setdiff1d(np.arange(len(row)), [positive, *negs, *relevant])
+                if not len(others):
+                    others = np.setdiff1d(np.arange(len(row)), [positive])
                 need = rc.negatives - len(negs)  # groups have one size; few candidates repeat
                 negs += rng.choice(others, need, replace=need > len(others)).tolist()
                 rows = np.asarray([positive, *negs], np.int64)
@@ -297,7 +310,8 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
         # records (no offset, which the prefix already passed); each case thus sees its user's
         # every earlier event. Their pairs are not counted live: the served model will have been
         # trained on them, as the offline test's model is on everything before its test event.
-        rec.apply([{k: v for k, v in r.items() if k != "offset"}], in_model=True)
+        if sequential:
+            rec.apply([{k: v for k, v in r.items() if k != "offset"}], in_model=True)
     if not groups:
         d = prefix.embeddings.dim
         return Examples(np.zeros(0, np.int64), np.zeros((0, d), np.float32),

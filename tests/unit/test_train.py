@@ -255,6 +255,35 @@ def test_validation_cases_are_disjoint_from_training_and_whole(replayed) -> None
     assert len(groups(ex)) <= len(positive_events(tail)) - len(cases)
 
 
+def test_a_random_holdout_is_not_replayed_as_a_sequence(records) -> None:
+    """Held out at random (data whose order is not time): each group's candidates are recall's
+    answer from the user's prefix alone, and the user's other held-out items are no negatives."""
+    config = CONFIG.model_copy(deep=True)
+    config.train.holdout = "random"
+    events, item_ids, categories, user_ids, index, (head, tail) = split(records, config)
+    prefix = fit(head, item_ids, categories, user_ids, index, config)
+    ex, _ = replay_holdout(prefix, records, head, tail, config)
+    base = Recommender(config, prefix)
+    base.apply([r for r in records if r["kind"] == "item"])
+    base.apply(head, in_model=True)
+    held: dict[str, set[str]] = {}
+    for r in tail:
+        held.setdefault(r["user_id"], set()).add(r["item_id"])
+    validation = set(_validation_sample(tail, config))
+    checked = 0
+    for n in (n for n in positive_events(tail) if n not in validation):
+        cands = base.recall(base.view(tail[n]["user_id"])).item_ids
+        if tail[n]["item_id"] not in cands:
+            continue
+        group = [prefix.item_ids[i] for i in ex.item_idx[groups(ex)[checked]]]
+        assert group[0] == tail[n]["item_id"] and set(group) <= set(cands)
+        assert not set(group[1:]) & held[tail[n]["user_id"]]
+        checked += 1
+        if checked == 30:
+            break
+    assert checked == 30
+
+
 def test_examples_are_capped_at_max_examples(records) -> None:
     config = CONFIG.model_copy(deep=True)
     config.ranker.max_examples = 10
