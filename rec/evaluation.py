@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pv
 import scipy.sparse as sp
 from tqdm import tqdm
@@ -36,7 +37,7 @@ from rec.splits import (
 )
 
 MODELS: dict[str, Callable[[], Model]] = dict(BASELINES)
-FORMATS = ("lightgcn", "movielens", "csv", "beauty", "lastfm")
+FORMATS = ("lightgcn", "movielens", "csv", "beauty", "lastfm", "diginetica")
 PROTOCOLS = ("full", "temporal", "leave-last-out", "prequential")
 T = TypeVar("T")
 
@@ -383,6 +384,46 @@ def load_lastfm(path: str | Path) -> Dataset:
     )
 
 
+def load_diginetica(path: str | Path) -> Dataset:
+    """DIGINETICA (CIKM Cup 2016) purchases (train-purchases.csv, or a folder holding it):
+    ";"-separated "sessionId;userId;timeframe;eventdate;ordernumber;itemId". The user is userId,
+    or "s<sessionId>" for anonymous sessions ("NA"); type "purchase"; ts = the event date (UTC
+    midnight) plus timeframe (ms since the session started). product-categories.csv next to it,
+    when present, gives each item's category."""
+    path = Path(path)
+    file = path / "train-purchases.csv" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"{path}: no train-purchases.csv")
+    cols = {"sessionId": pa.string(), "userId": pa.string(), "timeframe": pa.float64(),
+            "eventdate": pa.date32(), "itemId": pa.string()}
+    table = _read_semicolon(file, cols)
+    user = pc.if_else(pc.is_null(table["userId"]),
+                      pc.binary_join_element_wise("s", table["sessionId"], ""), table["userId"])
+    day = pc.multiply(table["eventdate"].cast(pa.int32()).cast(pa.float64()), 86400.0)
+    ts = pc.add(day, pc.divide(table["timeframe"], 1000.0))
+    items = None
+    categories = file.parent / "product-categories.csv"
+    if categories.is_file():
+        cat = _read_semicolon(categories, {"itemId": pa.string(), "categoryId": pa.string()})
+        cat = cat.filter(pc.is_in(cat["itemId"], value_set=pc.unique(table["itemId"])))
+        items = pa.table({"item_id": cat["itemId"], "category": cat["categoryId"],
+                          "tags": pa.array([[]] * cat.num_rows, pa.list_(pa.string())),
+                          "title": pa.nulls(cat.num_rows, pa.string())})
+    n = table.num_rows
+    return _make_dataset(file.parent.name, user, table["itemId"], pa.repeat(pa.scalar("purchase"), n),
+                         pa.nulls(n, pa.float64()), ts, items)
+
+
+def _read_semicolon(file: Path, cols: dict[str, pa.DataType]) -> pa.Table:
+    try:
+        return pv.read_csv(file, parse_options=pv.ParseOptions(delimiter=";"),
+                           convert_options=pv.ConvertOptions(
+                               column_types=cols, include_columns=list(cols),
+                               null_values=["NA", ""], strings_can_be_null=True))
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{file}: cannot read: {e}") from e
+
+
 def load_split(
     path: str | Path,
     format: str,
@@ -408,6 +449,7 @@ def load_split(
         "csv": lambda: load_csv(path, **(csv_columns or {})),
         "beauty": lambda: load_beauty(path),
         "lastfm": lambda: load_lastfm(path),
+        "diginetica": lambda: load_diginetica(path),
     }
     ds = loaders[format]()
     if protocol == "leave-last-out":

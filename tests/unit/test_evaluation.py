@@ -13,6 +13,7 @@ from rec.baselines import EASE, ItemKNN, Model, Popularity
 from rec.data import EVENTS_SCHEMA, ITEMS_SCHEMA, Dataset
 from rec.evaluation import (
     load_beauty,
+    load_diginetica,
     load_lastfm,
     main,
     make_models,
@@ -239,6 +240,24 @@ def test_load_lastfm_reads_weights_in_file_order(tmp_path) -> None:
     assert ds.events["value"].to_pylist() == [13883.0, 11690.0, 7.0]
     assert ds.events["ts"].to_pylist() == [0.0, 1.0, 2.0]
     assert ds.name == tmp_path.name
+
+
+def test_load_diginetica_names_anonymous_sessions_and_reads_categories(tmp_path) -> None:
+    (tmp_path / "train-purchases.csv").write_text(
+        "sessionId;userId;timeframe;eventdate;ordernumber;itemId\n"
+        "150;18278;2000;2016-05-06;16421;25911\n"
+        "151;NA;1000;2016-05-06;16290;175874\n"
+        "152;18278;0;2016-01-02;1;7\n"
+    )
+    (tmp_path / "product-categories.csv").write_text("itemId;categoryId\n25911;9\n7;3\n99;1\n")
+    ds = load_diginetica(tmp_path)
+    rows = list(zip(*(ds.events[c].to_pylist() for c in ("user_id", "item_id", "ts")), strict=True))
+    may6 = 1462492800.0  # 2016-05-06 00:00 UTC
+    assert rows == [("18278", "7", 1451692800.0), ("s151", "175874", may6 + 1.0),
+                    ("18278", "25911", may6 + 2.0)]
+    assert set(ds.events["type"].to_pylist()) == {"purchase"}
+    categories = dict(zip(ds.items["item_id"].to_pylist(), ds.items["category"].to_pylist(), strict=True))
+    assert categories == {"25911": "9", "7": "3", "175874": None}
 
 
 @pytest.mark.realdata
