@@ -13,10 +13,11 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
-from rec.catalog import Catalog
+from rec.catalog import NO_CODE, Catalog
 from rec.config import RecConfig
 from rec.events import (
     KIND_EVENT,
@@ -190,7 +191,7 @@ class Recommender:
         self.catalog = self.catalog.rebase(model.item_ids)
         for item_id, cat in zip(model.item_ids, model.item_categories, strict=True):
             if self.catalog.meta[item_id].category is None:
-                self.catalog.meta[item_id].category = cat
+                self.catalog.set_category(item_id, cat)
         members: dict[str | None, list[int]] = {}
         for i, cat in enumerate(model.item_categories):
             members.setdefault(cat, []).append(i)
@@ -217,35 +218,24 @@ class Recommender:
         n = self.config.recall.per_source
         n_total = len(self.catalog)
         exclude = self._exclude(view)
-        found: dict[int, list[str]] = {}
-        rank: dict[int, int] = {}  # each candidate's best position in any source's list
-
-        def add(name: str, items: list[int]) -> None:
-            for pos, i in enumerate(items):
-                found.setdefault(i, []).append(name)
-                rank[i] = min(rank.get(i, pos), pos)
-
         dense = self._dense_scores(view, n_total)
-        for name in DENSE_SOURCES:
-            add(name, top_n(dense[name], n, exclude)[0].tolist())
+        lists = [(name, top_n(dense[name], n, exclude)[0]) for name in DENSE_SOURCES]
         if view.vec is not None:
             if ann is None and self.index is not None and len(self.index):
                 ids, _ = self.index.search(view.vec, n, filter_ids=exclude)
                 ann = (ids[0], None)
             if ann is not None:
-                bad = set(exclude.tolist())
-                add("ann", [int(i) for i in ann[0].tolist() if i >= 0 and i not in bad])
+                ids = np.asarray(ann[0], np.int64)
+                lists.append(("ann", ids[(ids >= 0) & ~np.isin(ids, exclude)]))
         trend = self.pop_trend.vector(self.catalog)
-        add("pop", top_n(trend, n, exclude)[0].tolist())
-        add("new", [self.catalog.index[i] for i in reversed(list(self.new_items)[-n:])
-                    if i not in view.seen and i not in self.catalog.deleted])
-        cand = np.fromiter(found.keys(), np.int64, len(found))
-        if len(cand) > self.config.aggregate.candidates:  # merge the lists round-robin
-            best = np.fromiter((rank[i] for i in cand.tolist()), np.int64, len(cand))
-            cand = cand[np.argsort(best, kind="stable")[: self.config.aggregate.candidates]]
+        lists.append(("pop", top_n(trend, n, exclude)[0]))
+        new = [self.catalog.index[i] for i in reversed(list(self.new_items)[-n:])
+               if i not in view.seen and i not in self.catalog.deleted]
+        lists.append(("new", np.asarray(new, np.int64)))
+        cand, sources = merge_lists(lists, self.config.aggregate.candidates)
         scores = self._score_matrix(view, cand, dense)
-        return CandidateSet(tuple(self.catalog.ids[i] for i in cand.tolist()),
-                            tuple(tuple(found[i]) for i in cand.tolist()), scores)
+        ids = self.catalog.ids
+        return CandidateSet(tuple(ids[i] for i in cand.tolist()), sources, scores)
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
         out = {name: np.zeros(n_total, np.float32) for name in DENSE_SOURCES}
@@ -307,34 +297,38 @@ class Recommender:
         get = self.catalog.index.get
         return np.asarray([i for i in map(get, item_ids) if i is not None], np.int64)
 
+    def _positions(self, item_ids) -> np.ndarray:
+        """Each item's catalogue index, -1 for one this catalogue lacks (a stage boundary
+        carries item ids, and another replica's catalogue may be ahead of this one's)."""
+        return np.fromiter(map(self.catalog.index.get, item_ids, repeat(-1)), np.int64,
+                           len(item_ids))
+
     # ---- stage 3: rank ---------------------------------------------------------------------
 
     def features(self, view: ProfileView, cands: CandidateSet,
                  context: dict | None = None) -> np.ndarray:
         """Dense ranker features of each candidate (names in DENSE_FEATURES)."""
+        return self._features(view, cands, self._positions(cands.item_ids), context)
+
+    def _features(self, view: ProfileView, cands: CandidateSet, idx: np.ndarray,
+                  context: dict | None) -> np.ndarray:
+        """`features`, given the candidates' catalogue indices (`_positions`)."""
         n = len(cands)
         f = self._recall_features(cands)
         if n == 0:
             return f
         col = FEATURE_COLUMN
-        f[:, col["last_sim"]] = self._last_similarity(view, cands)
+        catalog = self.catalog
+        f[:, col["last_sim"]] = self._last_similarity(view, idx)
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
-        last_cat = self.catalog.category(view.recent[-1][0]) if view.recent else None
-        ids = cands.item_ids
-        metas, tags = self.catalog.meta, view.tags
-        f[:, col["log_trend"]] = np.log1p(self.pop_trend.values(ids))
-        first_ts = np.full(n, np.nan)
-        for row, meta in enumerate(map(metas.get, ids)):  # one pass over the item metadata
-            if meta is None:
-                continue
-            if meta.first_ts is not None:
-                first_ts[row] = meta.first_ts
-            if meta.category is not None:
-                f[row, col["cat_affinity"]] = tags.get(meta.category, 0.0) / cat_total
-                f[row, col["last_cat_match"]] = float(meta.category == last_cat)
-            if meta.tags:
-                f[row, col["tag_affinity"]] = sum(tags.get(t, 0.0) for t in meta.tags) / cat_total
+        last_cat = catalog.code(catalog.category(view.recent[-1][0]) if view.recent else None)
+        f[:, col["log_trend"]] = np.log1p(self.pop_trend.values(cands.item_ids))
+        f[:, col["cat_affinity"]] = catalog.category_weights(idx, view.tags) / cat_total
+        codes = catalog.category_codes(idx)
+        f[:, col["last_cat_match"]] = (codes == last_cat) & (codes != NO_CODE)
+        f[:, col["tag_affinity"]] = catalog.tag_weights(idx, view.tags) / cat_total
+        first_ts = catalog.first_seen(idx)
         age = np.log1p(np.maximum(now - first_ts, 0.0) / 86400.0)
         f[:, col["log_age_days"]] = np.where(np.isnan(first_ts), 0.0, age)
         f[:, col["log_user_events"]] = math.log1p(view.n_events)
@@ -358,28 +352,33 @@ class Recommender:
             np.fromiter((pop(i, 0.0) for i in cands.item_ids), np.float32, n))
         return f
 
-    def _last_similarity(self, view: ProfileView, cands: CandidateSet) -> np.ndarray:
+    def _last_similarity(self, view: ProfileView, idx: np.ndarray) -> np.ndarray:
         seeds = self._seeds(view)  # the first is the latest positive item
         if not seeds:
-            return np.zeros(len(cands), np.float32)
-        return self._similarity(np.asarray([seeds[0][0]]), list(cands.item_ids))[0]
+            return np.zeros(len(idx), np.float32)
+        return self._similarity(np.asarray([seeds[0][0]]), idx)[0]
 
-    def _similarity(self, seed_idx: np.ndarray, item_ids: list[str]) -> np.ndarray:
-        """[seeds × items]: trained item-CF similarity plus live co-occurrence."""
-        cols = np.asarray([self.catalog.index.get(i, -1) for i in item_ids], np.int64)
-        out = np.zeros((len(seed_idx), len(item_ids)), np.float32)
-        if self.model is not None:
-            n = self.model.itemcf.n_items
-            rows_ok, cols_ok = seed_idx < n, (cols >= 0) & (cols < n)
-            if rows_ok.any() and cols_ok.any():
-                block = self.model.itemcf.sim[seed_idx[rows_ok]][:, cols[cols_ok]].toarray()
-                out[np.ix_(rows_ok, cols_ok)] = block
-        where = {j: c for c, j in enumerate(cols.tolist()) if j >= 0}
+    def _similarity(self, seed_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """[seeds × items]: trained item-CF similarity plus live co-occurrence, of distinct
+        items given by catalogue index (-1: not in the catalogue, similarity 0)."""
+        out = np.zeros((len(seed_idx), len(cols)), np.float32)
+        order = np.argsort(cols, kind="stable")
+        sorted_cols = cols[order]
+
+        def columns(js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Which of the neighbours js are among the items, and their columns."""
+            pos = np.minimum(np.searchsorted(sorted_cols, js), max(len(cols) - 1, 0))
+            hit = sorted_cols[pos] == js if len(cols) else np.zeros(len(js), bool)
+            return hit, order[pos[hit]]
+
         for r, i in enumerate(seed_idx.tolist()):
+            if self.model is not None:
+                js, sims = self.model.itemcf.row(i)
+                hit, c = columns(js)
+                out[r, c] = sims[hit]
             js, sims = self.cooc.row(i)
-            for j, sim in zip(js.tolist(), sims.tolist(), strict=True):
-                if j in where:
-                    out[r, where[j]] += sim
+            hit, c = columns(js)
+            out[r, c] += sims[hit]
         return out
 
     def rank(self, view: ProfileView, cands: CandidateSet,
@@ -406,17 +405,16 @@ class Recommender:
 
     def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        dense = self.features(view, cands, context)
+        idx = self._positions(cands.item_ids)
+        dense = self._features(view, cands, idx, context)
         dim = self._item_vecs.shape[1]
-        idx = np.asarray([self.catalog.index.get(i, len(self.catalog)) for i in cands.item_ids],
-                         np.int64)
-        known = idx < len(self._item_vecs)
+        known = (idx >= 0) & (idx < len(self._item_vecs))
         item_vec = np.zeros((len(idx), dim), np.float32)
         item_vec[known] = self._item_vecs[idx[known]]
         user = view.vec if view.vec is not None else np.zeros(dim, np.float32)
         user_vec = np.broadcast_to(user.astype(np.float32), item_vec.shape)
         n_model = self.model.n_items if self.model else 0
-        return np.where(idx < n_model, idx, n_model), user_vec, item_vec, dense
+        return np.where(known & (idx < n_model), idx, n_model), user_vec, item_vec, dense
 
     # ---- stage 4: aggregate ------------------------------------------------------------------
 
@@ -486,7 +484,7 @@ class Recommender:
         if not item_ids or not seeds:
             return {}
         seed_idx = np.asarray([i for i, _ in seeds], np.int64)
-        contrib = self._similarity(seed_idx, item_ids)
+        contrib = self._similarity(seed_idx, self._positions(item_ids))
         contrib *= np.asarray([w for _, w in seeds], np.float32)[:, None]
         best = contrib.argmax(axis=0)
         return {item: self.catalog.ids[seed_idx[best[c]]] for c, item in enumerate(item_ids)
@@ -539,6 +537,27 @@ class Recommender:
         return {"item_id": item_id, "category": meta.category, "tags": list(meta.tags),
                 "title": meta.title, "deleted": item_id in self.catalog.deleted,
                 "first_ts": meta.first_ts}
+
+
+def merge_lists(lists: list[tuple[str, np.ndarray]], limit: int
+                ) -> tuple[np.ndarray, tuple[tuple[str, ...], ...]]:
+    """Merge named candidate lists (catalogue indices, best first): each item once, in order of
+    first appearance, with the names of the lists holding it; beyond `limit` items, those with
+    the best position in any list are kept (a round-robin merge)."""
+    found: dict[int, list[str]] = {}
+    for name, items in lists:
+        for i in items.tolist():
+            found.setdefault(i, []).append(name)
+    cand = np.fromiter(found, np.int64, len(found))
+    if len(cand) > limit:
+        every = np.concatenate([items for _, items in lists])
+        pos = np.concatenate([np.arange(len(items)) for _, items in lists])
+        unique, which = np.unique(every, return_inverse=True)
+        best = np.full(len(unique), len(every), np.int64)
+        np.minimum.at(best, which, pos)
+        best_of_cand = best[np.searchsorted(unique, cand)]
+        cand = cand[np.argsort(best_of_cand, kind="stable")[:limit]]
+    return cand, tuple(tuple(found[i]) for i in cand.tolist())
 
 
 def _hour(context: dict | None, now: float) -> float:

@@ -9,7 +9,14 @@ from collections import defaultdict
 import numpy as np
 import scipy.sparse as sp
 
-from rec.recall.base import ScoreSource, center_rows, load_csr, normalize_rows, save_csr
+from rec.recall.base import (
+    ScoreSource,
+    center_rows,
+    load_csr,
+    normalize_rows,
+    save_csr,
+    weighted_rows,
+)
 
 
 def item_similarity(x: sp.csr_matrix, kind: str, k: int, shrink: float,
@@ -116,9 +123,16 @@ class ItemCF(ScoreSource):
         out = np.zeros(n_total, np.float32)
         known = idx < self.n_items
         if known.any():
-            rows = self.sim[idx[known]]
-            out[: self.n_items] = np.asarray(rows.T @ weights[known].astype(np.float32)).ravel()
+            out[: self.n_items] = weighted_rows(self.sim, idx[known], weights[known])
         return out
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item i's stored neighbours and similarities (in storage order), read from the CSR
+        arrays directly: a request reads a few rows, and scipy's row indexing costs ~0.1 ms."""
+        if not 0 <= i < self.n_items:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        start, stop = self.sim.indptr[i], self.sim.indptr[i + 1]
+        return self.sim.indices[start:stop], self.sim.data[start:stop]
 
     def neighbors(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         if i >= self.n_items:

@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from rec.recall.base import ScoreSource, center_rows, load_csr, normalize_rows, save_csr
+from rec.recall.base import (
+    ScoreSource,
+    center_rows,
+    load_csr,
+    normalize_rows,
+    save_csr,
+    weighted_rows,
+)
 
 
 class UserCF(ScoreSource):
@@ -39,13 +46,13 @@ class UserCF(ScoreSource):
         norm = float(np.linalg.norm(w))
         if norm == 0:
             return out
-        sims = np.asarray(self.by_item[idx].T @ (w / norm)).ravel()
+        sims = weighted_rows(self.by_item, idx, w / norm)
         k = min(self.k, len(sims))
         top = np.argpartition(-sims, k - 1)[:k]
         top = top[sims[top] > 0]
         if len(top) == 0:
             return out
-        out[: self.n_items] = np.asarray(self.users[top].T @ sims[top]).ravel()
+        out[: self.n_items] = weighted_rows(self.users, top, sims[top])
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -294,6 +294,28 @@ def test_features_are_finite(rec, users) -> None:
     np.testing.assert_array_equal(f[:, : cands.scores.shape[1]], cands.scores)
 
 
+def test_features_of_a_newly_posted_item(rec) -> None:
+    """Catalogue metadata kept in arrays: an item posted at runtime has its features at once."""
+    category = rec.catalog.category(rec.catalog.ids[0])
+    for item in ("sibling", "posted"):
+        live(rec, item_record(ItemIn(item_id=item, category=category, tags=["fresh", "x"]),
+                              ts=1.7e9))
+    live(rec, ev("someone", "sibling", ts=1.7e9 + 10))
+    view = rec.view("someone")
+    cands = rec.recall(view)
+    row = cands.item_ids.index("posted")
+    f = rec.features(view, cands)
+    col = {name: j for j, name in enumerate(DENSE_FEATURES)}
+    tags = view.tags
+    total = sum(v for v in tags.values() if v > 0)
+    assert tags["fresh"] > 0 and tags[category] > 0
+    assert f[row, col["cat_affinity"]] == np.float32(tags[category] / total)
+    assert f[row, col["tag_affinity"]] == np.float32((tags["fresh"] + tags["x"]) / total)
+    assert f[row, col["last_cat_match"]] == 1.0
+    age = np.log1p(max(rec.pop_trend.latest - 1.7e9, 0.0) / 86400.0)
+    assert f[row, col["log_age_days"]] == np.float32(age)
+
+
 def test_similar(rec) -> None:
     item = rec.catalog.ids[0]
     got = rec.similar(item, k=5)

@@ -326,3 +326,25 @@ def test_rebase_puts_model_ids_first_and_keeps_state() -> None:
     assert cat.ids == ["new1", "b", "gone", "new2"]
     rebased.deleted.add("a")
     assert "a" not in cat.deleted
+
+
+def test_metadata_arrays_follow_every_change() -> None:
+    cat = Catalog.from_ids(["a", "b"])
+    cat.upsert("a", "shoes", ["red", "sale", "red"], "A", ts=5.0)
+    cat.ensure("c", ts=7.0)
+    cat.upsert("b", "hats", ["sale"], None, ts=6.0)
+    cat.upsert("b", "bags", [], None, ts=9.0)  # a repost replaces category and tags
+    cat.set_category("c", "hats")
+    idx = np.asarray([0, 1, 2, -1])  # -1: an item this catalogue lacks
+    weights = {"red": 1.0, "sale": 0.5, "hats": 2.0, "bags": 0.25}
+    np.testing.assert_array_equal(cat.tag_weights(idx, weights), [2.5, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(cat.category_weights(idx, weights), [0.0, 0.25, 2.0, 0.0])
+    codes = cat.category_codes(idx)
+    assert codes[2] == cat.code("hats") and codes[3] == cat.code(None) == cat.code("nope")
+    np.testing.assert_array_equal(cat.first_seen(idx), [5.0, 6.0, 7.0, np.nan])
+    rebased = cat.rebase(["c", "a"])
+    np.testing.assert_array_equal(rebased.tag_weights(np.asarray([0, 1, 2]), weights),
+                                  [0.0, 2.5, 0.0])
+    np.testing.assert_array_equal(rebased.category_codes(np.asarray([0, 1, 2])),
+                                  [rebased.code("hats"), rebased.code("shoes"),
+                                   rebased.code("bags")])

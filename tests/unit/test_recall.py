@@ -26,7 +26,7 @@ from rec.recall import (
     interaction_matrix,
     top_n,
 )
-from rec.recall.base import center_rows
+from rec.recall.base import center_rows, weighted_rows
 from rec.recall.itemcf import item_similarity
 
 BLOCK = 10  # users 0-9 like items 0-9, users 10-19 like items 10-19
@@ -221,6 +221,14 @@ def test_itemcf_scores_are_weighted_sums_of_rows() -> None:
     np.testing.assert_allclose(cf.scores(idx, w, N_ITEMS), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_itemcf_row_is_the_stored_row() -> None:
+    cf = ItemCF.fit(X, "cosine", k=4, shrink=0.0)
+    js, sims = cf.row(3)
+    np.testing.assert_array_equal(sims, cf.sim.toarray()[3, js])
+    assert sorted(js.tolist()) == sorted(np.flatnonzero(cf.sim.toarray()[3]).tolist())
+    assert len(cf.row(N_ITEMS)[0]) == 0 and len(cf.row(-1)[0]) == 0
+
+
 def test_itemcf_neighbors_best_first() -> None:
     cf = ItemCF.fit(X, "cosine", k=4, shrink=0.0)
     nb, sims = cf.neighbors(3)
@@ -319,6 +327,13 @@ def test_graph_filter_matches_the_dense_formula() -> None:
     assert not got[N_ITEMS:].any()
     batch = graph.combine(graph.sharpening_terms(graph.blurred(X[[3, 7]].tocsr())), 1.5, 0.2)
     np.testing.assert_allclose(batch[:, 0], got[:N_ITEMS], rtol=1e-5, atol=1e-6)
+
+
+def test_graph_filter_blurred_one_is_blurred_of_one_row_exactly() -> None:
+    graph = GraphFilter.fit(X, dim=3, alpha=0.3, seed=0)
+    for user in range(N_USERS):
+        row = X[[user]].tocsr()
+        np.testing.assert_array_equal(graph.blurred_one(row.indices), graph.blurred(row))
 
 
 def test_cooccurrence_counts_first_time_events_only() -> None:
@@ -511,6 +526,17 @@ def test_interaction_matrix_sums_duplicates() -> None:
                            np.asarray([1.0, 2.5, -1.0, 4.0]), 3, 4)
     assert m.shape == (3, 4) and m.dtype == np.float32 and m.nnz == 3
     np.testing.assert_array_equal(m.toarray(), [[4, 3.5, 0, 0], [0, 0, -1, 0], [0, 0, 0, 0]])
+
+
+def test_weighted_rows_is_the_scipy_product_exactly() -> None:
+    rng = np.random.default_rng(0)
+    m = sp.random(30, 40, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    for rows in ([0, 5, 5, 29], [7], [], list(range(30))):
+        rows = np.asarray(rows, np.int64)
+        w = rng.standard_normal(len(rows)).astype(np.float32)
+        got = weighted_rows(m, rows, w)
+        assert got.dtype == np.float32 and got.shape == (40,)
+        np.testing.assert_array_equal(got, np.asarray(m[rows].T @ w).ravel())
 
 
 def test_center_rows_over_stored_entries() -> None:
