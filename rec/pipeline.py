@@ -361,24 +361,24 @@ class Recommender:
     def _similarity(self, seed_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """[seeds × items]: trained item-CF similarity plus live co-occurrence, of distinct
         items given by catalogue index (-1: not in the catalogue, similarity 0)."""
-        out = np.zeros((len(seed_idx), len(cols)), np.float32)
-        order = np.argsort(cols, kind="stable")
-        sorted_cols = cols[order]
-
-        def columns(js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """Which of the neighbours js are among the items, and their columns."""
-            pos = np.minimum(np.searchsorted(sorted_cols, js), max(len(cols) - 1, 0))
-            hit = sorted_cols[pos] == js if len(cols) else np.zeros(len(js), bool)
-            return hit, order[pos[hit]]
-
+        rows, neighbours, sims = [], [], []
         for r, i in enumerate(seed_idx.tolist()):
+            parts = [self.cooc.row(i)]
             if self.model is not None:
-                js, sims = self.model.itemcf.row(i)
-                hit, c = columns(js)
-                out[r, c] = sims[hit]
-            js, sims = self.cooc.row(i)
-            hit, c = columns(js)
-            out[r, c] += sims[hit]
+                parts.insert(0, self.model.itemcf.row(i))  # trained first, then live counts
+            for js, s in parts:
+                rows.append(np.full(len(js), r))
+                neighbours.append(js)
+                sims.append(s)
+        out = np.zeros((len(seed_idx), len(cols)), np.float32)
+        if not rows or not len(cols):
+            return out
+        neighbours = np.concatenate(neighbours)
+        order = np.argsort(cols, kind="stable")
+        pos = np.minimum(np.searchsorted(cols[order], neighbours), len(cols) - 1)
+        hit = cols[order][pos] == neighbours
+        flat = np.concatenate(rows)[hit] * len(cols) + order[pos[hit]]
+        np.add.at(out.reshape(-1), flat, np.concatenate(sims)[hit].astype(np.float32))
         return out
 
     def rank(self, view: ProfileView, cands: CandidateSet,
