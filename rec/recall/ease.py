@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.linalg import lapack
+import torch
 
 from rec.recall.base import ScoreSource
 
@@ -17,23 +17,23 @@ from rec.recall.base import ScoreSource
 def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
     """B (items × items, float32, zero diagonal) of the binary interactions x (users × items).
     P comes from a Cholesky factorisation (XᵀX + λI is symmetric positive definite): half the
-    work of a general inverse."""
+    work of a general inverse. torch's LAPACK does it: the OpenBLAS in numpy's and scipy's
+    wheels crashes in potrf on matrices of 16k × 16k and more (measured here)."""
     xb = x.astype(np.float64).tocsr(copy=True)
     xb.data = (xb.data > 0).astype(np.float64)
     xb.eliminate_zeros()
     n = xb.shape[1]
-    gram = np.asarray((xb.T @ xb).toarray(), np.float64, order="F")
-    gram[np.diag_indices(n)] += l2
-    chol, info = lapack.dpotrf(gram, lower=False, overwrite_a=True)
-    if info != 0:
-        raise ValueError(f"EASE: XᵀX + λI is not positive definite (LAPACK info {info})")
-    p, info = lapack.dpotri(chol, lower=False, overwrite_c=True)
-    if info != 0:
-        raise ValueError(f"EASE: inverse failed (LAPACK info {info})")
-    p = np.triu(p) + np.triu(p, 1).T  # dpotri fills the upper triangle only
-    b = p / -np.diag(p)[None, :]
-    b[np.diag_indices(n)] = 0.0
-    return b.astype(np.float32)
+    gram = torch.from_numpy(np.asarray((xb.T @ xb).toarray(), np.float64))
+    gram.diagonal().add_(l2)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    del gram
+    if int(info) != 0:
+        raise ValueError(f"EASE: XᵀX + λI is not positive definite (LAPACK info {int(info)})")
+    p = torch.cholesky_inverse(chol).numpy()
+    del chol
+    p /= -np.diag(p).copy()[None, :]
+    p[np.diag_indices(n)] = 0.0
+    return p.astype(np.float32)
 
 
 class EASE(ScoreSource):
