@@ -91,8 +91,8 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
         ex, cases = replay_holdout(prefix, records, prefix_events, suffix_events, config,
                                    _impressions(records))
         metrics["ranker_examples"] = len(ex)
-        metrics["recall_hit_rate"] = round(float(np.mean([c.positive >= 0 for c in cases])), 4) \
-            if cases else None
+        metrics["recall_hit_rate"] = round(float(np.mean(
+            [len(c.positives) / c.n_relevant for c in cases])), 4) if cases else None
         if len(ex) and 0 < ex.labels.mean() < 1:
             ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
                             list(DENSE_FEATURES))
@@ -125,10 +125,12 @@ def _validation_sample(suffix: list[dict], config: RecConfig, n: int = VALIDATIO
     return positive[::step][:n]
 
 
-def _gain(ranked: np.ndarray, item: int) -> float:
-    """NDCG@K of one relevant item in a ranked list."""
-    hit = np.flatnonzero(ranked[:VALIDATION_K] == item)
-    return float(1.0 / np.log2(hit[0] + 2)) if len(hit) else 0.0
+def _gain(ranked: np.ndarray, positives: np.ndarray, n_relevant: int = 1) -> float:
+    """NDCG@K of a ranked list in which `positives` are relevant, out of `n_relevant` relevant
+    items in all (those recall missed count in the ideal DCG)."""
+    hits = np.flatnonzero(np.isin(ranked[:VALIDATION_K], positives))
+    ideal = (1.0 / np.log2(np.arange(min(n_relevant, VALIDATION_K)) + 2)).sum()
+    return float((1.0 / np.log2(hits + 2)).sum() / ideal) if len(hits) else 0.0
 
 
 def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict],
@@ -244,10 +246,12 @@ def _impressions(records: list[dict]) -> dict[str, list[str]]:
 
 @dataclass
 class ValidationCase:
-    """One held-out event the ranker never trained on: its whole candidate set's ranker inputs
-    and the row of the item the user picked (-1 when recall missed it)."""
+    """One held-out request the ranker never trained on: its whole candidate set's ranker inputs,
+    the rows of the relevant items recall found and how many items are relevant in all (the one
+    item the user picked next; for a random holdout, all the user's held-out items)."""
     inputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-    positive: int
+    positives: np.ndarray
+    n_relevant: int = 1
 
 
 def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
@@ -265,15 +269,20 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
     A random share held out of data whose order is not time (`train.holdout == "random"`) is not
     a sequence: every case then sees its user's prefix only, as the test sees the training set,
     and the user's other held-out items are never sampled as negatives (they are relevant too).
-    Applying them in file order would leak that order (LightGCN lists are sorted by item id)."""
+    Applying them in file order would leak that order (LightGCN lists are sorted by item id).
+    A validation case is then one request per user with all their held-out items relevant,
+    scored as the full-ranking test scores it."""
     shown = shown or {}
     rc = config.ranker
     rng = np.random.default_rng(rc.seed)
     sequential = config.train.holdout == "last"
     held_by_user: dict[str, set[str]] = {}
+    relevant_of: dict[str, set[str]] = {}  # random holdout: each user's positive held-out items
     if not sequential:
         for r in suffix:
             held_by_user.setdefault(r["user_id"], set()).add(r["item_id"])
+            if event_weight(r["type"], r.get("value"), config.profile) > 0:
+                relevant_of.setdefault(r["user_id"], set()).add(r["item_id"])
     rec = Recommender(config, prefix)
     rec.apply([r for r in records if r["kind"] == KIND_ITEM])
     rec.apply(prefix_events, in_model=True)
@@ -285,7 +294,10 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
 
     groups: list[tuple[np.ndarray, ...]] = []
     cases: list[ValidationCase] = []
+    validated: set[str] = set()
     for n, r in enumerate(suffix):
+        if n in validation and not sequential and r["user_id"] in validated:
+            continue  # one case per user
         if n in take or n in validation:
             view = rec.view(r["user_id"])
             cands = rec.recall(view)
@@ -293,12 +305,15 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
             row = {item: k for k, item in enumerate(cands.item_ids)}
             positive = row.get(r["item_id"], -1)
             if n in validation:
-                cases.append(ValidationCase(inputs, positive))
+                targets = {r["item_id"]} if sequential else relevant_of[r["user_id"]]
+                validated.add(r["user_id"])
+                rows = np.asarray(sorted(row[i] for i in targets if i in row), np.int64)
+                cases.append(ValidationCase(inputs, rows, len(targets)))
             elif positive >= 0 and len(row) > 1:
                 negs = [row[i] for i in dict.fromkeys(shown.get(r.get("request_id") or "", []))
                         if i in row and row[i] != positive][: rc.negatives]
-                relevant = [row[i] for i in held_by_user.get(r["user_id"], ()) if i in row]
-                others = np.setdiff1d(np.arange(len(row)), [positive, *negs, *relevant])
+                spare = [row[i] for i in held_by_user.get(r["user_id"], ()) if i in row]
+                others = np.setdiff1d(np.arange(len(row)), [positive, *negs, *spare])
                 if not len(others):
                     others = np.setdiff1d(np.arange(len(row)), [positive])
                 need = rc.negatives - len(negs)  # groups have one size; few candidates repeat
@@ -333,7 +348,7 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[s
     gains: dict[str, list[float]] = {name: [] for name in names}
     for case in cases:
         for name in names:
-            if case.positive < 0:
+            if not len(case.positives):
                 gains[name].append(0.0)
                 continue
             if name == "ranker":
@@ -341,7 +356,7 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]) -> tuple[s
             else:
                 scores = recall_order(case.inputs[3], name)
             order = np.argsort(-scores, kind="stable")
-            gains[name].append(_gain(order, case.positive))
+            gains[name].append(_gain(order, case.positives, case.n_relevant))
     results = {name: round(float(np.mean(g)), 5) for name, g in gains.items()}
     recall_best = max((o for o in names if o != "ranker"), key=lambda o: results[o])
     diff = np.asarray(gains["ranker"]) - np.asarray(gains[recall_best])

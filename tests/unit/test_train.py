@@ -15,6 +15,7 @@ from rec.profile import event_weight
 from rec.ranker import Ranker
 from rec.train import (
     _fit_recall,
+    _gain,
     _item_order,
     _validation_sample,
     choose_ordering,
@@ -250,8 +251,9 @@ def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed
 def test_validation_cases_are_disjoint_from_training_and_whole(replayed) -> None:
     prefix, ex, cases, head, tail = replayed
     assert len(cases) == len(_validation_sample(tail, CONFIG)) > 0
-    assert all(len(c.inputs[0]) > 0 and -1 <= c.positive < len(c.inputs[0]) for c in cases)
-    assert sum(c.positive >= 0 for c in cases) > len(cases) / 5
+    assert all(len(c.inputs[0]) > 0 and c.n_relevant == 1 and len(c.positives) <= 1 for c in cases)
+    assert all(0 <= p < len(c.inputs[0]) for c in cases for p in c.positives)
+    assert sum(len(c.positives) for c in cases) > len(cases) / 5
     assert len(groups(ex)) <= len(positive_events(tail)) - len(cases)
 
 
@@ -262,7 +264,7 @@ def test_a_random_holdout_is_not_replayed_as_a_sequence(records) -> None:
     config.train.holdout = "random"
     events, item_ids, categories, user_ids, index, (head, tail) = split(records, config)
     prefix = fit(head, item_ids, categories, user_ids, index, config)
-    ex, _ = replay_holdout(prefix, records, head, tail, config)
+    ex, cases = replay_holdout(prefix, records, head, tail, config)
     base = Recommender(config, prefix)
     base.apply([r for r in records if r["kind"] == "item"])
     base.apply(head, in_model=True)
@@ -282,6 +284,15 @@ def test_a_random_holdout_is_not_replayed_as_a_sequence(records) -> None:
         if checked == 30:
             break
     assert checked == 30
+    # validation: one request per user, every held-out positive item of theirs relevant
+    users = list(dict.fromkeys(tail[n]["user_id"] for n in sorted(validation)))
+    assert len(cases) == len(users)
+    for case, user in zip(cases, users, strict=True):
+        liked = {r["item_id"] for r in tail if r["user_id"] == user
+                 and event_weight(r["type"], r["value"], config.profile) > 0}
+        cands = base.recall(base.view(user)).item_ids
+        assert case.n_relevant == len(liked)
+        assert [cands[p] for p in case.positives] == [i for i in cands if i in liked]
 
 
 def test_examples_are_capped_at_max_examples(records) -> None:
@@ -324,6 +335,17 @@ def test_shown_but_not_picked_items_are_the_first_negatives(replayed, records) -
     assert group[1:4] == shown_items and not got.labels[first][1:4].any()
 
 
+def test_validation_gain_is_ndcg_at_20_over_all_relevant_items() -> None:
+    ranked = np.arange(30)
+    assert _gain(ranked, np.asarray([0])) == 1.0
+    assert _gain(ranked, np.asarray([2])) == pytest.approx(0.5)  # 1 / log2(4)
+    assert _gain(ranked, np.asarray([25])) == 0.0  # below the cut-off
+    # two relevant, found at ranks 1 and 3, a third missed by recall: DCG / IDCG of three
+    dcg = 1 / np.log2(3) + 1 / np.log2(5)
+    idcg = 1 + 1 / np.log2(3) + 1 / np.log2(4)
+    assert _gain(ranked, np.asarray([1, 3]), 3) == pytest.approx(dcg / idcg)
+
+
 def test_ordering_is_chosen_on_held_out_cases(replayed) -> None:
     """The served ordering is the best of ranker/recall orders on the validation cases, and a
     case whose item recall missed scores zero for every ordering."""
@@ -335,7 +357,7 @@ def test_ordering_is_chosen_on_held_out_cases(replayed) -> None:
     assert set(results) == set(ORDERINGS)
     recall_best = max(results["gf"], results["blend"])
     assert results[name] == (max(results.values()) if name == "ranker" else recall_best)
-    missed = [c for c in cases if c.positive < 0]
+    missed = [c for c in cases if not len(c.positives)]
     _, zero = choose_ordering(prefix, missed)
     assert not missed or all(v == 0.0 for v in zero.values())
 
