@@ -49,11 +49,16 @@ class GraphFilter(ScoreSource):
         inv_i = np.divide(1.0, np.sqrt(di), out=np.zeros_like(di), where=di > 0)
         norm = (sp.diags(inv_u) @ xb @ sp.diags(inv_i)).tocsr()
         k = max(1, min(dim, min(norm.shape) - 1))
-        # PROPACK, not ARPACK: every connected component of the user-item graph gives R̃ a
-        # singular value of exactly 1, and on a log of many small components (Diginetica's
-        # purchases: 6,394) ARPACK's restarts crawl (> 15 min); PROPACK takes 2 min there and
-        # as long as ARPACK on Gowalla, with the same singular values.
-        _, s, vt = svds(norm.astype(np.float64), k=k, solver="propack", random_state=seed)
+        # PROPACK first: every connected component of the user-item graph gives R̃ a singular
+        # value of exactly 1, and on a log of many small components (Diginetica's purchases:
+        # 6,394) ARPACK's restarts crawl (> 15 min); PROPACK takes 2 min there and as long as
+        # ARPACK on Gowalla, with the same singular values. PROPACK stops when its Krylov space
+        # is exhausted before k vectors (a rank below k: small logs); ARPACK handles those.
+        try:
+            _, s, vt = svds(norm.astype(np.float64), k=k, solver="propack", random_state=seed)
+        except np.linalg.LinAlgError:
+            v0 = np.random.default_rng(seed).standard_normal(min(norm.shape))
+            _, s, vt = svds(norm.astype(np.float64), k=k, v0=v0, random_state=seed)
         basis = vt[np.argsort(-s)].T
         return cls(norm.T.tocsr(), basis, di, alpha)
 
