@@ -177,8 +177,10 @@ def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: 
 def holdout_split(events: list[dict], config: RecConfig) -> tuple[list[dict], list[dict]]:
     """Events (in time order) split into what the ranker's recall models see and the held-out
     events it learns to predict: each user's last `holdout_fraction` of events ("last", for
-    logs with real time) or a seeded random share of them ("random", for data without time).
-    Fewer than 50 events: nothing is held out."""
+    logs with real time) or a seeded random share of them ("random", for data without time),
+    and at least one event of every user with two or more (a sparse log, such as purchases,
+    would otherwise hold out almost nothing to learn from). Fewer than 50 events: nothing is
+    held out."""
     tc = config.train
     if len(events) < 50:
         return events, []
@@ -188,7 +190,7 @@ def holdout_split(events: list[dict], config: RecConfig) -> tuple[list[dict], li
     rng = np.random.default_rng(config.seed)
     held = np.zeros(len(events), bool)
     for rows in by_user.values():
-        n_out = int(len(rows) * tc.holdout_fraction)
+        n_out = max(int(len(rows) * tc.holdout_fraction), int(len(rows) >= 2))
         if n_out == 0:
             continue
         out = rows[-n_out:] if tc.holdout == "last" else rng.choice(rows, n_out, replace=False)
