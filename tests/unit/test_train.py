@@ -362,6 +362,15 @@ def test_ordering_is_chosen_on_held_out_cases(replayed) -> None:
     assert not missed or all(v == 0.0 for v in zero.values())
 
 
+def test_holdout_keeps_one_event_of_a_user_with_few() -> None:
+    """A sparse log (two or three events per user) still holds out one event of each user."""
+    events = [event_record(user_id=f"u{n % 20}", item_id=f"i{n}", type="purchase", ts=float(n))
+              for n in range(50)]  # users with 2 or 3 events each
+    _, tail = holdout_split(events, CONFIG)
+    last = {r["user_id"]: r["ts"] for r in events}
+    assert sorted((r["user_id"], r["ts"]) for r in tail) == sorted(last.items())
+
+
 @pytest.mark.parametrize("mode", ["last", "random"])
 def test_holdout_takes_a_fifth_of_each_users_events_and_at_least_one(records, mode) -> None:
     config = CONFIG.model_copy(deep=True)
