@@ -51,6 +51,7 @@ class RecModel(Model):
 
     def fit(self, data: Interactions) -> RecModel:
         self.data = data
+        self.item_index = {item: n for n, item in enumerate(data.item_ids)}
         if not data.ordered:  # file order is not time: hold out a random share, not the "last"
             self.config.train.holdout = "random"
         self.records = [{**r, "offset": n} for n, r in enumerate(data.to_records())]
@@ -84,7 +85,7 @@ class RecModel(Model):
                   ) -> np.ndarray:
         """Top-k item indices per user through the serving pipeline (seen items are filtered by
         the profile; `exclude` rows are honoured too)."""
-        index = {item: n for n, item in enumerate(self.data.item_ids)}
+        index = self.item_index
         out = np.full((len(users), k), -1, np.int64)
         for row, u in enumerate(np.asarray(users).tolist()):
             extra = frozenset()
