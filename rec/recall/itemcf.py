@@ -135,11 +135,10 @@ class ItemCF(ScoreSource):
         return self.sim.indices[start:stop], self.sim.data[start:stop]
 
     def neighbors(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        if i >= self.n_items:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        row = self.sim[i]
-        order = np.argsort(-row.data)
-        return row.indices[order].astype(np.int64), row.data[order]
+        """Item i's neighbours, most similar first."""
+        js, sims = self.row(i)
+        order = np.argsort(-sims)
+        return js[order].astype(np.int64), sims[order]
 
     def arrays(self) -> dict[str, np.ndarray]:
         return save_csr("itemcf", self.sim)
