@@ -27,6 +27,7 @@ from rec.recall import (
     top_n,
 )
 from rec.recall.base import center_rows, weighted_rows
+from rec.recall.graph_filter import largest_component
 from rec.recall.itemcf import item_similarity
 
 BLOCK = 10  # users 0-9 like items 0-9, users 10-19 like items 10-19
@@ -327,6 +328,21 @@ def test_graph_filter_matches_the_dense_formula() -> None:
     assert not got[N_ITEMS:].any()
     batch = graph.combine(graph.sharpening_terms(graph.blurred(X[[3, 7]].tocsr())), 1.5, 0.2)
     np.testing.assert_allclose(batch[:, 0], got[:N_ITEMS], rtol=1e-5, atol=1e-6)
+
+
+def test_graph_filter_ideal_filter_is_fitted_on_the_largest_component() -> None:
+    """Every component gives R̃ a singular value of 1; the basis comes from the largest one
+    (block 0 here, block 1 cut to 5 users), is zero elsewhere, and is R̃'s top right singular
+    vectors there."""
+    x = X[:15].tocsr()
+    users, items = largest_component(x)
+    assert users.tolist() == list(range(BLOCK)) and items.tolist() == list(range(BLOCK))
+    graph = GraphFilter.fit(x, dim=3, alpha=0.3, seed=0)
+    assert not graph.basis[BLOCK:].any()
+    block = x[:BLOCK, :BLOCK].toarray()
+    r_norm = block / np.sqrt(block.sum(axis=1))[:, None] / np.sqrt(block.sum(axis=0))[None, :]
+    top = np.linalg.svd(r_norm)[2][:3].T
+    np.testing.assert_allclose(np.abs(top.T @ graph.basis[:BLOCK]), np.eye(3), atol=1e-5)
 
 
 def test_graph_filter_blurred_one_is_blurred_of_one_row_exactly() -> None:
