@@ -16,6 +16,8 @@ from deployments.runtime import set_process_env
 from rec.config import RecConfig
 
 LOAD_BATCH = 10_000
+TARGETS_FILE = "targets.json"  # in the data dir: each app's direct-ingress URLs
+TARGETS_REFRESH_S = 5.0
 
 
 def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
@@ -46,6 +48,44 @@ def _wait_ready(url: str, timeout_s: float) -> dict:
             last = exc
             time.sleep(0.5)
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s}s: {last}")
+
+
+def direct_targets(host: str) -> dict[str, list[str]]:
+    """Each Serve app's direct-ingress URLs, one per ingress replica.
+
+    With RAY_SERVE_THROUGHPUT_OPTIMIZED, Serve 2.60 also serves every ingress replica's HTTP on
+    a port of its own (30000 and up), without the proxy's hop: on this machine that is 2.6x
+    the requests/s of the proxy for /recommend (see README, Load tests). A load balancer in
+    front of these URLs (Serve's HAProxy mode on a cluster, the load-test client here) spreads
+    requests over them. The controller's `get_target_groups` (what Serve's HAProxy mode reads)
+    is not public API, so this is best effort: {} when it is not there."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    try:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(), timeout=10)
+    except Exception:  # not public API: a Ray without it leaves the proxy as the only way in
+        return {}
+    out: dict[str, list[str]] = {}
+    for group in groups:
+        if group.protocol != "HTTP":  # a str enum
+            continue
+        urls = [f"http://{host if host not in ('0.0.0.0', '::') else t.ip}:{t.port}"
+                for t in group.targets if t.name.startswith("SERVE_REPLICA::")]
+        if urls and group.app_name:
+            out[group.app_name] = sorted(urls)
+    return out
+
+
+def _publish_targets(path: Path, host: str, last: dict | None) -> dict:
+    """Write the direct-ingress URLs to `path` when they changed (replicas restart on new
+    ports); atomically, so a reader never sees half a file."""
+    targets = direct_targets(host)
+    if targets != last:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(targets, indent=2))
+        tmp.replace(path)
+    return targets
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -96,11 +136,17 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"  curl '{url}/similar?item_id=i42&k=5'")
         print(f"  curl {url}/models")
         print(f"  curl -X POST {url}/admin/retrain -H 'X-API-Key: {config.serving.api_key}'")
-        print(f"  open {url}/docs for the whole API\n\nCtrl-C stops.")
+        print(f"  open {url}/docs for the whole API\n")
+        targets_path = config.data_dir / TARGETS_FILE
+        targets = _publish_targets(targets_path, args.host, None)
+        for app, urls in targets.items():
+            print(f"direct ingress of {app!r} (no proxy hop; balance over them): {' '.join(urls)}")
+        print(f"(kept current in {targets_path})\n\nCtrl-C stops.")
         signal.signal(signal.SIGINT, _stop)  # also when started with SIGINT ignored (nohup, &)
         signal.signal(signal.SIGTERM, _stop)
         while True:
-            time.sleep(3600)
+            time.sleep(TARGETS_REFRESH_S)
+            targets = _publish_targets(targets_path, args.host, targets)
     except KeyboardInterrupt:
         print("\nshutting down ...")
     finally:

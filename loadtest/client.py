@@ -113,12 +113,20 @@ class Population:
 
 
 class Client:
-    """One aiohttp session against the stack (127.0.0.1 only)."""
+    """One aiohttp session against the stack (127.0.0.1 only). Given several base URLs (the
+    direct-ingress replicas of one app), requests go round robin over them, as an L4 load
+    balancer in front of them would spread connections."""
 
-    def __init__(self, base: str, api_key: str = "") -> None:
-        if not base.startswith(("http://127.", "http://localhost", "http://[::1]")):
-            raise ValueError("load tests only target this machine (127.0.0.0/8, localhost, ::1)")
-        self.base = base.rstrip("/")
+    def __init__(self, base: str | list[str], api_key: str = "") -> None:
+        bases = [base] if isinstance(base, str) else list(base)
+        if not bases:
+            raise ValueError("no base URL")
+        for b in bases:
+            if not b.startswith(("http://127.", "http://localhost", "http://[::1]")):
+                raise ValueError("load tests only target this machine (127.0.0.0/8, localhost, "
+                                 "::1)")
+        self.bases = [b.rstrip("/") for b in bases]
+        self._turn = itertools.cycle(self.bases)
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
 
@@ -138,7 +146,7 @@ class Client:
         t = time.perf_counter()
         extra = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
         try:
-            async with self.session.request(method, self.base + path, data=body,
+            async with self.session.request(method, next(self._turn) + path, data=body,
                                             headers=headers, **extra) as r:
                 data = await r.read()
                 status = r.status

@@ -44,6 +44,7 @@ from urllib.parse import quote
 
 import psutil
 
+from deployments.cli import TARGETS_FILE
 from loadtest import client as lc
 from loadtest import report
 
@@ -169,9 +170,12 @@ class CpuMeter:
 
 
 class Run:
-    def __init__(self, args, client: lc.Client, pop: lc.Population, stack: Stack | None,
-                 results: dict, deadline: float) -> None:
-        self.args, self.c, self.pop, self.stack = args, client, pop, stack
+    def __init__(self, args, clients: dict[str, lc.Client], pop: lc.Population,
+                 stack: Stack | None, results: dict, deadline: float) -> None:
+        # clients: "rec" and "floor" (the path under test: direct ingress or the proxy) and
+        # "proxy" (Serve's proxy, for the comparison rows)
+        self.clients, self.c = clients, clients["rec"]
+        self.args, self.pop, self.stack = args, pop, stack
         self.results, self.deadline = results, deadline
         self.cpu = CpuMeter(stack)
 
@@ -221,13 +225,17 @@ class Run:
     # scenarios
 
     async def floor(self) -> None:
-        status, _, _ = await self.c.call("GET", "/floor")
+        floor = self.clients["floor"]
+        status, _, _ = await floor.call("GET", "/floor")
         if status != 200:
             self.results.setdefault("skipped", []).append(f"floor: GET /floor answered {status}")
             return
         for n in CONCURRENCY:
             if self.fits(self.per_run(), f"floor@{n}"):
-                await self.closed("floor", n, lambda t: lc.floor_step(self.c, t))
+                await self.closed("floor", n, lambda t: lc.floor_step(floor, t))
+        proxy = self.clients["proxy"]
+        if floor is not proxy and self.fits(self.per_run(), "floor-proxy@8"):
+            await self.closed("floor-proxy", 8, lambda t: lc.floor_step(proxy, t))
 
     async def prime_active_users(self, n_known: int = 100, n_new: int = 100,
                                  per_user: int = 5) -> None:
@@ -246,11 +254,11 @@ class Run:
         self.pop.active = users
 
     async def recommend(self, name: str = "recommend", n: int = 8,
-                        seconds: float | None = None) -> dict:
+                        seconds: float | None = None, client: lc.Client | None = None) -> dict:
         tallies: dict[str, lc.Tally] = {}
         a = self.cpu.snap()
         _, wall = await lc.closed_loop(n, seconds or self.args.seconds, self.args.warmup,
-                                       lc.recommend_step(self.c, self.pop, tallies))
+                                       lc.recommend_step(client or self.c, self.pop, tallies))
         b = self.cpu.snap()
         t = tallies.get("all", lc.Tally())
         by_kind = {k: {"requests": len(v.latencies_ms) + v.errors, "errors": v.errors,
@@ -267,6 +275,9 @@ class Run:
         for n in CONCURRENCY:
             if self.fits(self.per_run(), f"recommend@{n}"):
                 await self.recommend("recommend", n)
+        proxy = self.clients["proxy"]
+        if self.c is not proxy and self.fits(self.per_run(), "recommend-proxy@8"):
+            await self.recommend("recommend-proxy", 8, client=proxy)
 
     async def mixed(self) -> None:
         for n in CONCURRENCY:
@@ -513,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0, help="stack port (default: a free one)")
     p.add_argument("--attach", metavar="URL",
                    help="use a stack already running at URL instead of starting one")
+    p.add_argument("--via", choices=["direct", "proxy"], default="direct",
+                   help="direct: the replicas' direct-ingress ports, round robin (what a load "
+                        "balancer in front of Serve does; default); proxy: Serve's proxy only")
+    p.add_argument("--targets", metavar="FILE",
+                   help="with --attach: the stack's targets.json (direct-ingress URLs)")
     args = p.parse_args(argv)
     if args.overload_seconds is None:
         args.overload_seconds = min(args.seconds, 10.0)
@@ -581,10 +597,10 @@ def uvloop_run(coro):
 
 async def _run(args, url: str, pop: lc.Population, stack: Stack | None, results: dict,
                deadline: float, only: set[str], t_start: float) -> None:
-    async with lc.Client(url, args.api_key) as client:
+    async with lc.Client(url, args.api_key) as proxy, contextlib.AsyncExitStack() as more:
         ready_by = time.monotonic() + min(600.0, deadline - time.monotonic())
         while stack is not None:
-            status, _, _ = await client.call("GET", "/readyz")
+            status, _, _ = await proxy.call("GET", "/readyz")
             if status == 200:
                 break
             if not stack.alive():
@@ -593,14 +609,42 @@ async def _run(args, url: str, pop: lc.Population, stack: Stack | None, results:
             if time.monotonic() > ready_by:
                 raise TimeoutError("the stack was not ready in time")
             await asyncio.sleep(1.0)
-        await client.wait_ready(["/readyz"], 60)
+        await proxy.wait_ready(["/readyz"], 60)
         results["stack"] = {"ready_s": round(time.monotonic() - t_start, 1), "url": url}
         print(f"stack ready in {results['stack']['ready_s']} s", flush=True)
-        run = Run(args, client, pop, stack, results, deadline)
+        clients = {"rec": proxy, "floor": proxy, "proxy": proxy}
+        if args.via == "direct":
+            path = Path(args.targets) if args.targets else (
+                stack.data_dir / TARGETS_FILE if stack else None)
+            targets = await read_targets(path, ("rec", "floor") if "floor" in only else ("rec",))
+            for app, urls in targets.items():
+                clients[app] = await more.enter_async_context(lc.Client(urls, args.api_key))
+            results["stack"]["direct_ingress"] = targets
+            if "rec" not in targets:
+                results.setdefault("skipped", []).append(
+                    f"direct ingress: no targets in {path}; every scenario went through the proxy")
+        results["path"] = "direct ingress" if clients["rec"] is not proxy else "proxy"
+        print(f"requests go through: {results['path']}", flush=True)
+        run = Run(args, clients, pop, stack, results, deadline)
         try:
             await asyncio.wait_for(run.all(only), max(deadline - time.monotonic(), 1))
         except TimeoutError:
             results.setdefault("skipped", []).append("the budget ran out mid-scenario")
+
+
+async def read_targets(path: Path | None, apps: tuple[str, ...], timeout_s: float = 30.0
+                       ) -> dict[str, list[str]]:
+    """The direct-ingress URLs `rec serve` keeps in its data dir (deployments.cli), once they
+    list every app in `apps` (or what is there after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    targets: dict[str, list[str]] = {}
+    while path is not None:
+        with contextlib.suppress(OSError, ValueError):
+            targets = json.loads(path.read_text())
+        if all(app in targets for app in apps) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    return {app: urls for app, urls in targets.items() if app in apps and urls}
 
 
 if __name__ == "__main__":
