@@ -114,8 +114,9 @@ class Population:
 
 class Client:
     """One aiohttp session against the stack (127.0.0.1 only). Given several base URLs (the
-    direct-ingress replicas of one app), requests go round robin over them, as an L4 load
-    balancer in front of them would spread connections."""
+    direct-ingress replicas of one app), each request goes to the one with the fewest requests
+    in flight, first in turn among equals (HAProxy's `balance leastconn`, the usual choice in
+    front of Serve's direct ingress): a replica slowed by an expensive request gets less."""
 
     def __init__(self, base: str | list[str], api_key: str = "") -> None:
         bases = [base] if isinstance(base, str) else list(base)
@@ -126,7 +127,8 @@ class Client:
                 raise ValueError("load tests only target this machine (127.0.0.0/8, localhost, "
                                  "::1)")
         self.bases = [b.rstrip("/") for b in bases]
-        self._turn = itertools.cycle(self.bases)
+        self._in_flight = dict.fromkeys(self.bases, 0)
+        self._turn = 0
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
 
@@ -145,14 +147,26 @@ class Client:
         """(status, body, seconds); status -1 for a transport failure (body = the error)."""
         t = time.perf_counter()
         extra = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+        base = self._pick()
+        self._in_flight[base] += 1
         try:
-            async with self.session.request(method, next(self._turn) + path, data=body,
-                                            headers=headers, **extra) as r:
+            async with self.session.request(method, base + path, data=body, headers=headers,
+                                            **extra) as r:
                 data = await r.read()
                 status = r.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             status, data = -1, repr(exc).encode()
+        finally:
+            self._in_flight[base] -= 1
         return status, data, time.perf_counter() - t
+
+    def _pick(self) -> str:
+        n = len(self.bases)
+        if n == 1:
+            return self.bases[0]
+        self._turn = (self._turn + 1) % n
+        order = self.bases[self._turn:] + self.bases[:self._turn]
+        return min(order, key=self._in_flight.__getitem__)
 
     async def timed(self, tally: Tally | None, win: Window, method: str, path: str,
                     body: bytes | None = None, headers: dict | None = None,
