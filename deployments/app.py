@@ -30,7 +30,8 @@ def build_app(config: RecConfig, log=None, trainer=None, replicas: int = 1) -> A
 
     ingress = Aggregator.options(
         num_replicas=replicas, max_queued_requests=MAX_QUEUED,
-        ray_actor_options=actor_options(s.replica_cpus), max_ongoing_requests=INGRESS_MAX_ONGOING)
+        ray_actor_options=actor_options(s.replica_cpus),
+        max_ongoing_requests=INGRESS_MAX_ONGOING[s.topology])
     if s.topology == "fused":
         return ingress.bind(cfg, log, trainer=trainer)
     profile = ProfileStage.options(**opts()).bind(cfg, log)

@@ -42,7 +42,9 @@ async def recall_with_index(live: Live, view: ProfileView) -> CandidateSet:
 
 
 class LocalStages:
-    """Every stage in this process (fused topology), sharing one live state."""
+    """Every stage in this process (fused topology), sharing one live state. Each stage yields
+    to the event loop first: the stages compute without awaiting, and between them the loop
+    reads new requests, admits or rejects them (a 503 waits one stage, not whole requests)."""
 
     def __init__(self, live: Live) -> None:
         self.live = live
@@ -52,9 +54,11 @@ class LocalStages:
         return self.live.rec.view(user_id)
 
     async def recall(self, view: ProfileView) -> CandidateSet:
+        await asyncio.sleep(0)
         return await recall_with_index(self.live, view)
 
     async def rank(self, view: ProfileView, cands: CandidateSet, context: dict | None) -> np.ndarray:
+        await asyncio.sleep(0)
         return self.live.rec.rank(view, cands, context)
 
 

@@ -491,7 +491,7 @@ def ray_settings(config_path: str | None, replicas: int) -> tuple[dict, str]:
     s, t = config.serving, config.train
     settings = {
         "topology": s.topology, "ingress_replicas": replicas, "replica_cpus": s.replica_cpus,
-        "max_ongoing_requests": INGRESS_MAX_ONGOING, "max_queued_requests": MAX_QUEUED,
+        "max_ongoing_requests": INGRESS_MAX_ONGOING[s.topology], "max_queued_requests": MAX_QUEUED,
         "ann_shards": s.ann_shards, "log_impressions": s.log_impressions,
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"],
         "access_log": ENV["RAY_SERVE_ENABLE_ACCESS_LOG"] == "1",

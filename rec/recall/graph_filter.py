@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import svds
-
 from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import svds
 
 from rec.recall.base import ScoreSource, load_csr, save_csr, weighted_rows
 

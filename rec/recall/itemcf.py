@@ -69,6 +69,9 @@ class Cooccurrence:
         self.window = window
         self.pairs: dict[int, dict[int, float]] = defaultdict(dict)
         self.item_users = np.zeros(64, np.float32)
+        # row i as arrays (neighbours, counts), built on first read after it last changed:
+        # every request reads the rows of its user's recent items, events change few rows
+        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def add(self, j: int, recent: list[int], first_time: bool) -> None:
         if not first_time:
@@ -80,19 +83,24 @@ class Cooccurrence:
             self.item_users = grown
         self.item_users[j] += 1
         row_j = self.pairs[j]
+        self._arrays.pop(j, None)
         for i in recent[-self.window:]:
             if i != j:
                 row_j[i] = row_j.get(i, 0.0) + 1.0
                 row_i = self.pairs[i]
                 row_i[j] = row_i.get(j, 0.0) + 1.0
+                self._arrays.pop(i, None)
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours of item i and their similarities, as arrays."""
-        row = self.pairs.get(i)
-        if not row:
-            return np.empty(0, np.int64), np.empty(0, np.float32)
-        js = np.fromiter(row.keys(), np.int64, len(row))
-        counts = np.fromiter(row.values(), np.float32, len(row))
+        cached = self._arrays.get(i)
+        if cached is None:
+            row = self.pairs.get(i)
+            if not row:
+                return np.empty(0, np.int64), np.empty(0, np.float32)
+            cached = self._arrays[i] = (np.fromiter(row.keys(), np.int64, len(row)),
+                                        np.fromiter(row.values(), np.float32, len(row)))
+        js, counts = cached
         n = np.maximum(self.item_users[js], 1.0) * max(float(self.item_users[i]), 1.0)
         return js, counts / np.sqrt(n)
 

@@ -370,6 +370,24 @@ def test_cooccurrence_pairs_within_the_window() -> None:
     assert 9 not in c.pairs[2]
 
 
+def test_cooccurrence_rows_read_after_every_change() -> None:
+    """Rows are kept as arrays between reads; every event that touches a row (either end of a
+    pair, or a user count) shows in the next read."""
+    c = Cooccurrence()
+    c.add(0, [], True)
+    c.add(1, [0], True)
+    js, sims = c.row(0)
+    assert js.tolist() == [1] and sims == pytest.approx([1.0])
+    c.add(2, [0], True)  # a new neighbour of 0, added from 2's side
+    c.add(1, [2], True)  # 1 gains a user (and a pair with 2)
+    js, sims = c.row(0)
+    expect = {1: 1 / np.sqrt(2 * 1), 2: 1 / np.sqrt(1 * 1)}
+    assert dict(zip(js.tolist(), sims.tolist(), strict=True)) == pytest.approx(expect)
+    js, sims = c.row(1)
+    assert dict(zip(js.tolist(), sims.tolist(), strict=True)) == pytest.approx(
+        {0: 1 / np.sqrt(2), 2: 1 / np.sqrt(2)})
+
+
 def test_cooccurrence_ignores_self_pairs() -> None:
     c = Cooccurrence()
     c.add(4, [4, 2], True)
