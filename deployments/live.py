@@ -22,7 +22,7 @@ from rec.pipeline import Recommender
 
 log = logging.getLogger("rec.live")
 READ_LIMIT = 20_000
-APPLY_SLICE = 1_000  # log records applied to a warming model version between yields to requests
+APPLY_SLICE = 250  # log records applied to a warming model version between yields to requests
 
 
 class Live:

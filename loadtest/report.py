@@ -211,12 +211,14 @@ def to_markdown(results: dict) -> str:
                   f"({new.get('not_seen', 0)} not seen within {new.get('timeout_s')} s).", ""]
     over = find(results, "overload")
     if over:
-        rej = over.get("rejected", {})
+        rej, lag = over.get("rejected", {}), over.get("client_send_lag", {})
         lines += [f"Overload: offered {over.get('offered_rps')} req/s (3 × {over.get('capacity_rps')})"
                   f" for {over['seconds']} s; accepted {over.get('accepted', 0)} "
                   f"({over['rps']} req/s answered in all), rejected {rej.get('count', 0)} "
                   f"with 503 (p50 {_fmt(rej.get('p50_ms'))} ms, p99 {_fmt(rej.get('p99_ms'))} ms)"
-                  f", other errors {over['errors']}.", ""]
+                  f", other errors {over['errors']}. Latencies count from the scheduled send; the "
+                  f"client itself sent late by p50 {_fmt(lag.get('p50_ms'))} ms, p99 "
+                  f"{_fmt(lag.get('p99_ms'))} ms.", ""]
     retrain = find(results, "retrain", 8)
     if retrain:
         lines += [f"Retrain: {retrain.get('train_s')} s from POST /admin/retrain to the new model "

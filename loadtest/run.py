@@ -389,10 +389,11 @@ class Run:
         capacity = max(r["rps"] for r in rows)
         rate = 3 * capacity
         rng = random.Random(3)
-        accepted, rejected, other = [], [], lc.Tally()
+        accepted, rejected, other, lag = [], [], lc.Tally(), []
         in_flight = {"now": 0, "max": 0}
 
         async def fire(due: float) -> None:
+            lag.append((time.perf_counter() - due) * 1000)  # the client's own delay
             _, user = self.pop.user_mix(rng)
             in_flight["now"] += 1
             in_flight["max"] = max(in_flight["max"], in_flight["now"])
@@ -415,7 +416,8 @@ class Run:
             "overload", None, wall, accepted, other.errors, cpu=self.cpu.delta(a, b),
             open_loop=True, capacity_rps=capacity, offered_rps=round(offered / wall, 1),
             offered=offered, accepted=len(accepted), max_in_flight=in_flight["max"],
-            rejected={"count": len(rejected), **report.latency_stats(rejected)})
+            rejected={"count": len(rejected), **report.latency_stats(rejected)},
+            client_send_lag=report.latency_stats(lag))
         row["rps"] = round(len(accepted) / wall, 1)  # goodput; rejected ones are listed apart
         row["requests"] = offered
         if other.error_examples:

@@ -1,0 +1,45 @@
+"""Process settings every rec actor shares (deployments/runtime.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from deployments.runtime import INGRESS_MAX_ONGOING, MAX_QUEUED, lower_own_priority
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+def test_lower_own_priority_is_per_thread_and_inherited() -> None:
+    """The thread that calls it, and the threads that one starts, run at nice 19 in SCHED_IDLE;
+    the rest of the process (a replica's serving threads) keeps its priority."""
+    seen: dict[str, tuple[int, int]] = {}
+
+    def state() -> tuple[int, int]:
+        return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def child() -> None:
+        seen["child"] = state()
+
+    def trainer() -> None:
+        lower_own_priority()
+        seen["trainer"] = state()
+        t = threading.Thread(target=child)
+        t.start()
+        t.join()
+
+    before = state()
+    t = threading.Thread(target=trainer)
+    t.start()
+    t.join()
+    assert seen["trainer"] == (os.SCHED_IDLE, 19)
+    assert seen["child"] == (os.SCHED_IDLE, 19)
+    assert state() == before
+
+
+def test_closed_loop_clients_that_fit_are_admitted() -> None:
+    """32 closed-loop clients on 2 fused replicas fit in the running plus queued slots, so the
+    load test's recommend@32 gets no 503; beyond that the replicas shed load."""
+    assert 2 * (INGRESS_MAX_ONGOING["fused"] + MAX_QUEUED) >= 32
+    assert INGRESS_MAX_ONGOING["split"] >= INGRESS_MAX_ONGOING["fused"]
