@@ -34,6 +34,8 @@ def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0) -> dict:
     fresh = {"samples": 50, "stale_first_reads": stale, "p99_ms": 40.0}
     scenarios = [
         row("floor", 8, 1, [5.0] * 177, 0),
+        row("floor-proxy", 8, 1, [25.0] * 150, 0),
+        row("recommend-proxy", 8, 1, [70.0] * 110, 0),
         {**row("recommend", 8, 1, [40.0] * int(rec8_rps), 0), "p99_ms": rec8_p99},
         row("recommend", 32, 1, [200.0] * 125, 0),
         {**row("mixed", 8, 1, [40.0] * 100, 0), "freshness": fresh},
@@ -58,6 +60,8 @@ def test_targets_pass_and_fail_on_the_right_figures() -> None:
     assert bad["recommend8_p99"]["ok"] is False
     assert bad["freshness_reflected"]["ok"] is False
     assert bad["recommend32_scaling"]["ok"] is True  # 125 >= 0.9 * 100
+    assert bad["recommend_vs_floor_proxy"]["ok"] is False  # 100 < 0.7 * 150
+    assert bad["recommend_proxy_vs_floor_proxy"]["ok"] is True  # 110 >= 0.7 * 150
 
 
 def test_missing_scenarios_are_not_measured_rather_than_failed() -> None:
@@ -91,3 +95,16 @@ def test_user_mix() -> None:
     assert share["known"] == pytest.approx(0.70, abs=0.03)
     assert share["cold"] == pytest.approx(0.15, abs=0.03)
     assert pop.item(rng) in set(pop.items)
+
+
+def test_client_sends_to_the_base_with_fewest_requests_in_flight() -> None:
+    """Several direct-ingress URLs: least requests in flight first, in turn among equals."""
+    a, b, c = "http://127.0.0.1:30000", "http://127.0.0.1:30001", "http://127.0.0.1:30002"
+    client = Client([a, b, c])
+    assert {client._pick() for _ in range(3)} == {a, b, c}  # equals: each in turn
+    client._in_flight.update({a: 2, b: 0, c: 1})
+    assert {client._pick() for _ in range(6)} == {b}
+    client._in_flight.update({b: 3})
+    assert client._pick() == c
+    with pytest.raises(ValueError):
+        Client([a, "http://example.org:30000"])
