@@ -248,8 +248,9 @@ async def closed_loop(n: int, seconds: float, warmup: float, step, stop: asyncio
 async def open_loop(rate: float, seconds: float, fire) -> int:
     """Starts `fire(scheduled_time)` `rate` times a second for `seconds`, whatever the answers
     do (late ticks fire at once, so the offered load is kept). Returns how many were started."""
-    tasks = []
-    t0 = time.perf_counter()
+    pending: set[asyncio.Task] = set()  # only unfinished ones: thousands of finished tasks
+    t0 = time.perf_counter()             # kept alive only slow the client's garbage collector
+    started = 0
     for i in itertools.count():
         due = t0 + i / rate
         if due - t0 >= seconds:
@@ -257,9 +258,12 @@ async def open_loop(rate: float, seconds: float, fire) -> int:
         delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(fire(due)))
-    await asyncio.gather(*tasks)
-    return len(tasks)
+        task = asyncio.create_task(fire(due))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        started += 1
+    await asyncio.gather(*pending)
+    return started
 
 
 # ---- scenario steps ------------------------------------------------------------------------

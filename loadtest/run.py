@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import json
 import os
 import platform
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(exist_ok=True)
     print("loading the data set's users and items ...", flush=True)
     pop = load_population(args.data, args.format, 0)
+    gc.freeze()  # what the client loaded lives to the end: its collector need not walk it
     stack = None
     if args.attach:
         url = args.attach

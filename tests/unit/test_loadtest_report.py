@@ -108,3 +108,24 @@ def test_client_sends_to_the_base_with_fewest_requests_in_flight() -> None:
     assert client._pick() == c
     with pytest.raises(ValueError):
         Client([a, "http://example.org:30000"])
+
+
+def test_open_loop_fires_at_the_rate_whatever_the_answers_do() -> None:
+    """Every scheduled request starts, slow answers do not hold the next ones back, and the
+    call returns once all have finished."""
+    import asyncio
+
+    from loadtest.client import open_loop
+
+    fired: list[float] = []
+    done: list[float] = []
+
+    async def fire(due: float) -> None:
+        fired.append(due)
+        await asyncio.sleep(0.05)  # answers slower than the interval between sends
+        done.append(due)
+
+    started = asyncio.run(open_loop(200.0, 0.098, fire))
+    assert started == 20 and len(fired) == 20 and sorted(done) == sorted(fired)
+    gaps = np.diff(fired)
+    assert gaps == pytest.approx([0.005] * 19)
