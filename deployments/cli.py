@@ -54,7 +54,7 @@ def direct_targets(host: str) -> dict[str, list[str]]:
     """Each Serve app's direct-ingress URLs, one per ingress replica.
 
     With RAY_SERVE_THROUGHPUT_OPTIMIZED, Serve 2.60 also serves every ingress replica's HTTP on
-    a port of its own (30000 and up), without the proxy's hop: on this machine that is 2.6x
+    a port of its own (30000 and up), without the proxy's hop: on this machine that is 2-3x
     the requests/s of the proxy for /recommend (see README, Load tests). A load balancer in
     front of these URLs (Serve's HAProxy mode on a cluster, the load-test client here) spreads
     requests over them. The controller's `get_target_groups` (what Serve's HAProxy mode reads)

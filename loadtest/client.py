@@ -248,8 +248,10 @@ async def closed_loop(n: int, seconds: float, warmup: float, step, stop: asyncio
 async def open_loop(rate: float, seconds: float, fire) -> int:
     """Starts `fire(scheduled_time)` `rate` times a second for `seconds`, whatever the answers
     do (late ticks fire at once, so the offered load is kept). Returns how many were started."""
-    pending: set[asyncio.Task] = set()  # only unfinished ones: thousands of finished tasks
-    t0 = time.perf_counter()             # kept alive only slow the client's garbage collector
+    # Only unfinished tasks are kept: thousands of finished ones kept alive only slow the
+    # client's garbage collector.
+    pending: set[asyncio.Task] = set()
+    t0 = time.perf_counter()
     started = 0
     for i in itertools.count():
         due = t0 + i / rate

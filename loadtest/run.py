@@ -528,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attach", metavar="URL",
                    help="use a stack already running at URL instead of starting one")
     p.add_argument("--via", choices=["direct", "proxy"], default="direct",
-                   help="direct: the replicas' direct-ingress ports, round robin (what a load "
-                        "balancer in front of Serve does; default); proxy: Serve's proxy only")
+                   help="direct: the replicas' direct-ingress ports, each request to the one "
+                        "with the fewest in flight (what a load balancer in front of Serve does; "
+                        "default); proxy: Serve's proxy only")
     p.add_argument("--targets", metavar="FILE",
                    help="with --attach: the stack's targets.json (direct-ingress URLs)")
     args = p.parse_args(argv)
