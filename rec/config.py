@@ -62,7 +62,7 @@ class RecallConfig(_Config):
     shrinkage: float = Field(10.0, ge=0, description="Similarity shrinkage toward 0 for small overlaps.")
     embedding_dim: int = Field(64, gt=0, description="Dimension of the item/user embeddings.")
     embedding_reg: float = Field(
-        10.0, ge=0, description="Ridge regulariser of the closed-form embedding factorisation."
+        0.05, ge=0, description="Ridge regulariser λ of the embeddings' ALS (implicit's scale)."
     )
     gf_dim: int = Field(448, gt=0, description="Singular vectors in the graph filter's ideal low-pass.")
     gf_alpha: float = Field(0.2, ge=0, description="Weight of the ideal low-pass in the graph filter.")

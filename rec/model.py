@@ -37,6 +37,7 @@ class ModelBundle:
     ease: EASE | None = None  # fitted for catalogues that fit a dense item × item matrix
     ranker: Ranker | None = None
     ordering: str = "ranker"  # how the final list is ordered: one of pipeline.ORDERINGS (fit picks)
+    equalise_norms: bool = True  # HNSWIndex's norm equalisation (fit measures which recalls more)
     log_offset: int = 0
     metrics: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
@@ -55,7 +56,8 @@ class ModelBundle:
             if config.index == "hnsw":
                 params = dict(max_elements=len(mine) + config.index_headroom + 1, m=config.hnsw_m,
                               ef_construction=config.hnsw_ef_construction,
-                              ef_search=config.hnsw_ef_search, num_threads=1)
+                              ef_search=config.hnsw_ef_search, num_threads=1,
+                              equalise_norms=self.equalise_norms)
             index = make_index(config.index, self.embeddings.dim, **params)
             if len(mine):
                 index.add(mine, self.embeddings.item[mine])
@@ -85,7 +87,8 @@ class ModelBundle:
         if index is not None:
             index.save(tmp / "index")
         meta = {"version": self.version, "log_offset": self.log_offset, "metrics": self.metrics,
-                "created": self.created, "ordering": self.ordering}
+                "created": self.created, "ordering": self.ordering,
+                "equalise_norms": self.equalise_norms}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -110,6 +113,7 @@ class ModelBundle:
             item_categories=[c or None for c in arrays["item_categories"].tolist()],
             ranker=ranker,
             ordering=meta.get("ordering", "ranker"),
+            equalise_norms=bool(meta.get("equalise_norms", True)),
             log_offset=int(meta["log_offset"]),
             metrics=meta.get("metrics", {}),
             created=float(meta.get("created", 0.0)),

@@ -25,6 +25,7 @@ from scipy.linalg import orthogonal_procrustes
 from rec.config import RecConfig
 from rec.eventlog import SCHEMA
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
+from rec.index import choose_equalise_norms
 from rec.model import ModelBundle, new_version_name
 from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender, recall_order
 from rec.profile import event_weight
@@ -38,6 +39,7 @@ GF_VALIDATION_EVENTS = 2000  # the graph filter's grid is cheap to score in batc
 GF_BATCH = 250
 SHARPEN_GRID = (0.0, 1.0, 2.0, 2.5, 3.0)  # BSPM sharpening times T
 POP_GRID = (0.0, 0.1, 0.2)
+PROBE_USERS = 300  # fold-ins that measure the HNSW graph's recall for the index choice
 
 # Hook that trains the ranker on assembled examples (Ray Train supplies a distributed one).
 FitRanker = Callable[[Ranker, "Examples"], dict]
@@ -87,6 +89,7 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
         (sharpen, pop), metrics["gf_validation_ndcg"] = choose_graph_filter(
             prefix, prefix_events, suffix_events, config)
         prefix.graph.sharpen, prefix.graph.pop = sharpen, pop
+        _choose_index(prefix, prefix_events, item_index, config)
         basis = prefix.embeddings
         ex, cases = replay_holdout(prefix, records, prefix_events, suffix_events, config,
                                    _impressions(records))
@@ -107,12 +110,42 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
         rot, _ = orthogonal_procrustes(final.embeddings.item, basis.item)
         final.embeddings = Embeddings(final.embeddings.query @ rot, final.embeddings.item @ rot)
     final.ranker = ranker
+    metrics["index_recall@100"] = _choose_index(final, events, item_index, config)
     final.version = version or new_version_name()
     final.log_offset = (log_offset if log_offset is not None
                         else max((r.get("offset") or 0) for r in records) + 1)
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     final.metrics = metrics
     return final
+
+
+def _choose_index(bundle: ModelBundle, events: list[dict], item_index: dict[str, int],
+                  config: RecConfig) -> dict[str, float]:
+    """Set the bundle's HNSW norm equalisation to whichever graph finds more of the exact top
+    100 for its users' fold-ins (`rec.index.choose_equalise_norms`); returns both recalls."""
+    rc = config.recall
+    if rc.index != "hnsw":
+        return {}
+    bundle.equalise_norms, recalls = choose_equalise_norms(
+        bundle.embeddings.item, _probe_queries(events, item_index, bundle.embeddings, config),
+        m=rc.hnsw_m, ef_construction=rc.hnsw_ef_construction, ef_search=rc.hnsw_ef_search,
+        seed=config.seed)
+    return recalls
+
+
+def _probe_queries(events: list[dict], item_index: dict[str, int], embeddings: Embeddings,
+                   config: RecConfig, n: int = PROBE_USERS) -> np.ndarray:
+    """User vectors as serving folds them in, for up to n users spread over the log."""
+    histories: dict[str, dict[int, float]] = {}  # user -> item -> accumulated weight
+    for r in events:
+        h = histories.setdefault(r["user_id"], {})
+        i = item_index[r["item_id"]]
+        h[i] = h.get(i, 0.0) + event_weight(r["type"], r.get("value"), config.profile)
+    users = list(histories)[:: max(1, len(histories) // n)][:n]
+    vecs = [embeddings.fold_in(np.fromiter(histories[u], np.int64),
+                               np.fromiter(histories[u].values(), np.float32)) for u in users]
+    vecs = [v for v in vecs if v is not None]
+    return np.asarray(vecs, np.float32).reshape(len(vecs), embeddings.dim)
 
 
 def _validation_sample(suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
@@ -231,7 +264,7 @@ def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict
         version="",
         item_ids=item_ids,
         user_ids=user_ids,
-        embeddings=Embeddings.fit(positive, rc.embedding_dim, seed=config.seed),
+        embeddings=Embeddings.fit(positive, rc.embedding_dim, rc.embedding_reg, seed=config.seed),
         itemcf=ItemCF.fit(cf_input, rc.similarity, rc.itemcf_neighbors, rc.shrinkage),
         usercf=UserCF.fit(cf_input, rc.similarity, rc.usercf_neighbors),
         graph=GraphFilter.fit(positive, rc.gf_dim, rc.gf_alpha, seed=config.seed),

@@ -1,17 +1,26 @@
-"""Learned embeddings by a closed-form factorisation (truncated SVD of the degree-normalised
-interaction matrix, as in PureSVD / GF-CF's low-pass filter).
+"""Learned embeddings: implicit-feedback ALS (Hu, Koren & Volinsky 2008), served by fold-in.
 
-With X̃ = X D^-1/2 = U S Vᵀ, a user with items x gets scores x̃ V Vᵀ D^1/2: the user vector is
-Σ_j q_j over the user's items (fold-in, one add per event) with q_j = d_j^-1/2 v_j, and item
-vectors p_i = d_i^1/2 v_i go into the ANN index (inner product)."""
+ALS (the `implicit` library's CPU solver, rather than a hand-written one) learns item factors
+Y from the binary interaction matrix, observed pairs weighted by confidence alpha. A user's
+exact factor would be (YᵀY + (α-1)·Y_hᵀY_h + λI)⁻¹ α Σ_h y_j, one small solve over the history h;
+serving keeps it linear instead: u = Σ_h q_j with q_j = (YᵀY + λI)⁻¹ y_j (fold-in, one add per
+event). On Diginetica that first-order fold-in ranks exactly as the exact solve does (users
+have one or two items); on Gowalla it loses 2% of ALS's Recall@20. Item vectors p_i = y_i go
+into the ANN index (inner product).
+
+The graph filter already holds the interaction matrix's leading singular vectors, so the
+embedding source is a different model rather than a second copy of that subspace."""
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.sparse.linalg import svds
+from threadpoolctl import threadpool_limits
 
 from rec.recall.base import ScoreSource
+
+ALS_ALPHA = 40.0  # confidence of an observed pair (the paper's value); unobserved pairs get 1
+ALS_ITERATIONS = 15
 
 
 class Embeddings(ScoreSource):
@@ -22,22 +31,23 @@ class Embeddings(ScoreSource):
         self.item = np.ascontiguousarray(item, np.float32)  # index rows p_i
 
     @classmethod
-    def fit(cls, x: sp.csr_matrix, dim: int, seed: int = 0) -> Embeddings:
-        xb = x.copy().astype(np.float32)
+    def fit(cls, x: sp.csr_matrix, dim: int, reg: float = 0.05, seed: int = 0,
+            threads: int = 0) -> Embeddings:
+        """ALS on the binary matrix x (users × items); `threads` 0 uses every core."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        xb = sp.csr_matrix(x, dtype=np.float32, copy=True)
         xb.data = (xb.data > 0).astype(np.float32)
         xb.eliminate_zeros()
-        deg = np.asarray(xb.sum(axis=0)).ravel()
-        inv_sqrt = np.divide(1.0, np.sqrt(deg), out=np.zeros_like(deg), where=deg > 0)
-        xn = (xb @ sp.diags(inv_sqrt)).astype(np.float64)
-        k = max(1, min(dim, min(xn.shape) - 1))
-        rng = np.random.default_rng(seed)
-        v0 = rng.standard_normal(min(xn.shape))
-        _, s, vt = svds(xn, k=k, v0=v0, random_state=seed)
-        order = np.argsort(-s)
-        v = vt[order].T  # items × k
-        if k < dim:
-            v = np.pad(v, ((0, 0), (0, dim - k)))
-        return cls(v * inv_sqrt[:, None], v * np.sqrt(deg)[:, None])
+        # implicit parallelises over users itself; a threaded BLAS underneath only contends.
+        with threadpool_limits(1, "blas"):
+            als = AlternatingLeastSquares(factors=dim, regularization=reg, alpha=ALS_ALPHA,
+                                          iterations=ALS_ITERATIONS, num_threads=threads,
+                                          random_state=seed)
+            als.fit(xb, show_progress=False)
+        y = np.asarray(als.item_factors, np.float64)
+        gram = y.T @ y + reg * np.eye(y.shape[1])
+        return cls(np.linalg.solve(gram, y.T).T, y)
 
     @property
     def n_items(self) -> int:

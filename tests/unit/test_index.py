@@ -12,6 +12,7 @@ import pytest
 from rec.index import (
     BruteForceIndex,
     HNSWIndex,
+    choose_equalise_norms,
     Index,
     ShardedIndex,
     load_index,
@@ -230,6 +231,29 @@ def test_hnsw_recall_with_uneven_norms() -> None:
                                rtol=1e-4, atol=1e-3)
 
 
+def test_most_vectors_near_zero_need_the_raw_inner_product_graph() -> None:
+    """80% of the vectors 50x shorter than the rest (ALS's items seen once): equalising norms
+    collapses them onto the extra axis and the graph loses them; the raw inner-product graph
+    does not, its scores are the exact inner products, and `choose_equalise_norms` picks it."""
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal((3_000, 16))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    norms = np.where(rng.random(3_000) < 0.8, 0.02, 1.0) * rng.uniform(0.5, 1.0, 3_000)
+    vectors = (direction * norms[:, None]).astype(np.float32)
+    queries = rng.standard_normal((100, 16)).astype(np.float32)
+    params = dict(m=16, ef_construction=100, ef_search=64)
+    raw, found, scores = hnsw_recall(vectors, queries, 50, HNSWIndex(
+        16, max_elements=len(vectors), equalise_norms=False, **params))
+    equalised, _, _ = hnsw_recall(vectors, queries, 50, HNSWIndex(
+        16, max_elements=len(vectors), **params))
+    assert raw >= 0.95 and equalised < raw - 0.1
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found]),
+                               rtol=1e-4, atol=1e-4)
+    choice, recalls = choose_equalise_norms(vectors, queries, k=50, **params)
+    assert choice is False and recalls["raw"] > recalls["equalised"]
+    assert recalls["raw"] == pytest.approx(raw, abs=0.02)
+
+
 def test_brute_force_matches_numpy_in_query_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Scoring in blocks of queries (to bound memory) gives the plain full-matrix answer."""
     monkeypatch.setattr("rec.index._QUERY_BLOCK_CELLS", 50)
@@ -272,16 +296,11 @@ def test_make_index() -> None:
 
 
 def test_hnsw_params_survive_save_load(tmp_path: Path) -> None:
-    idx = HNSWIndex(3, m=8, ef_construction=50, ef_search=33, seed=7)
+    idx = HNSWIndex(3, m=8, ef_construction=50, ef_search=33, seed=7, equalise_norms=False)
     idx.save(tmp_path / "idx")
     loaded = HNSWIndex.load(tmp_path / "idx")
-    assert (loaded.dim, loaded.m, loaded.ef_construction, loaded.ef_search, loaded.seed) == (
-        3,
-        8,
-        50,
-        33,
-        7,
-    )
+    assert (loaded.dim, loaded.m, loaded.ef_construction, loaded.ef_search, loaded.seed,
+            loaded.equalise_norms) == (3, 8, 50, 33, 7, False)
 
 
 def test_load_checks_kind(tmp_path: Path) -> None:

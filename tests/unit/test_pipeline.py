@@ -6,6 +6,7 @@ the pipeline follows all of them, so the last ~1100 events arrive "live" after t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -472,8 +473,13 @@ def test_model_bundle_save_load_round_trip(model, log, users, tmp_path: Path) ->
 
     loaded = ModelBundle.load(path, device="cpu")
     assert (loaded.version, loaded.item_ids, loaded.user_ids, loaded.item_categories,
-            loaded.log_offset) == (model.version, model.item_ids, model.user_ids,
-                                   model.item_categories, model.log_offset)
+            loaded.log_offset, loaded.equalise_norms) == (
+        model.version, model.item_ids, model.user_ids, model.item_categories, model.log_offset,
+        model.equalise_norms)
+    flipped = dataclasses.replace(model, equalise_norms=not model.equalise_norms)
+    assert ModelBundle.load(flipped.save(tmp_path / "flipped")).equalise_norms is flipped.equalise_norms
+    hnsw = CONFIG.recall.model_copy(update={"index": "hnsw"})
+    assert flipped.build_index(hnsw).shards[0].equalise_norms is flipped.equalise_norms
     assert loaded.ranker is not None
     np.testing.assert_array_equal(loaded.embeddings.item, model.embeddings.item)
 

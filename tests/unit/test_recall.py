@@ -288,12 +288,14 @@ def test_embedding_inner_products_reproduce_the_blocks() -> None:
     np.testing.assert_allclose(cross[~same], 0.0, atol=1e-6)
 
 
-def test_embeddings_are_deterministic_and_padded() -> None:
+def test_embeddings_are_deterministic_and_fold_in_by_the_ridge_solve() -> None:
     a, b = Embeddings.fit(X, dim=3, seed=1), Embeddings.fit(X, dim=3, seed=1)
     np.testing.assert_array_equal(a.item, b.item)
-    wide = Embeddings.fit(X, dim=40, seed=0)  # rank is at most min(shape) - 1 = 19
+    wide = Embeddings.fit(X, dim=40, reg=0.5, seed=0)  # wider than the item count
     assert wide.dim == 40
-    np.testing.assert_array_equal(wide.item[:, N_ITEMS - 1:], 0.0)
+    y = wide.item.astype(np.float64)
+    np.testing.assert_allclose(wide.query, y @ np.linalg.inv(y.T @ y + 0.5 * np.eye(40)),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_embeddings_score_is_item_dot_user() -> None:

@@ -388,3 +388,21 @@ def test_holdout_takes_a_fifth_of_each_users_events_and_at_least_one(records, mo
         if mode == "last" and mine:
             assert mine == rows[-len(mine):]
     assert holdout_split(events[:49], config) == (events[:49], [])
+
+
+def test_training_chooses_the_index_graph_that_finds_more(records, monkeypatch) -> None:
+    """With an HNSW index configured, fit measures both graphs on its users' fold-ins and keeps
+    the one with the higher recall@100; with exact search it measures nothing."""
+    hnsw = CONFIG.model_copy(update={"recall": CONFIG.recall.model_copy(update={"index": "hnsw"})})
+    seen = []
+
+    def fake(items, queries, **params):
+        seen.append((items.shape, queries.shape, params["m"]))
+        return False, {"equalised": 0.5, "raw": 0.9}
+
+    monkeypatch.setattr("rec.train.choose_equalise_norms", fake)
+    m = train(snapshot_table(records), hnsw, fit_ranker=None, version="t-hnsw")
+    assert m.equalise_norms is False and m.metrics["index_recall@100"] == {"equalised": 0.5, "raw": 0.9}
+    (shape, qshape, degree), = seen
+    assert shape == (100, 16) and qshape[1] == 16 and 0 < qshape[0] <= 200 and degree == CONFIG.recall.hnsw_m
+    assert train(snapshot_table(records), CONFIG, fit_ranker=None).metrics["index_recall@100"] == {}
