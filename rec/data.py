@@ -577,15 +577,17 @@ def _read_csv(
     delimiter: str = ",",
     column_names: list[str] | None = None,
     column_types: dict[str, pa.DataType] | None = None,
+    include_columns: list[str] | None = None,
 ) -> pa.Table:
-    """pyarrow CSV read (empty strings are null) with errors that name the file."""
+    """pyarrow CSV read (empty strings and "NA" are null) with errors that name the file."""
     try:
         return pv.read_csv(
             path,
             read_options=pv.ReadOptions(column_names=column_names),
             parse_options=pv.ParseOptions(delimiter=delimiter),
             convert_options=pv.ConvertOptions(
-                column_types=column_types or {}, strings_can_be_null=True
+                column_types=column_types or {}, strings_can_be_null=True,
+                include_columns=include_columns or [],
             ),
         )
     except (pa.ArrowException, OSError) as e:

@@ -20,12 +20,11 @@ from typing import TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pv
 import scipy.sparse as sp
 from tqdm import tqdm
 
 from rec.baselines import BASELINES, BATCH_USERS, Model
-from rec.data import Dataset, _make_dataset, load_csv, load_lightgcn, load_movielens
+from rec.data import Dataset, _make_dataset, _read_csv, load_csv, load_lightgcn, load_movielens
 from rec.metrics import evaluate
 from rec.splits import (
     Interactions,
@@ -364,14 +363,7 @@ def load_lastfm(path: str | Path) -> Dataset:
     if not file.is_file():
         raise ValueError(f"{path}: no user_artists.dat")
     cols = {"userID": pa.string(), "artistID": pa.string(), "weight": pa.float64()}
-    try:
-        table = pv.read_csv(
-            file,
-            parse_options=pv.ParseOptions(delimiter="\t"),
-            convert_options=pv.ConvertOptions(column_types=cols, include_columns=list(cols)),
-        )
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{file}: cannot read: {e}") from e
+    table = _read_csv(file, delimiter="\t", column_types=cols, include_columns=list(cols))
     n = table.num_rows
     return _make_dataset(
         file.parent.name,
@@ -396,7 +388,7 @@ def load_diginetica(path: str | Path) -> Dataset:
         raise ValueError(f"{path}: no train-purchases.csv")
     cols = {"sessionId": pa.string(), "userId": pa.string(), "timeframe": pa.float64(),
             "eventdate": pa.date32(), "itemId": pa.string()}
-    table = _read_semicolon(file, cols)
+    table = _read_csv(file, delimiter=";", column_types=cols, include_columns=list(cols))
     user = pc.if_else(pc.is_null(table["userId"]),
                       pc.binary_join_element_wise("s", table["sessionId"], ""), table["userId"])
     day = pc.multiply(table["eventdate"].cast(pa.int32()).cast(pa.float64()), 86400.0)
@@ -404,7 +396,9 @@ def load_diginetica(path: str | Path) -> Dataset:
     items = None
     categories = file.parent / "product-categories.csv"
     if categories.is_file():
-        cat = _read_semicolon(categories, {"itemId": pa.string(), "categoryId": pa.string()})
+        cat_cols = {"itemId": pa.string(), "categoryId": pa.string()}
+        cat = _read_csv(categories, delimiter=";", column_types=cat_cols,
+                        include_columns=list(cat_cols))
         cat = cat.filter(pc.is_in(cat["itemId"], value_set=pc.unique(table["itemId"])))
         items = pa.table({"item_id": cat["itemId"], "category": cat["categoryId"],
                           "tags": pa.array([[]] * cat.num_rows, pa.list_(pa.string())),
@@ -412,16 +406,6 @@ def load_diginetica(path: str | Path) -> Dataset:
     n = table.num_rows
     return _make_dataset(file.parent.name, user, table["itemId"], pa.repeat(pa.scalar("purchase"), n),
                          pa.nulls(n, pa.float64()), ts, items)
-
-
-def _read_semicolon(file: Path, cols: dict[str, pa.DataType]) -> pa.Table:
-    try:
-        return pv.read_csv(file, parse_options=pv.ParseOptions(delimiter=";"),
-                           convert_options=pv.ConvertOptions(
-                               column_types=cols, include_columns=list(cols),
-                               null_values=["NA", ""], strings_can_be_null=True))
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(f"{file}: cannot read: {e}") from e
 
 
 def load_split(

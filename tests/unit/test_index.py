@@ -12,9 +12,9 @@ import pytest
 from rec.index import (
     BruteForceIndex,
     HNSWIndex,
-    choose_equalise_norms,
     Index,
     ShardedIndex,
+    choose_equalise_norms,
     load_index,
     make_index,
     merge_topk,
