@@ -13,6 +13,7 @@ from torch import nn
 
 from rec.config import RankerConfig
 from rec.ranker import (
+    CALIBRATION_MIN_SLOPE,
     META_FILE,
     WEIGHTS_FILE,
     Ranker,
@@ -235,6 +236,23 @@ def test_fit_and_predict_on_device(torch_device: str) -> None:
     probs = ranker.predict(**features(data))
     assert probs.shape == (3_000,) and probs.dtype == np.float32
     assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_calibration_never_reverses_the_learned_order(problem) -> None:
+    """A validation split on which the ranker looks worse than chance (labels that favour its
+    lowest scores) must not flip the order through a negative Platt slope."""
+    ranker = Ranker(config(epochs=1), N_ITEMS, USER_DIM, N_DENSE, DENSE_NAMES)
+    ranker.fit(**{k: v[:4_000] for k, v in problem.items()})
+    arrays = ranker._arrays(*(problem[k][4_000:6_000] for k in ("item_idx", "user_vec",
+                                                                 "item_vec", "dense")))
+    raw = ranker._logits(arrays, calibrated=False)
+    reversed_labels = (raw < np.quantile(raw, 0.2)).astype(np.float32)
+    metrics = ranker._calibrate(arrays, reversed_labels)
+    assert metrics["valid_auc"] < 0.1  # the split does say "reverse it"
+    assert float(ranker.net.calib_a) >= CALIBRATION_MIN_SLOPE
+    calibrated = ranker._logits(arrays, calibrated=True)
+    in_raw_order = calibrated[np.argsort(raw, kind="stable")]
+    assert (np.diff(in_raw_order) >= 0).all() and in_raw_order[-1] > in_raw_order[0]
 
 
 def test_no_validation_split() -> None:
