@@ -148,6 +148,30 @@ def _probe_queries(events: list[dict], item_index: dict[str, int], embeddings: E
     return np.asarray(vecs, np.float32).reshape(len(vecs), embeddings.dim)
 
 
+def _validation_cases(suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
+                      ) -> list[int]:
+    """Positions of the positive held-out events of a spread-out sample of users, which choose
+    the served ordering: at most a fifth of the users with such events and at most n users, and
+    at most n events in all when the holdout is a sequence (a random one makes one case per
+    user). None of these users' events trains the ranker: given a user's
+    vector and items they picked, it would learn the very preferences validation then asks
+    about (Gowalla, validation shared with training: NDCG@20 ranker 0.171 against the graph
+    filter's 0.159, while the test put the ranker below it, 0.153 against 0.163)."""
+    sequential = config.train.holdout == "last"
+    by_user: dict[str, list[int]] = {}
+    for i, r in enumerate(suffix):
+        if event_weight(r["type"], r.get("value"), config.profile) > 0:
+            by_user.setdefault(r["user_id"], []).append(i)
+    users = list(by_user)
+    n_users = min(n, len(users) // 5)
+    picked: list[int] = []
+    for user in users[:: max(1, len(users) // max(n_users, 1))][:n_users]:
+        picked.extend(by_user[user])
+        if sequential and len(picked) >= n:  # a random holdout makes one case per user
+            break
+    return sorted(picked[:n] if sequential else picked)
+
+
 def _validation_sample(suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
                        ) -> list[int]:
     """Evenly spread positions of up to n positive held-out events used to choose settings."""
@@ -321,8 +345,9 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
     rec = Recommender(config, prefix)
     rec.apply([r for r in records if r["kind"] == KIND_ITEM])
     rec.apply(prefix_events, in_model=True)
-    validation = set(_validation_sample(suffix, config))
-    rest = [n for n, r in enumerate(suffix) if n not in validation
+    validation = set(_validation_cases(suffix, config))
+    validation_users = {suffix[n]["user_id"] for n in validation}  # none of theirs trains
+    rest = [n for n, r in enumerate(suffix) if r["user_id"] not in validation_users
             and event_weight(r["type"], r.get("value"), config.profile) > 0]
     step = max(1, len(rest) // rc.max_examples)
     take = set(rest[::step][: rc.max_examples])

@@ -17,7 +17,7 @@ from rec.train import (
     _fit_recall,
     _gain,
     _item_order,
-    _validation_sample,
+    _validation_cases,
     choose_ordering,
     holdout_split,
     replay_holdout,
@@ -197,6 +197,13 @@ def positive_events(tail: list[dict]) -> list[int]:
     return [n for n, r in enumerate(tail) if event_weight(r["type"], r["value"], CONFIG.profile) > 0]
 
 
+def training_events(tail: list[dict], config: RecConfig = CONFIG) -> list[int]:
+    """Positive held-out events that may train the ranker: those of users without a
+    validation case."""
+    held_back = {tail[n]["user_id"] for n in _validation_cases(tail, config)}
+    return [n for n in positive_events(tail) if tail[n]["user_id"] not in held_back]
+
+
 def groups(ex) -> list[slice]:
     starts = np.flatnonzero(ex.labels == 1.0)
     return [slice(s, e) for s, e in zip(starts, np.append(starts[1:], len(ex)), strict=True)]
@@ -217,7 +224,7 @@ def test_examples_are_groups_of_one_positive_and_candidate_negatives(replayed) -
     sizes = [g.stop - g.start for g in groups(ex)]
     assert ex.labels[0] == 1.0 and min(sizes) >= 2
     assert max(sizes) == 1 + CONFIG.ranker.negatives
-    n_train = len(positive_events(tail)) - len(cases)
+    n_train = len(training_events(tail))
     # a group per held-out positive that recall found (the others cannot be ranked)
     assert 0.15 * n_train < len(sizes) <= n_train
 
@@ -237,9 +244,8 @@ def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed
     of the candidates serving's recall returned for that event (features as served)."""
     prefix, ex, cases, head, tail = replayed
     first = groups(ex)[0]
-    validation = set(_validation_sample(tail, CONFIG))
-    n = next(n for n in positive_events(tail) if n not in validation
-             and tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
+    n = next(n for n in training_events(tail)
+             if tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
     cands = candidates_of(prefix, records, head, tail, n)
     group = [prefix.item_ids[i] for i in ex.item_idx[first]]
     assert group[0] == tail[n]["item_id"]
@@ -250,11 +256,14 @@ def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed
 
 def test_validation_cases_are_disjoint_from_training_and_whole(replayed) -> None:
     prefix, ex, cases, head, tail = replayed
-    assert len(cases) == len(_validation_sample(tail, CONFIG)) > 0
+    assert len(cases) == len(_validation_cases(tail, CONFIG)) > 0
     assert all(len(c.inputs[0]) > 0 and c.n_relevant == 1 and len(c.positives) <= 1 for c in cases)
     assert all(0 <= p < len(c.inputs[0]) for c in cases for p in c.positives)
     assert sum(len(c.positives) for c in cases) > len(cases) / 5
-    assert len(groups(ex)) <= len(positive_events(tail)) - len(cases)
+    assert 0 < len(groups(ex)) <= len(training_events(tail))
+    # no group belongs to a user who has a validation case (rows of a group share one user vector)
+    users = {tail[n]["user_id"] for n in _validation_cases(tail, CONFIG)}
+    assert 0 < len(users) <= len({r["user_id"] for r in tail}) // 5
 
 
 def test_a_random_holdout_is_not_replayed_as_a_sequence(records) -> None:
@@ -271,9 +280,9 @@ def test_a_random_holdout_is_not_replayed_as_a_sequence(records) -> None:
     held: dict[str, set[str]] = {}
     for r in tail:
         held.setdefault(r["user_id"], set()).add(r["item_id"])
-    validation = set(_validation_sample(tail, config))
+    validation = set(_validation_cases(tail, config))
     checked = 0
-    for n in (n for n in positive_events(tail) if n not in validation):
+    for n in training_events(tail, config):
         cands = base.recall(base.view(tail[n]["user_id"])).item_ids
         if tail[n]["item_id"] not in cands:
             continue
@@ -318,9 +327,8 @@ def test_shown_but_not_picked_items_are_the_first_negatives(replayed, records) -
     from rec.train import _impressions
 
     prefix, ex, _, head, tail = replayed
-    validation = set(_validation_sample(tail, CONFIG))
-    n = next(n for n in positive_events(tail) if n not in validation
-             and tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
+    n = next(n for n in training_events(tail)
+             if tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
     cands = candidates_of(prefix, records, head, tail, n)
     shown_items = [i for i in cands.item_ids if i != tail[n]["item_id"]][-3:]
     tail = [*tail[:n], dict(tail[n], request_id="req-1"), *tail[n + 1:]]
@@ -355,7 +363,7 @@ def test_ordering_is_chosen_on_held_out_cases(replayed) -> None:
     prefix.ranker = ranker
     name, results = choose_ordering(prefix, cases)
     assert set(results) == set(ORDERINGS)
-    recall_best = max(results["gf"], results["blend"])
+    recall_best = max(v for o, v in results.items() if o != "ranker")
     assert results[name] == (max(results.values()) if name == "ranker" else recall_best)
     missed = [c for c in cases if not len(c.positives)]
     _, zero = choose_ordering(prefix, missed)
