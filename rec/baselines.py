@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from threadpoolctl import threadpool_limits
 
 from rec.metrics import PAD_ID
-from rec.recall import ease_weights
+from rec.recall import als_factors, ease_weights
 from rec.splits import Interactions
 
 BATCH_USERS = 1024  # users scored per dense block in `recommend`
@@ -176,20 +175,9 @@ class ALS(Model):
         self.seed = seed
 
     def fit(self, train: Interactions) -> ALS:
-        from implicit.cpu.als import AlternatingLeastSquares
-
-        # implicit parallelises over users itself; a threaded BLAS underneath only contends.
-        with threadpool_limits(1, "blas"):
-            model = AlternatingLeastSquares(
-                factors=self.factors,
-                regularization=self.regularization,
-                alpha=self.alpha,
-                iterations=self.iterations,
-                num_threads=self.threads,
-                random_state=self.seed,
-            )
-            model.fit(train.matrix(), show_progress=False)
-        self.user_factors, self.item_factors = model.user_factors, model.item_factors
+        self.user_factors, self.item_factors = als_factors(
+            train.matrix(), self.factors, self.regularization, alpha=self.alpha,
+            iterations=self.iterations, seed=self.seed, threads=self.threads)
         return self
 
     def scores(self, users: np.ndarray) -> np.ndarray:

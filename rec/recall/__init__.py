@@ -7,7 +7,7 @@ features, so training and serving see the same numbers. Trending is counted per 
 
 from rec.recall.base import Candidates, ScoreSource, interaction_matrix, top_n
 from rec.recall.ease import EASE, ease_weights
-from rec.recall.embedding import Embeddings
+from rec.recall.embedding import Embeddings, als_factors
 from rec.recall.graph_filter import GraphFilter
 from rec.recall.itemcf import Cooccurrence, ItemCF
 from rec.recall.popular import Trending
@@ -23,6 +23,7 @@ __all__ = [
     "ItemCF",
     "Trending",
     "UserCF",
+    "als_factors",
     "ease_weights",
     "interaction_matrix",
     "top_n",

@@ -34,18 +34,11 @@ class Embeddings(ScoreSource):
     def fit(cls, x: sp.csr_matrix, dim: int, reg: float = 0.05, seed: int = 0,
             threads: int = 0) -> Embeddings:
         """ALS on the binary matrix x (users × items); `threads` 0 uses every core."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
         xb = sp.csr_matrix(x, dtype=np.float32, copy=True)
         xb.data = (xb.data > 0).astype(np.float32)
         xb.eliminate_zeros()
-        # implicit parallelises over users itself; a threaded BLAS underneath only contends.
-        with threadpool_limits(1, "blas"):
-            als = AlternatingLeastSquares(factors=dim, regularization=reg, alpha=ALS_ALPHA,
-                                          iterations=ALS_ITERATIONS, num_threads=threads,
-                                          random_state=seed)
-            als.fit(xb, show_progress=False)
-        y = np.asarray(als.item_factors, np.float64)
+        _, y = als_factors(xb, dim, reg, seed=seed, threads=threads)
+        y = y.astype(np.float64)
         gram = y.T @ y + reg * np.eye(y.shape[1])
         return cls(np.linalg.solve(gram, y.T).T, y)
 
@@ -82,3 +75,19 @@ class Embeddings(ScoreSource):
     @classmethod
     def from_arrays(cls, arrays) -> Embeddings:
         return cls(arrays["emb_query"], arrays["emb_item"])
+
+
+def als_factors(x: sp.csr_matrix, dim: int, reg: float, *, alpha: float = ALS_ALPHA,
+                iterations: int = ALS_ITERATIONS, seed: int = 0, threads: int = 0
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(user factors, item factors) of implicit's CPU conjugate-gradient ALS on x (users ×
+    items), observed pairs weighted by `alpha`; `threads` 0 uses every core."""
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    # implicit parallelises over users itself; a threaded BLAS underneath only contends.
+    with threadpool_limits(1, "blas"):
+        als = AlternatingLeastSquares(factors=dim, regularization=reg, alpha=alpha,
+                                      iterations=iterations, num_threads=threads,
+                                      random_state=seed)
+        als.fit(x, show_progress=False)
+    return als.user_factors, als.item_factors
