@@ -27,8 +27,8 @@ from rec.train import snapshot_table, train
 VARIANTS = ("full", "static", "profile", "incremental", "retrain")
 
 
-# Ablations of the full model: "ranker" always orders by the ranker, "recall" by the better
-# recall-score order on the held-out validation (the ranker left out), "exact" searches the
+# Ablations of the full model: "ranker" always orders by the ranker, "recall" by the recall
+# order training chose on the held-out validation (the ranker left out), "exact" searches the
 # embeddings exactly instead of through HNSW.
 ABLATIONS = ("ranker", "recall", "exact")
 # The last training of this process: the variants and ablations of one run (same data, same
@@ -64,11 +64,10 @@ class RecModel(Model):
             _LAST_TRAINED.update(key=key, bundle=train(snapshot_table(self.records), self.config,
                                                        version=f"eval-{len(self.records)}"))
         self.bundle = copy.copy(_LAST_TRAINED["bundle"])
-        measured = self.bundle.metrics.get("ordering_ndcg") or {}
         if self.variant == "ranker" and self.bundle.ranker is not None:
             self.bundle.ordering = "ranker"
-        elif self.variant == "recall" and measured:
-            self.bundle.ordering = max((o for o in measured if o != "ranker"), key=measured.get)
+        elif self.variant == "recall" and "recall_ordering" in self.bundle.metrics:
+            self.bundle.ordering = self.bundle.metrics["recall_ordering"]
         index = None
         if self.variant == "exact":  # the same trained model, served through exact search
             index = self.bundle.build_index(self.config.recall.model_copy(update={"index": "brute"}))

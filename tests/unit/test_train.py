@@ -20,6 +20,7 @@ from rec.train import (
     _validation_cases,
     choose_ordering,
     holdout_split,
+    pick_ordering,
     replay_holdout,
     snapshot_table,
     train,
@@ -355,19 +356,34 @@ def test_validation_gain_is_ndcg_at_20_over_all_relevant_items() -> None:
 
 
 def test_ordering_is_chosen_on_held_out_cases(replayed) -> None:
-    """The served ordering is the best of ranker/recall orders on the validation cases, and a
-    case whose item recall missed scores zero for every ordering."""
+    """Training measures every ordering on the validation cases and serves what pick_ordering
+    decides; a case whose item recall missed scores zero for every ordering."""
     prefix, ex, cases, *_ = replayed
     ranker = Ranker(CONFIG.ranker, prefix.n_items, prefix.embeddings.dim, len(DENSE_FEATURES))
     ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels)
     prefix.ranker = ranker
-    name, results = choose_ordering(prefix, cases)
+    served, recall, results = choose_ordering(prefix, cases)
     assert set(results) == set(ORDERINGS)
-    recall_best = max(v for o, v in results.items() if o != "ranker")
-    assert results[name] == (max(results.values()) if name == "ranker" else recall_best)
+    assert recall != "ranker" and served in (recall, "ranker")
+    assert served != "ranker" or results["ranker"] > results[recall]
     missed = [c for c in cases if not len(c.positives)]
-    _, zero = choose_ordering(prefix, missed)
+    _, _, zero = choose_ordering(prefix, missed)
     assert not missed or all(v == 0.0 for v in zero.values())
+
+
+def test_an_ordering_wins_only_beyond_two_standard_errors() -> None:
+    base = np.random.default_rng(0).random(400)
+    s1, s2 = np.tile([1.0, -1.0], 200), np.tile([1.0, 1.0, -1.0, -1.0], 100)
+    # gf's mean is highest, by 0.002 with a paired spread of 0.05 (2 SE = 0.005): noise
+    within = {"ranker": base + 0.05 * s2, "gf": base + 0.05 * s1 + 0.002,
+              "ease": base - 0.05 * s1, "blend": base}
+    assert pick_ordering(within) == ("blend", "blend")
+    gf_wins = {**within, "gf": base + 0.05}
+    assert pick_ordering(gf_wins) == ("gf", "gf")
+    ranker_wins = {**gf_wins, "ranker": base + 0.1}
+    assert pick_ordering(ranker_wins) == ("ranker", "gf")
+    over_blend_only = {**within, "ranker": base + 0.03, "gf": base + 0.035}  # not beyond gf
+    assert pick_ordering(over_blend_only) == ("gf", "gf")
 
 
 def test_holdout_keeps_one_event_of_a_user_with_few() -> None:
