@@ -4,8 +4,9 @@ The ranker learns from the future: recall models are fitted on each user's earli
 the held-out later ones are replayed through the serving pipeline, and each positive event
 becomes one group of examples: the candidates serving's recall returned for it, the item that
 came next labelled 1, trained listwise with features computed by the very code that serves.
-A spread-out sample of held-out events chooses the graph filter's settings and the served
-ordering (ranker or a recall order). The final recall models are then refitted on the whole log
+A spread-out sample of held-out events chooses the graph filter's settings; held-out events of
+validation users, whose events never train the ranker, choose the served ordering (ranker or a
+recall order). The final recall models are then refitted on the whole log
 and their embeddings rotated onto the basis the ranker learned on.
 """
 
@@ -33,7 +34,7 @@ from rec.ranker import Ranker
 from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
 
 log = logging.getLogger(__name__)
-VALIDATION_EVENTS = 1000  # held-out events that choose the graph filter's T, γ and the ordering
+VALIDATION_EVENTS = 1000  # at most this many validation users (and events) choose the ordering
 VALIDATION_K = 20
 GF_VALIDATION_EVENTS = 2000  # the graph filter's grid is cheap to score in batches
 GF_BATCH = 250
@@ -426,9 +427,9 @@ def pick_ordering(gains: dict[str, list[float]]) -> tuple[str, str]:
     single sources). An ordering wins over another only by a mean paired gain above two
     standard errors: a few hundred cases cannot tell smaller gaps apart. The recall ordering
     is the blend unless a single source beats it; the ranker is served when it beats that.
-    (Taking the highest point estimate instead, Diginetica's five recall orders, within noise
-    of each other with 2.5% of validation cases found by recall, gave a different pick on
-    every retraining.)"""
+    (On Diginetica, where recall finds 2.5% of validation cases, the five recall orders sat
+    within noise of each other and the highest point estimate was the blend in one run and
+    EASE in the next.)"""
 
     def beats(a: str, b: str) -> bool:
         diff = np.asarray(gains[a]) - np.asarray(gains[b])
