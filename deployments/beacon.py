@@ -5,6 +5,11 @@ Asking the EventLog actor costs an actor call (milliseconds of CPU on both ends)
 the log's machine read the answer from this file instead, in nanoseconds, and call the actor
 only when the head has moved past what they applied.
 
+The head published is the offset just past the newest record serving applies: a commit of
+impressions alone (what answers showed, appended for training every 0.1 s by each replica)
+does not move it, so it costs the followers no read; they read those records with the next
+event's.
+
 The actor publishes the new head after a commit and before acknowledging it, so a write that a
 client saw acknowledged is always visible here. The file holds [head, nonce]: the nonce changes
 with every actor incarnation and comes back over RPC too, so a replica maps the file only if

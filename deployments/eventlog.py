@@ -19,6 +19,7 @@ from deployments.beacon import HeadWriter
 from deployments.runtime import actor_options, lower_own_priority
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
+from rec.events import KIND_IMPRESSION
 
 LOG_ACTOR = "rec_eventlog"
 FORGOTTEN = "forgotten"  # in-memory stand-in for a removed record; followers skip it
@@ -66,7 +67,10 @@ class EventLogService:
                         self.recent.append({**r, "offset": offset})
                         offset += 1
                     acks.append((fut, (offset - len(recs), offset - 1)))
-                self.head.publish(offset)  # readable before any of it is acknowledged
+                if any(r["kind"] != KIND_IMPRESSION for r in records):
+                    # readable before any of it is acknowledged; impressions alone (training's
+                    # feedback, which serving does not apply) leave followers where they are
+                    self.head.publish(offset)
                 for fut, offsets in acks:
                     fut.set_result(offsets)
         finally:

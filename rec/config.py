@@ -74,7 +74,13 @@ class RecallConfig(_Config):
         20_000, ge=0, description="Largest catalogue the EASE source is fitted for (a dense items² "
         "matrix: 20k items take 1.6 GB); 0 turns it off."
     )
-    index: Literal["hnsw", "brute"] = Field("hnsw", description="Index serving the embeddings.")
+    index: Literal["auto", "hnsw", "brute"] = Field(
+        "auto", description="Index serving the embeddings: exact search ('brute'), HNSW, or "
+        "'auto': exact up to `brute_max_items` catalogue items, HNSW beyond.")
+    brute_max_items: int = Field(
+        20_000, ge=0, description="Largest catalogue 'auto' searches exactly. One query (64 dims, "
+        "k 100, one thread) took 0.07 ms exact against 0.17 ms in HNSW at 1k items, 0.36 "
+        "against 0.30 at 20k and 1.4 against 0.48 at 50k.")
     hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
     hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")
     hnsw_ef_search: int = Field(256, gt=0, description="HNSW query-time candidate list.")
@@ -86,6 +92,12 @@ class RecallConfig(_Config):
     trending_half_life_s: float = Field(
         86400.0, gt=0, description="Half-life of the trending counter, in seconds of event time."
     )
+
+    def index_kind(self, n_items: int) -> Literal["hnsw", "brute"]:
+        """The index serving a catalogue of n_items: `index`, with 'auto' resolved."""
+        if self.index == "auto":
+            return "brute" if n_items <= self.brute_max_items else "hnsw"
+        return self.index
 
 
 class RankerConfig(_Config):

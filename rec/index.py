@@ -474,6 +474,8 @@ class ShardedIndex:
         self, queries: np.ndarray, k: int, filter_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         queries = _check_queries(queries, k, self.dim)
+        if len(self.shards) == 1:  # already a top-k of distinct ids, padded: nothing to merge
+            return self.shards[0].search(queries, k, filter_ids)
         return merge_topk([shard.search(queries, k, filter_ids) for shard in self.shards], k)
 
     def save(self, path: str | Path) -> None:

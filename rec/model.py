@@ -50,15 +50,16 @@ class ModelBundle:
         """An index over the item vectors, `shards` ways (item index i goes to shard i % shards)."""
         parts = []
         ids = np.arange(self.n_items, dtype=np.int64)
+        kind = config.index_kind(self.n_items)
         for s in range(max(shards, 1)):
             mine = ids[ids % max(shards, 1) == s]
             params = {}
-            if config.index == "hnsw":
+            if kind == "hnsw":
                 params = dict(max_elements=len(mine) + config.index_headroom + 1, m=config.hnsw_m,
                               ef_construction=config.hnsw_ef_construction,
                               ef_search=config.hnsw_ef_search, num_threads=1,
                               equalise_norms=self.equalise_norms)
-            index = make_index(config.index, self.embeddings.dim, **params)
+            index = make_index(kind, self.embeddings.dim, **params)
             if len(mine):
                 index.add(mine, self.embeddings.item[mine])
             parts.append(index)

@@ -84,7 +84,7 @@ class Recommender:
         self.catalog = Catalog()
         self.profiles = ProfileStore(config.profile)
         self.cooc = Cooccurrence(config.recall.recent_for_itemcf)
-        self.pop_counts: dict[str, float] = {}
+        self.pop_counts = np.zeros(0, np.float32)  # positive events per catalogue index
         self.pop_trend = Trending(config.recall.trending_half_life_s)
         self.new_items: deque[str] = deque(maxlen=NEW_ITEMS_KEPT)
         self.offset = 0  # next log offset to apply
@@ -147,7 +147,11 @@ class Recommender:
         self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
                                   self.version)
         if w > 0:
-            self.pop_counts[item_id] = self.pop_counts.get(item_id, 0.0) + 1.0
+            if idx >= len(self.pop_counts):
+                grown = np.zeros(max(idx + 1, 2 * len(self.pop_counts), 64), np.float32)
+                grown[: len(self.pop_counts)] = self.pop_counts
+                self.pop_counts = grown
+            self.pop_counts[idx] += 1.0
             self.pop_trend.add(item_id, ts)
 
     def _count_pair(self, idx: int, prof) -> None:
@@ -239,7 +243,7 @@ class Recommender:
         cand, sources = merge_lists(lists, self.config.aggregate.candidates)
         scores = self._score_matrix(view, cand, dense)
         ids = self.catalog.ids
-        return CandidateSet(tuple(ids[i] for i in cand.tolist()), sources, scores)
+        return CandidateSet(tuple(map(ids.__getitem__, cand.tolist())), sources, scores)
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
         out = {name: np.zeros(n_total, np.float32) for name in DENSE_SOURCES}
@@ -260,10 +264,8 @@ class Recommender:
             out["gf"] = self.model.graph.scores(liked, ones, n_total)
             if self.model.ease is not None:
                 out["ease"] = self.model.ease.scores(liked, ones, n_total)
-        for i, w in seeds:  # online co-occurrence, including items newer than the model
-            js, sims = self.cooc.row(i)
-            ok = js < n_total
-            out["itemcf"][js[ok]] += w * sims[ok]
+        # online co-occurrence, including items newer than the model
+        self.cooc.add_scores(out["itemcf"], seeds)
         return out
 
     def _seeds(self, view: ProfileView) -> list[tuple[int, float]]:
@@ -318,7 +320,7 @@ class Recommender:
                   context: dict | None) -> np.ndarray:
         """`features`, given the candidates' catalogue indices (`_positions`)."""
         n = len(cands)
-        f = self._recall_features(cands)
+        f = self._recall_features(cands, idx)
         if n == 0:
             return f
         col = FEATURE_COLUMN
@@ -327,7 +329,7 @@ class Recommender:
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
         last_cat = catalog.code(catalog.category(view.recent[-1][0]) if view.recent else None)
-        f[:, col["log_trend"]] = np.log1p(self.pop_trend.values(cands.item_ids))
+        f[:, col["log_trend"]] = np.log1p(_gather(self.pop_trend.vector(catalog), idx))
         f[:, col["cat_affinity"]] = catalog.category_weights(idx, view.tags) / cat_total
         codes = catalog.category_codes(idx)
         f[:, col["last_cat_match"]] = (codes == last_cat) & (codes != NO_CODE)
@@ -341,9 +343,10 @@ class Recommender:
         f[:, col["hour_cos"]] = math.cos(2 * math.pi * hour / 24)
         return f
 
-    def _recall_features(self, cands: CandidateSet) -> np.ndarray:
+    def _recall_features(self, cands: CandidateSet, idx: np.ndarray | None = None) -> np.ndarray:
         """The features a recall order reads: each source's score, raw and relative to the
-        request's best candidate, and popularity (the rest of the row is zero)."""
+        request's best candidate, and popularity (the rest of the row is zero). `idx`: the
+        candidates' catalogue indices (`_positions`), when the caller has them."""
         n = len(cands)
         f = np.zeros((n, len(DENSE_FEATURES)), np.float32)
         if n == 0:
@@ -351,9 +354,9 @@ class Recommender:
         f[:, : len(SCORED)] = cands.scores
         top = np.abs(cands.scores).max(axis=0)
         f[:, len(SCORED) : 2 * len(SCORED)] = cands.scores / np.where(top > 0, top, 1.0)
-        pop = self.pop_counts.get
-        f[:, FEATURE_COLUMN["log_pop"]] = np.log1p(
-            np.fromiter((pop(i, 0.0) for i in cands.item_ids), np.float32, n))
+        if idx is None:
+            idx = self._positions(cands.item_ids)
+        f[:, FEATURE_COLUMN["log_pop"]] = np.log1p(_gather(self.pop_counts, idx))
         return f
 
     def _last_similarity(self, view: ProfileView, idx: np.ndarray) -> np.ndarray:
@@ -548,20 +551,37 @@ def merge_lists(lists: list[tuple[str, np.ndarray]], limit: int
     """Merge named candidate lists (catalogue indices, best first): each item once, in order of
     first appearance, with the names of the lists holding it; beyond `limit` items, those with
     the best position in any list are kept (a round-robin merge)."""
-    found: dict[int, list[str]] = {}
-    for name, items in lists:
-        for i in items.tolist():
-            found.setdefault(i, []).append(name)
-    cand = np.fromiter(found, np.int64, len(found))
-    if len(cand) > limit:
-        every = np.concatenate([items for _, items in lists])
-        pos = np.concatenate([np.arange(len(items)) for _, items in lists])
-        unique, which = np.unique(every, return_inverse=True)
+    names = tuple(name for name, _ in lists)
+    arrays = [np.asarray(items, np.int64) for _, items in lists]
+    sizes = [len(a) for a in arrays]
+    if not sum(sizes):
+        return np.empty(0, np.int64), ()
+    every = np.concatenate(arrays)
+    unique, first, which = np.unique(every, return_index=True, return_inverse=True)
+    masks = np.zeros(len(unique), np.int64)  # bit j: list j holds the item
+    np.bitwise_or.at(masks, which, np.repeat(1 << np.arange(len(arrays), dtype=np.int64), sizes))
+    order = np.argsort(first, kind="stable")  # first appearance
+    if len(order) > limit:
         best = np.full(len(unique), len(every), np.int64)
-        np.minimum.at(best, which, pos)
-        best_of_cand = best[np.searchsorted(unique, cand)]
-        cand = cand[np.argsort(best_of_cand, kind="stable")[:limit]]
-    return cand, tuple(tuple(found[i]) for i in cand.tolist())
+        np.minimum.at(best, which, np.concatenate([np.arange(n) for n in sizes]))
+        order = order[np.argsort(best[order], kind="stable")[:limit]]
+    table: dict[int, tuple[str, ...]] = {}  # mask -> names; a request has a few dozen masks
+    sources = []
+    for m in masks[order].tolist():
+        held = table.get(m)
+        if held is None:
+            held = table[m] = tuple(name for j, name in enumerate(names) if m >> j & 1)
+        sources.append(held)
+    return unique[order], tuple(sources)
+
+
+def _gather(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """values[idx] as float32, 0 where idx is -1 (not in the catalogue) or past the array's end
+    (an item with nothing counted yet)."""
+    ok = (idx >= 0) & (idx < len(values))
+    out = np.zeros(len(idx), np.float32)
+    out[ok] = values[idx[ok]]
+    return out
 
 
 def _hour(context: dict | None, now: float) -> float:

@@ -124,9 +124,10 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
 def _choose_index(bundle: ModelBundle, events: list[dict], item_index: dict[str, int],
                   config: RecConfig) -> dict[str, float]:
     """Set the bundle's HNSW norm equalisation to whichever graph finds more of the exact top
-    100 for its users' fold-ins (`rec.index.choose_equalise_norms`); returns both recalls."""
+    100 for its users' fold-ins (`rec.index.choose_equalise_norms`); returns both recalls
+    (nothing to choose when the catalogue is searched exactly)."""
     rc = config.recall
-    if rc.index != "hnsw":
+    if rc.index_kind(bundle.n_items) != "hnsw":
         return {}
     bundle.equalise_norms, recalls = choose_equalise_norms(
         bundle.embeddings.item, _probe_queries(events, item_index, bundle.embeddings, config),

@@ -104,6 +104,18 @@ class Cooccurrence:
         n = np.maximum(self.item_users[js], 1.0) * max(float(self.item_users[i]), 1.0)
         return js, counts / np.sqrt(n)
 
+    def add_scores(self, out: np.ndarray, seeds: list[tuple[int, float]]) -> None:
+        """out[j] += w · sim(i, j) for every (i, w) in seeds and neighbour j < len(out): the
+        sums `row` gives, seed by seed, in one scatter."""
+        parts = [(self.row(i), w) for i, w in seeds]
+        parts = [(js, sims, w) for (js, sims), w in parts if len(js)]
+        if not parts:
+            return
+        js = np.concatenate([p[0] for p in parts])
+        values = np.concatenate([np.float32(w) * sims for _, sims, w in parts])
+        ok = js < len(out)
+        np.add.at(out, js[ok], values[ok])
+
     def similarity(self, i: int, j: int) -> float:
         c = self.pairs.get(i, {}).get(j)
         if not c:

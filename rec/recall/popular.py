@@ -25,6 +25,8 @@ class Trending:
         self._catalog: Catalog | None = None  # the catalogue `_rows` maps slots into
         self._catalog_len = -1
         self._rows = np.zeros(0, np.int64)  # slot -> catalogue index (-1: not in it)
+        self._added = 0  # events counted so far: the cached vector is current while it stays
+        self._vector: tuple[int, int, np.ndarray] | None = None  # (_added, len(catalog), vector)
 
     def add(self, item_id: str, ts: float) -> None:
         if self.origin is None:
@@ -40,6 +42,7 @@ class Trending:
                 self.weights = np.concatenate([self.weights, np.zeros_like(self.weights)])
         self.weights[slot] += math.pow(2.0, exp)
         self.latest = max(self.latest, ts)
+        self._added += 1
 
     def _scale(self) -> float:
         if self.origin is None:
@@ -50,14 +53,14 @@ class Trending:
         slot = self.slots.get(item_id)
         return 0.0 if slot is None else float(self.weights[slot]) * self._scale()
 
-    def values(self, item_ids) -> np.ndarray:
-        """`get` of each item id, as one float32 array."""
-        slots = np.fromiter((self.slots.get(i, -1) for i in item_ids), np.int64)
-        out = np.where(slots >= 0, self.weights[np.maximum(slots, 0)], 0.0) * self._scale()
-        return out.astype(np.float32)
-
     def vector(self, catalog: Catalog) -> np.ndarray:
-        """Every catalogue item's trending value (0 for items without events)."""
+        """Every catalogue item's trending value (0 for items without events), read-only. A
+        request reads it twice (the trending list, the ranker's feature): until the next event
+        or catalogue change the same array is returned."""
+        cached = self._vector
+        if (cached is not None and cached[0] == self._added and cached[1] == len(catalog)
+                and catalog is self._catalog):
+            return cached[2]
         n = len(self.slots)
         if catalog is not self._catalog or len(catalog) != self._catalog_len:
             self._catalog, self._catalog_len = catalog, len(catalog)
@@ -69,4 +72,6 @@ class Trending:
         out = np.zeros(len(catalog), np.float32)
         ok = self._rows >= 0
         out[self._rows[ok]] = self.weights[:n][ok] * self._scale()
+        out.flags.writeable = False
+        self._vector = (self._added, len(catalog), out)
         return out

@@ -23,6 +23,7 @@ from rec.splits import split_leave_last_out, split_prequential
 def config() -> RecConfig:
     c = RecConfig()
     c.recall.embedding_dim, c.recall.gf_dim, c.recall.per_source = 16, 32, 50
+    c.recall.index = "hnsw"  # 'auto' searches a catalogue this small exactly; rec-exact compares
     c.ranker.epochs, c.ranker.max_examples, c.ranker.hidden = 2, 400, [32]
     return c
 

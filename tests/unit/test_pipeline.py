@@ -17,7 +17,7 @@ from rec.config import RecConfig
 from rec.data import generate
 from rec.events import ItemIn, event_record, item_delete_record, item_record, user_delete_record
 from rec.model import ModelBundle, current_version, load_saved_index, new_version_name, publish
-from rec.pipeline import DENSE_FEATURES, SOURCES, Recommender
+from rec.pipeline import DENSE_FEATURES, SOURCES, Recommender, merge_lists
 from rec.train import snapshot_table, train
 
 MODEL_RECORDS = 4000
@@ -325,6 +325,20 @@ def test_similar(rec) -> None:
     assert rec.similar("no-such-item") is None
 
 
+def test_merge_lists_keeps_first_appearance_and_names_every_holder() -> None:
+    lists = [("a", np.asarray([5, 3, 9])), ("b", np.asarray([3, 7])), ("c", np.asarray([], np.int64)),
+             ("d", np.asarray([9, 1, 5, 8]))]
+    cand, sources = merge_lists(lists, limit=10)
+    assert cand.tolist() == [5, 3, 9, 7, 1, 8]
+    assert sources == (("a", "d"), ("a", "b"), ("a", "d"), ("b",), ("d",), ("d",))
+    # over the limit: the items with the best position in any list, best first
+    cand, sources = merge_lists(lists, limit=4)
+    assert cand.tolist() == [5, 3, 9, 7]  # positions 0, 0 (b), 0 (d), 1 beat 1 and 3
+    assert sources[1] == ("a", "b")
+    empty, none = merge_lists([("a", np.asarray([], np.int64))], limit=3)
+    assert len(empty) == 0 and none == ()
+
+
 # ---------------------------------------------------------------------------------------------
 # state: offsets, forgetting, model swaps
 
@@ -333,11 +347,11 @@ def test_apply_skips_records_already_applied(rec, users) -> None:
     user = users[5]
     batch = live(rec, ev(user, rec.catalog.ids[1], "view"), ev(user, rec.catalog.ids[2]),
                  ev("x", rec.catalog.ids[1], "purchase"))
-    state = (dict(rec.view(user).counts), dict(rec.pop_counts), rec.offset,
+    state = (dict(rec.view(user).counts), rec.pop_counts.tolist(), rec.offset,
              len(rec.view(user).recent))
     rec.apply(batch)
     rec.apply(batch[1:])
-    assert (dict(rec.view(user).counts), dict(rec.pop_counts), rec.offset,
+    assert (dict(rec.view(user).counts), rec.pop_counts.tolist(), rec.offset,
             len(rec.view(user).recent)) == state
 
 
@@ -492,6 +506,19 @@ def test_model_bundle_save_load_round_trip(model, log, users, tmp_path: Path) ->
         assert ids(ra) == ids(rb)
         assert [x["score"] for x in ra["items"]] == pytest.approx(
             [x["score"] for x in rb["items"]], abs=1e-6)
+
+
+def test_auto_index_is_exact_up_to_brute_max_items(model) -> None:
+    from rec.index import BruteForceIndex, HNSWIndex
+
+    n = model.n_items
+    exact = CONFIG.recall.model_copy(update={"index": "auto", "brute_max_items": n})
+    approx = CONFIG.recall.model_copy(update={"index": "auto", "brute_max_items": n - 1})
+    assert (exact.index_kind(n), approx.index_kind(n)) == ("brute", "hnsw")
+    assert isinstance(model.build_index(exact).shards[0], BruteForceIndex)
+    assert isinstance(model.build_index(approx).shards[0], HNSWIndex)
+    forced = CONFIG.recall.model_copy(update={"index": "hnsw", "brute_max_items": n})
+    assert forced.index_kind(n) == "hnsw"  # an explicit kind is kept whatever the size
 
 
 def test_model_without_ranker_round_trips(model2, tmp_path: Path) -> None:

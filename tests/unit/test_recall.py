@@ -511,15 +511,21 @@ def test_trending_rebase_keeps_relative_values() -> None:
     assert t.weights.max() < 2.0**61
 
 
-def test_trending_values_are_get_of_each_item() -> None:
+def test_trending_vector_is_cached_until_an_event_or_a_catalogue_change() -> None:
     t = Trending(H)
     t.add("a", 0.0)
-    t.add("b", H)
-    t.add("b", 2 * H)
-    v = t.values(["b", "nope", "a"])
-    assert v.dtype == np.float32
-    np.testing.assert_allclose(v, [t.get("b"), 0.0, t.get("a")], rtol=1e-6)
-    assert t.values([]).shape == (0,)
+    cat = Catalog.from_ids(["a", "b"])
+    v = t.vector(cat)
+    assert t.vector(cat) is v and not v.flags.writeable  # shared, so nobody may change it
+    np.testing.assert_allclose(v, [t.get("a"), 0.0], rtol=1e-6)
+    t.add("b", H)  # an event: a new vector with both items, read at the new time
+    w = t.vector(cat)
+    assert w is not v
+    np.testing.assert_allclose(w, [t.get("a"), t.get("b")], rtol=1e-6)
+    cat.ensure("c")  # a catalogue change: the new item gets its (zero) entry
+    np.testing.assert_allclose(t.vector(cat), [t.get("a"), t.get("b"), 0.0], rtol=1e-6)
+    other = Catalog.from_ids(["b"])  # another catalogue
+    np.testing.assert_allclose(t.vector(other), [t.get("b")], rtol=1e-6)
 
 
 def test_trending_vector_aligns_with_the_catalogue() -> None:

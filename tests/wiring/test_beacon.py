@@ -11,7 +11,7 @@ from deployments.beacon import HeadReader, HeadWriter
 from deployments.eventlog import EventLogService, LocalHandle
 from deployments.live import Live
 from rec.config import RecConfig
-from rec.events import event_record
+from rec.events import event_record, impression_record
 
 
 def test_a_reader_sees_each_published_head(tmp_path) -> None:
@@ -70,3 +70,36 @@ def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
     finally:
         log.close()
     assert np.fromfile(config.log_dir / "HEAD", np.int64)[0] == 1
+
+
+def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
+    config = RecConfig(data_dir=tmp_path)
+    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
+    reads = []
+    real_read = log._obj.read
+
+    async def counted(start, limit=10_000):
+        reads.append(start)
+        return await real_read(start, limit)
+
+    log._obj.read = counted
+    shown = impression_record("u", "r1", ["i"], None, 1.0)
+
+    async def scenario() -> None:
+        live = Live(config, log)
+        await live.start()
+        before = len(reads)
+        await log.append.remote([shown, shown])  # offsets 0 and 1: training's, not serving's
+        await live.sync()
+        assert len(reads) == before and live.rec.offset == 0
+        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=2.0)])
+        await live.sync()  # the event moves the head: one read brings both impressions and it
+        assert len(reads) == before + 1 and live.rec.offset == 3
+        assert "u" in live.rec.profiles.users
+        assert await log.next_offset.remote() == 3  # every record is in the log all the same
+        live.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()
