@@ -368,19 +368,22 @@ class Recommender:
     def _similarity(self, seed_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """[seeds × items]: trained item-CF similarity plus live co-occurrence, of distinct
         items given by catalogue index (-1: not in the catalogue, similarity 0)."""
+        seeds = seed_idx.tolist()
         rows, neighbours, sims = [], [], []
-        for r, i in enumerate(seed_idx.tolist()):
-            parts = [self.cooc.row(i)]
-            if self.model is not None:
-                parts.insert(0, self.model.itemcf.row(i))  # trained first, then live counts
-            for js, s in parts:
+        if self.model is not None:  # trained first, then live counts (each cell gets one of each)
+            for r, i in enumerate(seeds):
+                js, s = self.model.itemcf.row(i)
                 rows.append(np.full(len(js), r))
                 neighbours.append(js)
                 sims.append(s)
+        live = self.cooc.rows(seeds)
+        rows.append(live[0])
+        neighbours.append(live[1])
+        sims.append(live[2])
         out = np.zeros((len(seed_idx), len(cols)), np.float32)
-        if not rows or not len(cols):
-            return out
         neighbours = np.concatenate(neighbours)
+        if not len(neighbours) or not len(cols):
+            return out
         order = np.argsort(cols, kind="stable")
         pos = np.minimum(np.searchsorted(cols[order], neighbours), len(cols) - 1)
         hit = cols[order][pos] == neighbours

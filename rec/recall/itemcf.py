@@ -4,7 +4,6 @@ co-occurrence counted online, so pairs formed after training (and new items) cou
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import numpy as np
 import scipy.sparse as sp
@@ -67,11 +66,14 @@ class Cooccurrence:
 
     def __init__(self, window: int = 20) -> None:
         self.window = window
-        self.pairs: dict[int, dict[int, float]] = defaultdict(dict)
         self.item_users = np.zeros(64, np.float32)
-        # row i as arrays (neighbours, counts), built on first read after it last changed:
-        # every request reads the rows of its user's recent items, events change few rows
-        self._arrays: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Row i: its partners j in arrival order with their pair counts, in arrays that only
+        # grow (an entry never moves), and where each partner sits. Every request reads the rows
+        # of its user's recent items and every event bumps ~20 rows, so an update is O(1) and a
+        # read is a slice, not a rebuild of the row.
+        self.partners: dict[int, dict[int, int]] = {}  # i -> {j: position in i's arrays}
+        self._js: dict[int, np.ndarray] = {}
+        self._counts: dict[int, np.ndarray] = {}
 
     def add(self, j: int, recent: list[int], first_time: bool) -> None:
         if not first_time:
@@ -82,44 +84,64 @@ class Cooccurrence:
             grown[: len(self.item_users)] = self.item_users
             self.item_users = grown
         self.item_users[j] += 1
-        row_j = self.pairs[j]
-        self._arrays.pop(j, None)
         for i in recent[-self.window:]:
             if i != j:
-                row_j[i] = row_j.get(i, 0.0) + 1.0
-                row_i = self.pairs[i]
-                row_i[j] = row_i.get(j, 0.0) + 1.0
-                self._arrays.pop(i, None)
+                self._bump(j, i)
+                self._bump(i, j)
+
+    def _bump(self, i: int, j: int) -> None:
+        where = self.partners.setdefault(i, {})
+        pos = where.get(j)
+        if pos is None:
+            pos = where[j] = len(where)
+            js = self._js.get(i)
+            if js is None or pos >= len(js):
+                size = max(8, 2 * pos)
+                grown_js, grown_counts = np.zeros(size, np.int64), np.zeros(size, np.float32)
+                if js is not None:
+                    grown_js[:pos], grown_counts[:pos] = js[:pos], self._counts[i][:pos]
+                self._js[i], self._counts[i] = grown_js, grown_counts
+            self._js[i][pos] = j
+        self._counts[i][pos] += 1.0
 
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Neighbours of item i and their similarities, as arrays."""
-        cached = self._arrays.get(i)
-        if cached is None:
-            row = self.pairs.get(i)
-            if not row:
-                return np.empty(0, np.int64), np.empty(0, np.float32)
-            cached = self._arrays[i] = (np.fromiter(row.keys(), np.int64, len(row)),
-                                        np.fromiter(row.values(), np.float32, len(row)))
-        js, counts = cached
-        n = np.maximum(self.item_users[js], 1.0) * max(float(self.item_users[i]), 1.0)
-        return js, counts / np.sqrt(n)
+        _, js, sims = self.rows([i])
+        return js, sims
+
+    def rows(self, items: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows of several items at once, concatenated: (position in `items`, neighbour,
+        similarity) per entry, item by item in order. A request reads ~20 rows; one
+        normalisation over all of them costs what one row's did."""
+        sizes = [len(self.partners.get(i, ())) for i in items]
+        if not sum(sizes):
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+        held = [(i, n) for i, n in zip(items, sizes, strict=True) if n]
+        js = np.concatenate([self._js[i][:n] for i, n in held])
+        counts = np.concatenate([self._counts[i][:n] for i, n in held])
+        which = np.repeat(np.arange(len(items)), sizes)
+        idx = np.asarray(items, np.int64)
+        own = np.ones(len(items), np.float32)  # an item past item_users has no users counted
+        counted = idx < len(self.item_users)
+        own[counted] = np.maximum(self.item_users[idx[counted]], np.float32(1.0))
+        norm = np.maximum(self.item_users[js], np.float32(1.0)) * own[which]
+        return which, js, counts / np.sqrt(norm)
 
     def add_scores(self, out: np.ndarray, seeds: list[tuple[int, float]]) -> None:
         """out[j] += w · sim(i, j) for every (i, w) in seeds and neighbour j < len(out): the
         sums `row` gives, seed by seed, in one scatter."""
-        parts = [(self.row(i), w) for i, w in seeds]
-        parts = [(js, sims, w) for (js, sims), w in parts if len(js)]
-        if not parts:
+        if not seeds:
             return
-        js = np.concatenate([p[0] for p in parts])
-        values = np.concatenate([np.float32(w) * sims for _, sims, w in parts])
+        which, js, sims = self.rows([i for i, _ in seeds])
+        values = np.asarray([w for _, w in seeds], np.float32)[which] * sims
         ok = js < len(out)
         np.add.at(out, js[ok], values[ok])
 
     def similarity(self, i: int, j: int) -> float:
-        c = self.pairs.get(i, {}).get(j)
-        if not c:
+        pos = self.partners.get(i, {}).get(j)
+        if pos is None:
             return 0.0
+        c = float(self._counts[i][pos])
         return c / math.sqrt(max(float(self.item_users[i]), 1.0) * max(float(self.item_users[j]), 1.0))
 
 

@@ -400,7 +400,7 @@ def test_records_in_the_model_do_not_count_cooccurrence_twice(model, log) -> Non
     r = Recommender(CONFIG, held)
     events = [x for x in log[:MODEL_RECORDS] if x["kind"] == "event"]
     r.apply(events, in_model=True)
-    assert r.cooc.pairs == {} and r.cooc.item_users.sum() == 0
+    assert r.cooc.partners == {} and r.cooc.item_users.sum() == 0
     assert r.profiles.users  # profiles and popularity still follow every record
     after = [x for x in log[MODEL_RECORDS:] if x["kind"] == "event"]
     r.apply(after)
@@ -410,9 +410,9 @@ def test_records_in_the_model_do_not_count_cooccurrence_twice(model, log) -> Non
 def test_events_before_the_model_offset_are_not_counted_twice(model, log) -> None:
     r = Recommender(CONFIG, model)
     r.apply(log[:MODEL_RECORDS])
-    assert not any(r.cooc.pairs.values())  # those pairs are in the model's item-CF already
+    assert not any(r.cooc.partners.values())  # those pairs are in the model's item-CF already
     r.apply(log[MODEL_RECORDS:])
-    assert any(r.cooc.pairs.values())
+    assert any(r.cooc.partners.values())
 
 
 def test_live_event_by_an_existing_user_on_a_new_version(model, log, users) -> None:

@@ -354,12 +354,16 @@ def test_graph_filter_blurred_one_is_blurred_of_one_row_exactly() -> None:
         np.testing.assert_array_equal(graph.blurred_one(row.indices), graph.blurred(row))
 
 
+def _row(c: Cooccurrence, i: int) -> dict[int, float]:
+    return dict(zip(*(a.tolist() for a in c.row(i)), strict=True))
+
+
 def test_cooccurrence_counts_first_time_events_only() -> None:
     c = Cooccurrence(window=20)
     c.add(0, [], True)
     c.add(1, [0], True)
     c.add(1, [0], False)  # a repeat on the same item pairs nothing
-    assert c.pairs[0] == {1: 1.0} and c.pairs[1] == {0: 1.0}
+    assert _row(c, 0) == {1: 1.0} and _row(c, 1) == {0: 1.0}  # one pair, one user each
     assert c.item_users[0] == 1 and c.item_users[1] == 1
 
 
@@ -368,8 +372,8 @@ def test_cooccurrence_pairs_within_the_window() -> None:
     for n in range(6):
         c.add(n, [], True)
     c.add(9, [0, 1, 2, 3, 4, 5], True)
-    assert set(c.pairs[9]) == {3, 4, 5}
-    assert 9 not in c.pairs[2]
+    assert set(_row(c, 9)) == {3, 4, 5}
+    assert 9 not in _row(c, 2)
 
 
 def test_cooccurrence_rows_read_after_every_change() -> None:
@@ -390,10 +394,25 @@ def test_cooccurrence_rows_read_after_every_change() -> None:
         {0: 1 / np.sqrt(2), 2: 1 / np.sqrt(2)})
 
 
+def test_cooccurrence_rows_grow_in_place() -> None:
+    """A row outgrows its arrays and keeps every count; what was read before stays as read."""
+    c = Cooccurrence(window=100)
+    c.add(0, [], True)
+    c.add(1, [0], True)
+    before, _ = c.row(0)
+    for j in range(2, 40):
+        c.add(j, [0], True)
+    c.add(1, [0], True)  # the pair (0, 1) again
+    assert before.tolist() == [1]
+    row = _row(c, 0)
+    assert set(row) == set(range(1, 40)) and row[1] == pytest.approx(2 / np.sqrt(2 * 1))
+    assert c.similarity(0, 1) == pytest.approx(row[1]) and c.similarity(0, 99) == 0.0
+
+
 def test_cooccurrence_ignores_self_pairs() -> None:
     c = Cooccurrence()
     c.add(4, [4, 2], True)
-    assert c.pairs[4] == {2: 1.0}
+    assert _row(c, 4) == {2: 1.0}
 
 
 def test_cooccurrence_similarity_by_hand() -> None:
@@ -589,3 +608,16 @@ def test_center_rows_over_stored_entries() -> None:
     np.testing.assert_allclose(c.toarray(), [[2, 0, -2, 0], [2, 2, 0, 0], [0, 0, 0, 0]])
     assert c.nnz == m.nnz  # a centred 0 stays a stored entry
     np.testing.assert_array_equal(m.toarray()[0], [5, 0, 1, 3])  # input untouched
+
+
+def test_cooccurrence_rows_of_many_items_are_each_row() -> None:
+    c = Cooccurrence()
+    c.add(0, [], True)
+    c.add(1, [0], True)
+    c.add(2, [0, 1], True)
+    which, js, sims = c.rows([2, 100, 0])  # 100: no partners, beyond item_users
+    assert which.tolist() == [0, 0, 2, 2]
+    for pos, item in ((0, 2), (2, 0)):
+        got = dict(zip(js[which == pos].tolist(), sims[which == pos].tolist(), strict=True))
+        assert got == pytest.approx(_row(c, item))
+    assert [len(a) for a in c.rows([5, 6])] == [0, 0, 0]
