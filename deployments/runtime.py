@@ -22,6 +22,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 ENV = {
     **{v: "1" for v in THREAD_VARS},
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1",
     "RAY_SERVE_ENABLE_ACCESS_LOG": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -35,9 +36,18 @@ def set_process_env() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+SWITCH_INTERVAL_S = 0.001
+
+
 def pin_threads(n: int = 1) -> None:
-    """Inside an actor or replica: one torch thread, whatever the parent set."""
+    """Inside an actor or replica: one torch thread, whatever the parent set; and a 1 ms GIL
+    switch interval, so that the replica's main loop, which admits and rejects requests, waits
+    at most that long for the user-code thread computing a stage (Python's default is 5 ms)."""
+    import sys
+
     import torch
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # already set once in this process
