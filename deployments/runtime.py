@@ -1,5 +1,6 @@
 """Process settings every rec actor and replica shares: one math thread per process (2 cores
-are shared by every replica), Serve's throughput-optimised mode, no usage stats."""
+are shared by every replica), Serve's throughput-optimised mode with user code on a thread of
+its own, no usage stats."""
 
 from __future__ import annotations
 
