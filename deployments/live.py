@@ -64,6 +64,17 @@ class Live:
         if self._head is not None and head is None:
             await self._open_head()  # the log actor restarted: find its file again
 
+    def apply_own(self, records: list[dict], first: int) -> bool:
+        """Apply records this replica has just appended (acknowledged, so committed at offsets
+        first, first + 1, ...) without reading them back, when every record before them is
+        applied here already; False when some are missing (the next sync reads them all). A
+        follower reading the log gets the same dicts with their offsets, so both paths apply
+        the same state, and `Recommender.apply` skips whatever offset it has already applied."""
+        if self.rec.offset != first:
+            return False
+        self.rec.apply([{**r, "offset": first + i} for i, r in enumerate(records)])
+        return True
+
     async def _open_head(self) -> None:
         self._head = HeadReader.open(await self.log.head_info.remote())
 

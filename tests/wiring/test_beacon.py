@@ -103,3 +103,41 @@ def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
         asyncio.run(scenario())
     finally:
         log.close()
+
+
+def test_a_replica_applies_its_own_acknowledged_events_without_reading_them(tmp_path) -> None:
+    config = RecConfig(data_dir=tmp_path)
+    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
+    reads = []
+    real_read = log._obj.read
+
+    async def counted(start, limit=10_000):
+        reads.append(start)
+        return await real_read(start, limit)
+
+    log._obj.read = counted
+    mine = [event_record(user_id="u", item_id="i", type="click", ts=1.0)]
+    theirs = [event_record(user_id="v", item_id="j", type="click", ts=2.0)]
+
+    async def scenario() -> None:
+        live = Live(config, log)
+        await live.start()
+        before = len(reads)
+        first, _ = await log.append.remote(mine)
+        assert live.apply_own(mine, first)
+        await live.sync()  # the head is where this replica is: no read
+        assert len(reads) == before and live.rec.offset == 1 and "u" in live.rec.profiles.users
+        await log.append.remote(theirs)  # another replica's event: this one has not read it
+        first, _ = await log.append.remote(mine)
+        assert not live.apply_own(mine, first)  # offset 1 is missing here: nothing applied
+        assert live.rec.offset == 1
+        await live.sync()  # one read brings both, in order
+        assert len(reads) == before + 1 and live.rec.offset == 3
+        assert live.rec.profiles.users["u"].counts == {"click": 2}
+        assert "v" in live.rec.profiles.users
+        live.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()
