@@ -39,10 +39,10 @@ def test_a_restarted_writer_invalidates_old_readers(tmp_path) -> None:
     assert HeadReader.open(second.info()).head() == 9
 
 
-def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
-    config = RecConfig(data_dir=tmp_path)
+def _counted_log(config: RecConfig) -> tuple[LocalHandle, list[int]]:
+    """An in-process EventLog actor whose reads are recorded (their start offsets)."""
     log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
-    reads = []
+    reads: list[int] = []
     real_read = log._obj.read
 
     async def counted(start, limit=10_000):
@@ -50,6 +50,19 @@ def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
         return await real_read(start, limit)
 
     log._obj.read = counted
+    return log, reads
+
+
+def _run(scenario, log: LocalHandle) -> None:
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()
+
+
+def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
+    config = RecConfig(data_dir=tmp_path)
+    log, reads = _counted_log(config)
 
     async def scenario() -> None:
         live = Live(config, log)
@@ -65,24 +78,13 @@ def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
         assert "u" in live.rec.profiles.users
         live.stop()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        log.close()
+    _run(scenario, log)
     assert np.fromfile(config.log_dir / "HEAD", np.int64)[0] == 1
 
 
 def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
     config = RecConfig(data_dir=tmp_path)
-    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
-    reads = []
-    real_read = log._obj.read
-
-    async def counted(start, limit=10_000):
-        reads.append(start)
-        return await real_read(start, limit)
-
-    log._obj.read = counted
+    log, reads = _counted_log(config)
     shown = impression_record("u", "r1", ["i"], None, 1.0)
 
     async def scenario() -> None:
@@ -99,23 +101,12 @@ def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
         assert await log.next_offset.remote() == 3  # every record is in the log all the same
         live.stop()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        log.close()
+    _run(scenario, log)
 
 
 def test_a_replica_applies_its_own_acknowledged_events_without_reading_them(tmp_path) -> None:
     config = RecConfig(data_dir=tmp_path)
-    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
-    reads = []
-    real_read = log._obj.read
-
-    async def counted(start, limit=10_000):
-        reads.append(start)
-        return await real_read(start, limit)
-
-    log._obj.read = counted
+    log, reads = _counted_log(config)
     mine = [event_record(user_id="u", item_id="i", type="click", ts=1.0)]
     theirs = [event_record(user_id="v", item_id="j", type="click", ts=2.0)]
 
@@ -137,7 +128,4 @@ def test_a_replica_applies_its_own_acknowledged_events_without_reading_them(tmp_
         assert "v" in live.rec.profiles.users
         live.stop()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        log.close()
+    _run(scenario, log)
