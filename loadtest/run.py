@@ -497,6 +497,9 @@ def ray_settings(config_path: str | None, replicas: int) -> tuple[dict, str]:
         "max_ongoing_requests": INGRESS_MAX_ONGOING[s.topology], "max_queued_requests": MAX_QUEUED,
         "ann_shards": s.ann_shards, "log_impressions": s.log_impressions,
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"],
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD":
+            ENV["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"],
+        "index": config.recall.index,
         "access_log": ENV["RAY_SERVE_ENABLE_ACCESS_LOG"] == "1",
         "train_cpus_per_worker": t.cpus_per_worker, "train_torch_threads": t.torch_threads,
         "dashboard": True,
