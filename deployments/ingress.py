@@ -103,12 +103,16 @@ class Aggregator:
             if unknown:
                 raise InvalidInput(f"unknown items {unknown[:5]}", "item_id")
         now = time.time()
-        records = [e.to_record(now) for e in events]
-        first, last = await self.log.append.remote(records)
-        # The user's next request often comes back here: it then finds its events applied
-        # and needs no read of the log (another replica reads them as before).
-        self.live.apply_own(records, first)
+        first, last = await self._append([e.to_record(now) for e in events])
         return {"accepted": len(events), "first_offset": first, "last_offset": last}
+
+    async def _append(self, records: list[dict]) -> tuple[int, int]:
+        """Append durably and apply here at once: the user's next request often comes back to
+        this replica, and then finds its writes applied without reading the log (another
+        replica reads them as before)."""
+        first, last = await self.log.append.remote(records)
+        self.live.apply_own(records, first)
+        return first, last
 
     async def recommend(self, body: object) -> dict:
         req = _parse(RecommendIn, body)
@@ -161,7 +165,7 @@ class Aggregator:
         else:
             items = [_parse(ItemIn, body)]
         now = time.time()
-        first, last = await self.log.append.remote([item_record(i, now) for i in items])
+        first, last = await self._append([item_record(i, now) for i in items])
         return {"accepted": len(items), "first_offset": first, "last_offset": last}
 
     async def item(self, item_id: str) -> dict:
@@ -173,12 +177,13 @@ class Aggregator:
         return info
 
     async def remove_item(self, item_id: str) -> dict:
-        first, _ = await self.log.append.remote([item_delete_record(item_id, time.time())])
-        await self.live.sync()  # this replica filters it from the next answer on
+        first, _ = await self._append([item_delete_record(item_id, time.time())])
+        await self.live.sync()  # this replica filters it from the next answer on (no read when
+        # `_append` applied it already)
         return {"item_id": item_id, "deleted": True, "offset": first}
 
     async def forget_user(self, user_id: str) -> dict:
-        first, _ = await self.log.append.remote([user_delete_record(user_id, time.time())])
+        first, _ = await self._append([user_delete_record(user_id, time.time())])
         removed = await self.log.forget_user.remote(user_id)
         return {"user_id": user_id, "deleted_events": removed, "offset": first}
 

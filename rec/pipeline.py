@@ -29,7 +29,7 @@ from rec.events import (
 from rec.index import Index
 from rec.model import ModelBundle
 from rec.profile import ProfileStore, ProfileView, event_weight
-from rec.recall import Cooccurrence, Trending, top_n
+from rec.recall import Cooccurrence, Trending, grown, top_n
 
 SOURCES = ("itemcf", "usercf", "gf", "ease", "ann", "pop", "new")
 SCORED = ("itemcf", "usercf", "gf", "ease", "ann")  # sources whose score every candidate carries
@@ -147,10 +147,7 @@ class Recommender:
         self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
                                   self.version)
         if w > 0:
-            if idx >= len(self.pop_counts):
-                grown = np.zeros(max(idx + 1, 2 * len(self.pop_counts), 64), np.float32)
-                grown[: len(self.pop_counts)] = self.pop_counts
-                self.pop_counts = grown
+            self.pop_counts = grown(self.pop_counts, idx + 1)
             self.pop_counts[idx] += 1.0
             self.pop_trend.add(item_id, ts)
 

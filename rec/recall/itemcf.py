@@ -11,6 +11,7 @@ import scipy.sparse as sp
 from rec.recall.base import (
     ScoreSource,
     center_rows,
+    grown,
     load_csr,
     normalize_rows,
     save_csr,
@@ -57,6 +58,10 @@ def item_similarity(x: sp.csr_matrix, kind: str, k: int, shrink: float,
     )
 
 
+_NO_ITEMS = np.zeros(0, np.int64)
+_NO_COUNTS = np.zeros(0, np.float32)
+
+
 class Cooccurrence:
     """Online item co-occurrence from the live event stream, keyed by catalogue index (reset
     and recounted at every model swap, so indices always match the current catalogue).
@@ -78,11 +83,7 @@ class Cooccurrence:
     def add(self, j: int, recent: list[int], first_time: bool) -> None:
         if not first_time:
             return
-        top = max(j, *recent) if recent else j
-        if top >= len(self.item_users):
-            grown = np.zeros(max(top + 1, 2 * len(self.item_users)), np.float32)
-            grown[: len(self.item_users)] = self.item_users
-            self.item_users = grown
+        self.item_users = grown(self.item_users, max(j, *recent) + 1 if recent else j + 1)
         self.item_users[j] += 1
         for i in recent[-self.window:]:
             if i != j:
@@ -94,13 +95,8 @@ class Cooccurrence:
         pos = where.get(j)
         if pos is None:
             pos = where[j] = len(where)
-            js = self._js.get(i)
-            if js is None or pos >= len(js):
-                size = max(8, 2 * pos)
-                grown_js, grown_counts = np.zeros(size, np.int64), np.zeros(size, np.float32)
-                if js is not None:
-                    grown_js[:pos], grown_counts[:pos] = js[:pos], self._counts[i][:pos]
-                self._js[i], self._counts[i] = grown_js, grown_counts
+            self._js[i] = grown(self._js.get(i, _NO_ITEMS), pos + 1)
+            self._counts[i] = grown(self._counts.get(i, _NO_COUNTS), pos + 1)
             self._js[i][pos] = j
         self._counts[i][pos] += 1.0
 

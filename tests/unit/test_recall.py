@@ -23,6 +23,7 @@ from rec.recall import (
     Trending,
     UserCF,
     ease_weights,
+    grown,
     interaction_matrix,
     top_n,
 )
@@ -621,3 +622,11 @@ def test_cooccurrence_rows_of_many_items_are_each_row() -> None:
         got = dict(zip(js[which == pos].tolist(), sims[which == pos].tolist(), strict=True))
         assert got == pytest.approx(_row(c, item))
     assert [len(a) for a in c.rows([5, 6])] == [0, 0, 0]
+
+
+def test_grown_pads_with_zeros_and_keeps_what_is_big_enough() -> None:
+    a = np.asarray([1.0, 2.0], np.float32)
+    assert grown(a, 2) is a
+    b = grown(a, 3)
+    assert b.dtype == np.float32 and len(b) >= 4 and b[:3].tolist() == [1.0, 2.0, 0.0]
+    assert len(grown(np.zeros(0, np.int64), 100)) == 100
