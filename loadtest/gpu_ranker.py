@@ -7,10 +7,14 @@ cost does not depend on their values) for a realistic catalogue, and times, per 
 batch of B requests x C candidates (the rows `Recommender.rank_many` concatenates into one
 model call):
 
-* `predict`: `Ranker.predict` end to end, numpy in -> numpy out (host-to-device copies, the net,
-  Platt scaling, the copy back and `expit`): what a serving replica pays;
-* `net fp32`, `net bf16 autocast`, `net bf16 weights`: the raw `RankerNet` forward on inputs
-  already on the device, in inference mode;
+* `predict_requests`: `Ranker.predict_requests` end to end, numpy in -> numpy out (one user
+  vector per request, host-to-device copies, the net, Platt scaling, the copy back and
+  `expit`): what a serving replica pays (`Recommender.rank_many` calls it);
+* `predict (per row)`: `Ranker.predict` on the same rows with the user vector repeated per
+  candidate (the training-time forward);
+* `net requests fp32`: the raw `RankerNet.forward_requests` (the first layer's user terms folded
+  into per-request weights) on inputs already on the device, in inference mode;
+* `net fp32`, `net bf16 autocast`, `net bf16 weights`: the raw per-row `RankerNet` forward;
 * `ref mlp ...`: the issue's reference, a 256->512->256->1 ReLU MLP on [B*C, 256] inputs (quoted
   at 0.16 ms for 128 x 500 in bf16 on an H200).
 
@@ -153,6 +157,8 @@ def bench_device(device_name: str, args: argparse.Namespace, n_dense: int) -> li
         item_vec = rng.standard_normal((rows, user_dim)).astype(np.float32) * 0.1
         dense = rng.standard_normal((rows, n_dense)).astype(np.float32)
         t_in = [torch.from_numpy(a).to(device) for a in (idx, user_vec, item_vec, dense)]
+        t_req = [torch.from_numpy(users).to(device), [args.candidates] * batch,
+                 t_in[0], t_in[2], t_in[3]]
         t_in_bf16 = [t_in[0], *(t.to(torch.bfloat16) for t in t_in[1:])]
         x_ref = torch.randn(rows, 256, device=device)
         x_ref_bf16 = x_ref.to(torch.bfloat16)
@@ -170,11 +176,17 @@ def bench_device(device_name: str, args: argparse.Namespace, n_dense: int) -> li
 
             return call
 
+        sizes = [args.candidates] * batch
         cases = [
             (
-                "predict (numpy->numpy)",
+                "predict_requests",
+                lambda a=(users, sizes, idx, item_vec, dense): ranker.predict_requests(*a),
+            ),
+            (
+                "predict (per row)",
                 lambda a=(idx, user_vec, item_vec, dense): ranker.predict(*a),
             ),
+            ("net requests fp32", fwd(net.forward_requests, t_req)),
             ("net fp32", fwd(net, t_in)),
             ("net bf16 autocast", fwd(net, t_in, amp=True)),
             ("net bf16 weights", fwd(net_bf16, t_in_bf16)),

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 NO_CODE = -1  # the category code of an item without a category
-NO_TAGS = np.zeros(0, np.int64)  # the tag codes of an item without tags (shared, read-only)
-NO_TAGS.flags.writeable = False
 
 
 @dataclass
@@ -34,12 +32,14 @@ class Catalog:
     index: dict[str, int] = field(default_factory=dict)
     meta: dict[str, ItemMeta] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
-    # Per index: category code, tag codes and first-seen time (NaN: unknown). One vocabulary
-    # codes categories and tags alike (a profile's interest tags hold both).
+    # Per index: category code, tag codes (a row padded with NO_CODE, as wide as the most
+    # tags an item has) and first-seen time (NaN: unknown). One vocabulary codes categories and
+    # tags alike (a profile's interest tags hold both).
     _codes: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
     _category: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False,
                                   compare=False)
-    _tags: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
+    _tags: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64), repr=False,
+                              compare=False)
     _first_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64), repr=False,
                                   compare=False)
 
@@ -131,13 +131,10 @@ class Catalog:
 
     def tag_weights(self, idx: np.ndarray, weights: Mapping[str, float]) -> np.ndarray:
         """Σ `weights[t]` over each item's tags (0 without tags), float64."""
-        tags = [self._tags[i] if i >= 0 else NO_TAGS for i in idx.tolist()]
-        counts = np.fromiter(map(len, tags), np.int64, len(tags))
-        if not counts.sum():
-            return np.zeros(len(idx))
-        rows = np.repeat(np.arange(len(idx)), counts)
-        values = self._weights_of(np.concatenate(tags), weights)
-        return np.bincount(rows, values, minlength=len(idx))  # in tag order, as sum() would
+        codes = np.full((len(idx), self._tags.shape[1]), NO_CODE, np.int64)
+        known = idx >= 0
+        codes[known] = self._tags[idx[known]]
+        return self._weights_of(codes.ravel(), weights).reshape(codes.shape).sum(axis=1)
 
     def _weights_of(self, codes: np.ndarray, weights: Mapping[str, float]) -> np.ndarray:
         """`weights[name]` of each code, 0 for NO_CODE and for names without a weight."""
@@ -156,15 +153,22 @@ class Catalog:
 
     def _store(self, idx: int) -> None:
         """Copy item idx's metadata into the per-index arrays (growing them for a new index)."""
-        if idx >= len(self._category):
-            size = max(idx + 1, 2 * len(self._category), 64)
-            self._category = np.concatenate(
-                [self._category, np.full(size - len(self._category), NO_CODE, np.int64)])
-            self._first_ts = np.concatenate(
-                [self._first_ts, np.full(size - len(self._first_ts), np.nan)])
-        while len(self._tags) <= idx:
-            self._tags.append(NO_TAGS)
         meta = self.meta[self.ids[idx]]
+        if idx >= len(self._category) or len(meta.tags) > self._tags.shape[1]:
+            size = len(self._category) if idx < len(self._category) else max(
+                idx + 1, 2 * len(self._category), 64)
+            self._category = _padded(self._category, (size,), NO_CODE)
+            self._tags = _padded(self._tags, (size, max(len(meta.tags), self._tags.shape[1])),
+                                 NO_CODE)
+            self._first_ts = _padded(self._first_ts, (size,), np.nan)
         self._category[idx] = NO_CODE if meta.category is None else self._tags_of([meta.category])[0]
-        self._tags[idx] = self._tags_of(meta.tags)
+        self._tags[idx] = NO_CODE
+        self._tags[idx, : len(meta.tags)] = self._tags_of(meta.tags)
         self._first_ts[idx] = np.nan if meta.first_ts is None else meta.first_ts
+
+
+def _padded(array: np.ndarray, shape: tuple[int, ...], fill) -> np.ndarray:
+    """`array` in the top-left corner of a new array of `shape`, the rest `fill`."""
+    out = np.full(shape, fill, array.dtype)
+    out[tuple(slice(0, n) for n in array.shape)] = array
+    return out

@@ -29,6 +29,7 @@ from rec.events import (
 from rec.index import Index
 from rec.model import ModelBundle
 from rec.profile import ProfileStore, ProfileView, event_weight
+from rec.ranker import Ranker
 from rec.recall import Cooccurrence, Trending, grown, top_n
 
 SOURCES = ("itemcf", "usercf", "gf", "ease", "ann", "pop", "new")
@@ -75,6 +76,28 @@ class CandidateSet:
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+
+@dataclass(frozen=True)
+class RankInputs:
+    """What the ranker reads of one request's candidates: per candidate the model's item index
+    (n_items: unknown), item vector and dense features, and the user's one vector."""
+
+    item_idx: np.ndarray  # [n]
+    user_vec: np.ndarray  # [d]
+    item_vec: np.ndarray  # [n, d]
+    dense: np.ndarray  # [n, len(DENSE_FEATURES)]
+    PER_ROW = ("item_idx", "item_vec", "dense")
+
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The given candidates as `Ranker.predict`'s per-row arrays (training examples)."""
+        return (self.item_idx[rows], np.broadcast_to(self.user_vec, (len(rows), len(self.user_vec))),
+                self.item_vec[rows], self.dense[rows])
+
+    def predict(self, ranker: Ranker) -> np.ndarray:
+        """The ranker's probability of every candidate."""
+        return ranker.predict_requests(self.user_vec[None], [len(self.item_idx)], self.item_idx,
+                                       self.item_vec, self.dense)
 
 
 class Recommender:
@@ -404,14 +427,16 @@ class Recommender:
             name = "blend" if ordering == "ranker" else ordering
             return [recall_order(self._recall_features(cands), name) for _, cands, _ in requests]
         inputs = [self.rank_inputs(*req) for req in requests]
-        sizes = [len(x[0]) for x in inputs]
+        sizes = [len(x.item_idx) for x in inputs]
         if sum(sizes) == 0:
             return [np.zeros(0, np.float32) for _ in inputs]
-        probs = self.model.ranker.predict(*(np.concatenate(col) for col in zip(*inputs, strict=True)))
+        probs = self.model.ranker.predict_requests(
+            np.stack([x.user_vec for x in inputs]), sizes,
+            *(np.concatenate([getattr(x, f) for x in inputs]) for f in RankInputs.PER_ROW))
         return np.split(probs, np.cumsum(sizes)[:-1])
 
     def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     ) -> RankInputs:
         idx = self._positions(cands.item_ids)
         dense = self._features(view, cands, idx, context)
         dim = self._item_vecs.shape[1]
@@ -419,9 +444,9 @@ class Recommender:
         item_vec = np.zeros((len(idx), dim), np.float32)
         item_vec[known] = self._item_vecs[idx[known]]
         user = view.vec if view.vec is not None else np.zeros(dim, np.float32)
-        user_vec = np.broadcast_to(user.astype(np.float32), item_vec.shape)
         n_model = self.model.n_items if self.model else 0
-        return np.where(known & (idx < n_model), idx, n_model), user_vec, item_vec, dense
+        return RankInputs(np.where(known & (idx < n_model), idx, n_model),
+                          user.astype(np.float32), item_vec, dense)
 
     # ---- stage 4: aggregate ------------------------------------------------------------------
 

@@ -120,6 +120,46 @@ class RankerNet(nn.Module):
         )
         return self.mlp(x).squeeze(-1)
 
+    def forward_requests(
+        self, user_vec: Tensor, sizes: list[int], item_idx: Tensor, item_vec: Tensor,
+        dense: Tensor,
+    ) -> Tensor:
+        """`forward` for the candidates of requests that share one user vector each: user_vec
+        [g, d], and sizes[r] consecutive rows per request r. The first layer's user terms fold
+        into one [hidden, d] weight and one bias per request,
+            u·W_u + x·W_i + (u∘x)·W_p + (u·x) w_s = u·W_u + x·(W_i + (W_p + w_s) diag(u)),
+        so a candidate costs a third of the first layer's multiply-adds and no [n, 3d] input is
+        built. Same logits as `forward` on the broadcast rows, up to float rounding."""
+        first, *rest = self.mlp
+        d = user_vec.shape[1]
+        e = self.item_emb.embedding_dim if self.item_emb is not None else 0
+        w_e, w_u, w_i, w_p, w_d, w_s = first.weight.split(
+            [e, d, d, d, self.dense_mean.numel(), 1], dim=1)
+        bias = torch.addmm(first.bias, user_vec, w_u.T)  # [g, hidden]
+        folded = w_i + (w_p + w_s) * user_vec[:, None, :]  # [g, hidden, d]
+        g, width = len(sizes), max(sizes, default=0)
+        if all(size == width for size in sizes):  # one request (or equal ones): no padding
+            rows, padded = None, item_vec.view(g, width, d)
+        else:  # each request's rows padded to the longest request
+            counts = torch.as_tensor(sizes, device=item_vec.device)
+            starts = torch.cumsum(counts, 0) - counts
+            offsets = torch.arange(g, device=item_vec.device) * width - starts
+            rows = torch.arange(len(item_vec), device=item_vec.device) + offsets.repeat_interleave(
+                counts)
+            padded = item_vec.new_zeros(g * width, d).index_copy_(0, rows, item_vec)
+            padded = padded.view(g, width, d)
+        h = torch.baddbmm(bias[:, None, :], padded, folded.transpose(1, 2)).flatten(0, 1)
+        if rows is not None:
+            h = h[rows]
+        dn = ((dense - self.dense_mean) / self.dense_std).clamp(-DENSE_CLIP, DENSE_CLIP)
+        h = torch.addmm(h, dn, w_d.T)
+        if self.item_emb is not None:
+            known = (item_idx >= 0) & (item_idx < self.n_items)
+            h = torch.addmm(h, self.item_emb(torch.where(known, item_idx, self.n_items)), w_e.T)
+        for layer in rest:
+            h = layer(h)
+        return h.squeeze(-1)
+
     def calibrate(self, logits: Tensor) -> Tensor:
         """Platt-scaled logits: a * logit + b."""
         return self.calib_a * logits + self.calib_b
@@ -262,6 +302,29 @@ class Ranker:
             self._logits(self._arrays(item_idx, user_vec, item_vec, dense), calibrated=True)
         )
 
+    def predict_requests(
+        self, user_vecs: ArrayLike, sizes: ArrayLike, item_idx: ArrayLike, item_vec: ArrayLike,
+        dense: ArrayLike,
+    ) -> np.ndarray:
+        """`predict` for the candidates of several requests, each scored against its user's one
+        vector: user_vecs [g, d], and sizes[r] consecutive candidate rows per request r (what
+        serving has; `RankerNet.forward_requests` spends a third of the work per candidate)."""
+        users = np.ascontiguousarray(user_vecs, dtype=np.float32)
+        counts = np.asarray(sizes, np.int64).reshape(-1)
+        if users.ndim != 2 or users.shape != (len(counts), self.user_dim):
+            raise ValueError(f"user_vecs has shape {users.shape}, expected "
+                             f"{(len(counts), self.user_dim)}")
+        idx, _, item, dns = self._arrays(item_idx, None, item_vec, dense)
+        if counts.sum() != len(idx) or (counts < 0).any():
+            raise ValueError(f"sizes {counts.tolist()} do not add up to {len(idx)} rows")
+        net = self.net.eval() if self.net.training else self.net
+        with torch.inference_mode():
+            t_users, t_idx, t_item, t_dense = (torch.from_numpy(a).to(self.device)
+                                               for a in (users, idx, item, dns))
+            logits = net.calibrate(net.forward_requests(t_users, counts.tolist(), t_idx, t_item,
+                                                        t_dense))
+            return expit(logits.float().cpu().numpy())
+
     def save(self, path: str | Path) -> None:
         """Write `model.safetensors` (weights and buffers) and `ranker.json` into directory `path`."""
         directory = Path(path)
@@ -298,16 +361,18 @@ class Ranker:
         return ranker
 
     def _arrays(
-        self, item_idx: ArrayLike, user_vec: ArrayLike, item_vec: ArrayLike, dense: ArrayLike
+        self, item_idx: ArrayLike, user_vec: ArrayLike | None, item_vec: ArrayLike,
+        dense: ArrayLike,
     ) -> Arrays:
-        """Contiguous int64/float32 arrays, shapes checked against the model's dimensions."""
+        """Contiguous int64/float32 arrays, shapes checked against the model's dimensions
+        (user_vec None: one per request, checked by the caller)."""
         idx = np.ascontiguousarray(item_idx, dtype=np.int64).reshape(-1)
         n = len(idx)
-        user = np.ascontiguousarray(user_vec, dtype=np.float32)
+        user = None if user_vec is None else np.ascontiguousarray(user_vec, dtype=np.float32)
         item = np.ascontiguousarray(item_vec, dtype=np.float32)
         dns = np.ascontiguousarray(dense, dtype=np.float32)
         for name, array, width in (
-            ("user_vec", user, self.user_dim),
+            *([("user_vec", user, self.user_dim)] if user is not None else []),
             ("item_vec", item, self.user_dim),
             ("dense", dns, self.n_dense),
         ):

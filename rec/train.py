@@ -28,7 +28,7 @@ from rec.eventlog import SCHEMA
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
 from rec.index import choose_equalise_norms
 from rec.model import ModelBundle, new_version_name
-from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender, recall_order
+from rec.pipeline import DENSE_FEATURES, ORDERINGS, RankInputs, Recommender, recall_order
 from rec.profile import event_weight
 from rec.ranker import Ranker
 from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
@@ -311,7 +311,7 @@ class ValidationCase:
     """One held-out request the ranker never trained on: its whole candidate set's ranker inputs,
     the rows of the relevant items recall found and how many items are relevant in all (the one
     item the user picked next; for a random holdout, all the user's held-out items)."""
-    inputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+    inputs: RankInputs
     positives: np.ndarray
     n_relevant: int = 1
 
@@ -382,7 +382,7 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
                 need = rc.negatives - len(negs)  # groups have one size; few candidates repeat
                 negs += rng.choice(others, need, replace=need > len(others)).tolist()
                 rows = np.asarray([positive, *negs], np.int64)
-                groups.append((*(a[rows] for a in inputs),
+                groups.append((*inputs.rows(rows),
                                np.asarray([1.0] + [0.0] * len(negs), np.float32)))
         # Held-out events interleave with the prefix in log order, so they are applied as new
         # records (no offset, which the prefix already passed); each case thus sees its user's
@@ -414,9 +414,9 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]
                 gains[name].append(0.0)
                 continue
             if name == "ranker":
-                scores = prefix.ranker.predict(*case.inputs)
+                scores = case.inputs.predict(prefix.ranker)
             else:
-                scores = recall_order(case.inputs[3], name)
+                scores = recall_order(case.inputs.dense, name)
             order = np.argsort(-scores, kind="stable")
             gains[name].append(_gain(order, case.positives, case.n_relevant))
     served, recall = pick_ordering(gains)

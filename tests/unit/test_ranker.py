@@ -163,6 +163,38 @@ def test_unknown_items_are_scored(fitted) -> None:
     assert np.ptp(shared) == 0.0
 
 
+@pytest.mark.parametrize("sizes", [[7], [5, 5, 5], [3, 0, 6, 1]])
+@pytest.mark.parametrize("item_embedding_dim", [0, 4])
+def test_predict_requests_equals_predict_on_broadcast_rows(sizes, item_embedding_dim) -> None:
+    """The serving path (one user vector per request, the first layer's user terms folded into
+    the weights) scores every candidate as the per-row forward does, for one request, equal
+    ones (no padding) and unequal ones (padded), with and without an item-id embedding."""
+    ranker = Ranker(config(item_embedding_dim=item_embedding_dim, epochs=1), N_ITEMS, USER_DIM,
+                    N_DENSE, DENSE_NAMES)
+    data = make_problem(2_000, seed=5)
+    ranker.fit(**data)
+    rng = np.random.default_rng(6)
+    n = sum(sizes)
+    users = rng.normal(size=(len(sizes), USER_DIM)).astype(np.float32)
+    item_idx = rng.integers(-1, N_ITEMS + 3, n)  # unknown ids too
+    item_vec, dense = data["item_vec"][:n], data["dense"][:n]
+    per_row = ranker.predict(item_idx, np.repeat(users, sizes, axis=0), item_vec, dense)
+    grouped = ranker.predict_requests(users, sizes, item_idx, item_vec, dense)
+    assert grouped.shape == (n,)
+    np.testing.assert_allclose(grouped, per_row, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_requests_rejects_sizes_that_do_not_add_up(fitted) -> None:
+    ranker, _, _ = fitted
+    rows = np.zeros((4, USER_DIM), np.float32)
+    with pytest.raises(ValueError, match="add up"):
+        ranker.predict_requests(np.zeros((2, USER_DIM)), [2, 3], np.zeros(4, np.int64), rows,
+                                np.zeros((4, N_DENSE)))
+    with pytest.raises(ValueError, match="user_vecs"):
+        ranker.predict_requests(np.zeros((3, USER_DIM)), [2, 2], np.zeros(4, np.int64), rows,
+                                np.zeros((4, N_DENSE)))
+
+
 def test_shape_mismatch_is_rejected(fitted) -> None:
     ranker, _, _ = fitted
     with pytest.raises(ValueError, match="dense"):

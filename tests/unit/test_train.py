@@ -258,8 +258,8 @@ def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed
 def test_validation_cases_are_disjoint_from_training_and_whole(replayed) -> None:
     prefix, ex, cases, head, tail = replayed
     assert len(cases) == len(_validation_cases(tail, CONFIG)) > 0
-    assert all(len(c.inputs[0]) > 0 and c.n_relevant == 1 and len(c.positives) <= 1 for c in cases)
-    assert all(0 <= p < len(c.inputs[0]) for c in cases for p in c.positives)
+    assert all(len(c.inputs.item_idx) > 0 and c.n_relevant == 1 and len(c.positives) <= 1 for c in cases)
+    assert all(0 <= p < len(c.inputs.item_idx) for c in cases for p in c.positives)
     assert sum(len(c.positives) for c in cases) > len(cases) / 5
     assert 0 < len(groups(ex)) <= len(training_events(tail))
     # no group belongs to a user who has a validation case (rows of a group share one user vector)
