@@ -348,3 +348,6 @@ def test_metadata_arrays_follow_every_change() -> None:
     np.testing.assert_array_equal(rebased.category_codes(np.asarray([0, 1, 2])),
                                   [rebased.code("hats"), rebased.code("shoes"),
                                    rebased.code("bags")])
+    cat.upsert("d", None, ["sale", "x", "y", "z", "red"], None, ts=10.0)  # more tags than any
+    np.testing.assert_array_equal(cat.tag_weights(np.asarray([3, 0, 1]), weights),
+                                  [1.5, 2.5, 0.0])
