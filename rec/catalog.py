@@ -10,6 +10,7 @@ arrays by index, so a request gathers it for all its candidates at once; `ensure
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ class Catalog:
     index: dict[str, int] = field(default_factory=dict)
     meta: dict[str, ItemMeta] = field(default_factory=dict)
     deleted: set[str] = field(default_factory=set)
+    # Names this catalogue's index space: indices never change within one catalogue (they only
+    # grow), and a rebase makes a new catalogue with a new token.
+    token: int = field(default_factory=lambda: secrets.randbits(62), repr=False, compare=False)
     # Per index: category code, tag codes (a row padded with NO_CODE, as wide as the most
     # tags an item has) and first-seen time (NaN: unknown). One vocabulary codes categories and
     # tags alike (a profile's interest tags hold both).

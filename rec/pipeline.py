@@ -8,6 +8,7 @@ item ids as strings, so replicas whose catalogues differ for a moment never mix 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -73,6 +74,10 @@ class CandidateSet:
     item_ids: tuple[str, ...]
     sources: tuple[tuple[str, ...], ...]
     scores: np.ndarray  # [n, len(SCORED)]: each scored source's score of every candidate
+    # The candidates' indices in the catalogue that recalled them (`Catalog.token`): a stage in
+    # the same process reads them instead of looking every id up again.
+    idx: np.ndarray | None = None
+    catalog: int | None = None
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -263,7 +268,8 @@ class Recommender:
         cand, sources = merge_lists(lists, self.config.aggregate.candidates)
         scores = self._score_matrix(view, cand, dense)
         ids = self.catalog.ids
-        return CandidateSet(tuple(map(ids.__getitem__, cand.tolist())), sources, scores)
+        return CandidateSet(tuple(map(ids.__getitem__, cand.tolist())), sources, scores, cand,
+                            self.catalog.token)
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
         out = {name: np.zeros(n_total, np.float32) for name in DENSE_SOURCES}
@@ -323,6 +329,13 @@ class Recommender:
         get = self.catalog.index.get
         return np.asarray([i for i in map(get, item_ids) if i is not None], np.int64)
 
+    def _candidate_positions(self, cands: CandidateSet) -> np.ndarray:
+        """`_positions` of the candidates: the recall's own indices when this catalogue made
+        them (catalogue indices never change within one catalogue), else by id."""
+        if cands.catalog == self.catalog.token and cands.idx is not None:
+            return cands.idx
+        return self._positions(cands.item_ids)
+
     def _positions(self, item_ids) -> np.ndarray:
         """Each item's catalogue index, -1 for one this catalogue lacks (a stage boundary
         carries item ids, and another replica's catalogue may be ahead of this one's)."""
@@ -334,7 +347,7 @@ class Recommender:
     def features(self, view: ProfileView, cands: CandidateSet,
                  context: dict | None = None) -> np.ndarray:
         """Dense ranker features of each candidate (names in DENSE_FEATURES)."""
-        return self._features(view, cands, self._positions(cands.item_ids), context)
+        return self._features(view, cands, self._candidate_positions(cands), context)
 
     def _features(self, view: ProfileView, cands: CandidateSet, idx: np.ndarray,
                   context: dict | None) -> np.ndarray:
@@ -375,7 +388,7 @@ class Recommender:
         top = np.abs(cands.scores).max(axis=0)
         f[:, len(SCORED) : 2 * len(SCORED)] = cands.scores / np.where(top > 0, top, 1.0)
         if idx is None:
-            idx = self._positions(cands.item_ids)
+            idx = self._candidate_positions(cands)
         f[:, FEATURE_COLUMN["log_pop"]] = np.log1p(_gather(self.pop_counts, idx))
         return f
 
@@ -437,7 +450,7 @@ class Recommender:
 
     def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
                      ) -> RankInputs:
-        idx = self._positions(cands.item_ids)
+        idx = self._candidate_positions(cands)
         dense = self._features(view, cands, idx, context)
         dim = self._item_vecs.shape[1]
         known = (idx >= 0) & (idx < len(self._item_vecs))
@@ -590,14 +603,14 @@ def merge_lists(lists: list[tuple[str, np.ndarray]], limit: int
         best = np.full(len(unique), len(every), np.int64)
         np.minimum.at(best, which, np.concatenate([np.arange(n) for n in sizes]))
         order = order[np.argsort(best[order], kind="stable")[:limit]]
-    table: dict[int, tuple[str, ...]] = {}  # mask -> names; a request has a few dozen masks
-    sources = []
-    for m in masks[order].tolist():
-        held = table.get(m)
-        if held is None:
-            held = table[m] = tuple(name for j, name in enumerate(names) if m >> j & 1)
-        sources.append(held)
-    return unique[order], tuple(sources)
+    return unique[order], tuple(map(_names_by_mask(names).__getitem__, masks[order].tolist()))
+
+
+@functools.lru_cache(maxsize=64)
+def _names_by_mask(names: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """For every bit mask over `names`, the names whose bits are set (in order)."""
+    return tuple(tuple(name for j, name in enumerate(names) if m >> j & 1)
+                 for m in range(1 << len(names)))
 
 
 def _gather(values: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -287,6 +287,22 @@ def test_rank_many_equals_rank(rec, users) -> None:
         assert ((probs > 0) & (probs < 1)).all()
 
 
+def test_candidate_indices_count_only_in_the_catalogue_that_recalled_them(rec, model, log,
+                                                                          users) -> None:
+    """Recall hands its catalogue indices on to ranking in the same process; a stage with
+    another catalogue (another replica, another version) looks the ids up instead."""
+    view = rec.view(users[0])
+    cands = rec.recall(view)
+    np.testing.assert_array_equal(cands.idx, [rec.catalog.index[i] for i in cands.item_ids])
+    garbled = dataclasses.replace(cands, idx=cands.idx[::-1].copy())
+    other = Recommender(CONFIG, model)
+    other.apply(log)
+    assert other.catalog.token != rec.catalog.token
+    np.testing.assert_allclose(other.rank(other.view(users[0]), garbled), rec.rank(view, cands),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(rec.rank(view, garbled), rec.rank(view, cands))
+
+
 def test_features_are_finite(rec, users) -> None:
     view = rec.view(users[0])
     cands = rec.recall(view)
