@@ -42,9 +42,11 @@ async def recall_with_index(live: Live, view: ProfileView) -> CandidateSet:
 
 
 class LocalStages:
-    """Every stage in this process (fused topology), sharing one live state. Each stage yields
-    to the event loop first: the stages compute without awaiting, and between them the loop
-    reads new requests, admits or rejects them (a 503 waits one stage, not whole requests)."""
+    """Every stage in this process (fused topology), sharing one live state. A request runs
+    its stages back to back (awaiting only a log read or a remote index): replicas run user
+    code on a thread of its own (`runtime.ENV`), so Serve's loop admits and rejects requests
+    meanwhile, and requests in a replica finish in arrival order instead of sharing the
+    thread stage by stage."""
 
     def __init__(self, live: Live) -> None:
         self.live = live
@@ -54,11 +56,9 @@ class LocalStages:
         return self.live.rec.view(user_id)
 
     async def recall(self, view: ProfileView) -> CandidateSet:
-        await asyncio.sleep(0)
         return await recall_with_index(self.live, view)
 
     async def rank(self, view: ProfileView, cands: CandidateSet, context: dict | None) -> np.ndarray:
-        await asyncio.sleep(0)
         return self.live.rec.rank(view, cands, context)
 
 
