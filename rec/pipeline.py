@@ -31,7 +31,7 @@ from rec.index import Index
 from rec.model import ModelBundle
 from rec.profile import ProfileStore, ProfileView, event_weight
 from rec.ranker import Ranker
-from rec.recall import Cooccurrence, Trending, grown, top_n
+from rec.recall import Cooccurrence, Trending, grown, top_n, top_n_rows
 
 SOURCES = ("itemcf", "usercf", "gf", "ease", "ann", "pop", "new")
 SCORED = ("itemcf", "usercf", "gf", "ease", "ann")  # sources whose score every candidate carries
@@ -252,7 +252,9 @@ class Recommender:
         n_total = len(self.catalog)
         exclude = self._exclude(view)
         dense = self._dense_scores(view, n_total)
-        lists = [(name, top_n(dense[name], n, exclude)[0]) for name in DENSE_SOURCES]
+        trend = self.pop_trend.vector(self.catalog)
+        *tops, (trending, _) = top_n_rows(np.vstack([dense, trend]), n, exclude)
+        lists = [(name, ids) for name, (ids, _) in zip(DENSE_SOURCES, tops, strict=True)]
         if view.vec is not None:
             if ann is None and self.index is not None and len(self.index):
                 ids, _ = self.index.search(view.vec, n, filter_ids=exclude)
@@ -260,8 +262,7 @@ class Recommender:
             if ann is not None:
                 ids = np.asarray(ann[0], np.int64)
                 lists.append(("ann", ids[(ids >= 0) & ~np.isin(ids, exclude)]))
-        trend = self.pop_trend.vector(self.catalog)
-        lists.append(("pop", top_n(trend, n, exclude)[0]))
+        lists.append(("pop", trending))
         new = [self.catalog.index[i] for i in reversed(list(self.new_items)[-n:])
                if i not in view.seen and i not in self.catalog.deleted]
         lists.append(("new", np.asarray(new, np.int64)))
@@ -271,27 +272,29 @@ class Recommender:
         return CandidateSet(tuple(map(ids.__getitem__, cand.tolist())), sources, scores, cand,
                             self.catalog.token)
 
-    def _dense_scores(self, view: ProfileView, n_total: int) -> dict[str, np.ndarray]:
-        out = {name: np.zeros(n_total, np.float32) for name in DENSE_SOURCES}
+    def _dense_scores(self, view: ProfileView, n_total: int) -> np.ndarray:
+        """[len(DENSE_SOURCES), n_total]: each whole-catalogue source's score of every item."""
+        out = np.zeros((len(DENSE_SOURCES), n_total), np.float32)
         if not view.recent:
             return out
+        row = dict(zip(DENSE_SOURCES, out, strict=True))  # views: writes fill `out`
         seeds = self._seeds(view)
         if self.model is not None and seeds:
             idx = np.asarray([i for i, _ in seeds], np.int64)
             w = np.asarray([w for _, w in seeds], np.float32)
-            out["itemcf"] = self.model.itemcf.scores(idx, w, n_total)
+            row["itemcf"][:] = self.model.itemcf.scores(idx, w, n_total)
             hist = [(self.catalog.index[i], wt) for i, wt in self._history(view)]
             if hist:
                 hidx = np.asarray([i for i, _ in hist], np.int64)
                 hw = np.asarray([w for _, w in hist], np.float32)
-                out["usercf"] = self.model.usercf.scores(hidx, hw, n_total)
+                row["usercf"][:] = self.model.usercf.scores(hidx, hw, n_total)
             liked = self._indices(view.liked)
             ones = np.ones(len(liked), np.float32)
-            out["gf"] = self.model.graph.scores(liked, ones, n_total)
+            row["gf"][:] = self.model.graph.scores(liked, ones, n_total)
             if self.model.ease is not None:
-                out["ease"] = self.model.ease.scores(liked, ones, n_total)
+                row["ease"][:] = self.model.ease.scores(liked, ones, n_total)
         # online co-occurrence, including items newer than the model
-        self.cooc.add_scores(out["itemcf"], seeds)
+        self.cooc.add_scores(row["itemcf"], seeds)
         return out
 
     def _seeds(self, view: ProfileView) -> list[tuple[int, float]]:
@@ -313,14 +316,14 @@ class Recommender:
             weights[item_id] = weights.get(item_id, 0.0) + w
         return [(i, w) for i, w in weights.items() if i in self.catalog.index]
 
-    def _score_matrix(self, view: ProfileView, idx: np.ndarray,
-                      dense: dict[str, np.ndarray]) -> np.ndarray:
-        ann = np.zeros(len(idx), np.float32)
+    def _score_matrix(self, view: ProfileView, idx: np.ndarray, dense: np.ndarray) -> np.ndarray:
+        """[len(idx), len(SCORED)]: the dense sources' scores of the candidates, then ANN's."""
+        out = np.zeros((len(idx), len(SCORED)), np.float32)
+        out[:, : len(DENSE_SOURCES)] = dense[:, idx].T
         if view.vec is not None and len(self._item_vecs):
             ok = idx < len(self._item_vecs)
-            ann[ok] = self._item_vecs[idx[ok]] @ view.vec.astype(np.float32)
-        return np.stack([dense[name][idx] for name in DENSE_SOURCES] + [ann],
-                        axis=1).astype(np.float32)
+            out[ok, len(DENSE_SOURCES)] = self._item_vecs[idx[ok]] @ view.vec.astype(np.float32)
+        return out
 
     def _exclude(self, view: ProfileView) -> np.ndarray:
         return self._indices(view.seen | self.catalog.deleted)

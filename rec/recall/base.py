@@ -41,17 +41,27 @@ class ScoreSource:
 def top_n(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
           min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the n largest scores above `min_score`, best first."""
-    s = np.asarray(scores, dtype=np.float32).copy()
+    return top_n_rows(np.asarray(scores)[None, :], n, exclude, min_score)[0]
+
+
+def top_n_rows(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
+               min_score: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`top_n` of every row of a [rows, items] matrix, computed for all rows at once (a request
+    ranks several sources' scores over the same catalogue)."""
+    s = np.array(scores, dtype=np.float32, ndmin=2)  # a copy: excluded items are overwritten
     if exclude is not None and len(exclude):
-        ex = exclude[exclude < len(s)]
-        s[ex] = -np.inf
-    n = min(n, len(s))
+        s[:, exclude[exclude < s.shape[1]]] = -np.inf
+    n = min(n, s.shape[1])
     if n <= 0:
-        return np.empty(0, np.int64), np.empty(0, np.float32)
-    part = np.argpartition(-s, n - 1)[:n] if n < len(s) else np.arange(len(s))
-    order = part[np.argsort(-s[part], kind="stable")]
-    keep = s[order] > min_score
-    return order[keep].astype(np.int64), s[order][keep]
+        return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(s))]
+    neg = -s
+    part = (np.argpartition(neg, n - 1, axis=1)[:, :n] if n < s.shape[1]
+            else np.broadcast_to(np.arange(n), s.shape))
+    order = np.take_along_axis(
+        part, np.argsort(np.take_along_axis(neg, part, 1), axis=1, kind="stable"), 1)
+    top = np.take_along_axis(s, order, 1)
+    keep = top > min_score
+    return [(order[r][keep[r]].astype(np.int64), top[r][keep[r]]) for r in range(len(s))]
 
 
 def grown(array: np.ndarray, size: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from rec.recall import (
     grown,
     interaction_matrix,
     top_n,
+    top_n_rows,
 )
 from rec.recall.base import center_rows, weighted_rows
 from rec.recall.graph_filter import largest_component
@@ -575,6 +576,26 @@ def test_top_n_orders_and_filters() -> None:
     assert top_n(s, 6, min_score=-5.0)[0].tolist() == [4, 3, 0, 5, 1, 2]
     assert len(top_n(s, 0)[0]) == 0 and len(top_n(np.empty(0), 3)[0]) == 0
     assert top_n(s, 3, exclude=np.empty(0, np.int64))[0].tolist() == [4, 3, 0]
+
+
+def test_top_n_rows_is_top_n_of_each_row() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(5, 40)).astype(np.float32)
+    scores[1] = 0.0  # nothing above min_score
+    scores[2, :10] = scores[2, 10]  # ties
+    exclude = np.asarray([0, 7, 39, 99])
+    for n in (0, 3, 40, 50):
+        rows = top_n_rows(scores, n, exclude)
+        assert len(rows) == 5
+        for r, (idx, vals) in enumerate(rows):
+            if r == 2:  # ties: the same choice as one row alone
+                want = top_n(scores[r], n, exclude)[0].tolist()
+            else:  # best first, above 0, not excluded
+                want = [j for j in np.argsort(-scores[r], kind="stable").tolist()
+                        if scores[r, j] > 0 and j not in exclude][:n]
+            assert idx.tolist() == want
+            np.testing.assert_array_equal(vals, scores[r, want])
+    assert top_n_rows(scores, 3)[1][0].size == 0
 
 
 def test_top_n_does_not_modify_its_input() -> None:
