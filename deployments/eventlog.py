@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ray
 
-from deployments.beacon import HeadWriter
+from deployments.beacon import HeadWriter, owner
 from deployments.runtime import actor_options, lower_own_priority
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
@@ -67,6 +67,7 @@ class EventLogService:
                         self.recent.append({**r, "offset": offset})
                         offset += 1
                     acks.append((fut, (offset - len(recs), offset - 1)))
+                self.head.mark(first, [owner(r) for r in records])
                 if any(r["kind"] != KIND_IMPRESSION for r in records):
                     # readable before any of it is acknowledged; impressions alone (training's
                     # feedback, which serving does not apply) leave followers where they are

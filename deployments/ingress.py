@@ -123,7 +123,7 @@ class Aggregator:
         view = await self.stages.view(req.user_id)
         cands = await self.stages.recall(view)
         scores = await self.stages.rank(view, cands, req.context)
-        await self.live.sync(0.05)  # deletions and categories for the final filter
+        await self.live.sync(0.05, user=req.user_id)  # deletions, categories: the final filter
         out = self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
                                      req.request_id or uuid.uuid4().hex)
         if self.config.serving.log_impressions and req.user_id != READYZ_USER:

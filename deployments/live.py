@@ -2,9 +2,10 @@
 event log (followed by offset) and with the newest published model version (hot reload).
 
 Read-your-writes: before serving a request, a strict replica makes sure it has applied every
-record committed before the request arrived. On the log's machine it first reads the log's head
-offset from shared memory (`deployments.beacon`) and calls the log only when there is something
-new; concurrent requests share one log read, so the cost is one actor call per burst.
+record committed before the request arrived that concerns the request's user or the catalogue.
+On the log's machine it first reads the log's head offset, and whom the newest records concern,
+from shared memory (`deployments.beacon`), and calls the log only when there is something new
+for it; concurrent requests share one log read, so the cost is one actor call per burst.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Live:
         self._lock = asyncio.Lock()
         self._synced_at = 0.0  # perf_counter when the newest completed sync started
         self._reloader: asyncio.Task | None = None
+        self._catching_up: asyncio.Task | None = None
         self._head: HeadReader | None = None
         self.reloads = 0
 
@@ -46,14 +48,21 @@ class Live:
         gc.freeze()
         self._reloader = asyncio.get_running_loop().create_task(self._watch())
 
-    async def sync(self, max_staleness_s: float = 0.0) -> None:
-        """Apply every record committed before this call (or before max_staleness_s ago)."""
+    async def sync(self, max_staleness_s: float = 0.0, user: str | None = None) -> None:
+        """Apply every record committed before this call (or before max_staleness_s ago). For
+        a request of `user`, only the unapplied records that concern that user or everyone
+        (catalogue changes) make it wait; other users' events are applied by a catch-up in the
+        background, so one user's click does not stall every request on the other replicas."""
         arrived = time.perf_counter()
         if self._synced_at >= arrived - max_staleness_s:
             return
         head = self._head.head() if self._head is not None else None
         if head is not None and head <= self.rec.offset:
             return  # the log holds nothing this replica has not applied
+        if user is not None and head is not None and not self._head.concerns(
+                user, self.rec.offset, head):
+            self._catch_up()
+            return
         async with self._lock:
             if self._synced_at >= arrived - max_staleness_s:
                 return  # a sync that started after we arrived has finished meanwhile
@@ -63,6 +72,17 @@ class Live:
             self._synced_at = started
         if self._head is not None and head is None:
             await self._open_head()  # the log actor restarted: find its file again
+
+    def _catch_up(self) -> None:
+        """Apply what the log holds, in the background (one catch-up at a time)."""
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.get_running_loop().create_task(self._catch_up_now())
+
+    async def _catch_up_now(self) -> None:
+        try:
+            await self.sync()
+        except Exception:  # the next request's own sync tries again
+            log.exception("background catch-up with the log failed")
 
     def apply_own(self, records: list[dict], first: int) -> bool:
         """Apply records this replica has just appended (acknowledged, so committed at offsets
@@ -131,5 +151,6 @@ class Live:
             start = records[-1]["offset"] + 1
 
     def stop(self) -> None:
-        if self._reloader is not None:
-            self._reloader.cancel()
+        for task in (self._reloader, self._catching_up):
+            if task is not None:
+                task.cancel()

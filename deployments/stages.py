@@ -52,7 +52,7 @@ class LocalStages:
         self.live = live
 
     async def view(self, user_id: str) -> ProfileView:
-        await self.live.sync()
+        await self.live.sync(user=user_id)
         return self.live.rec.view(user_id)
 
     async def recall(self, view: ProfileView) -> CandidateSet:
@@ -90,7 +90,7 @@ class _Stage:
 class ProfileStage(_Stage):
     async def view(self, user_id: str) -> ProfileView:
         await self._started
-        await self.live.sync()  # read-your-writes: never stale
+        await self.live.sync(user=user_id)  # read-your-writes: never stale for this user
         return self.live.rec.view(user_id)
 
 
