@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
 import ray
 
 from deployments.eventlog import get_log
-from deployments.runtime import actor_options, lower_own_priority
+from deployments.runtime import BackgroundStarts, actor_options, lower_own_priority
 from rec.config import RecConfig
 from rec.model import new_version_name, publish
 
@@ -91,7 +92,8 @@ class Trainer:
             if offset < self.config.train.min_events:
                 return {"published": None, "why": f"only {offset} records in the log"}
             version = new_version_name()
-            await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
+            with BackgroundStarts(os.getppid()):  # this actor's parent: the raylet
+                await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
             meta = json.loads((Path(self.config.model_dir) / version / "meta.json").read_text())
             publish(self.config.model_dir, version)
             Path(snapshot).unlink(missing_ok=True)

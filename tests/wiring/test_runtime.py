@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
-from deployments.runtime import INGRESS_MAX_ONGOING, MAX_QUEUED, lower_own_priority
+from deployments.runtime import (
+    INGRESS_MAX_ONGOING,
+    MAX_QUEUED,
+    BackgroundStarts,
+    lower_own_priority,
+)
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
@@ -43,3 +51,31 @@ def test_closed_loop_clients_that_fit_are_admitted() -> None:
     load test's recommend@32 gets no 503; beyond that the replicas shed load."""
     assert 2 * (INGRESS_MAX_ONGOING["fused"] + MAX_QUEUED) >= 32
     assert INGRESS_MAX_ONGOING["split"] >= INGRESS_MAX_ONGOING["fused"]
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+def test_processes_started_during_a_retrain_run_at_the_lowest_priority() -> None:
+    """What the Trainer wraps a Train job in: children of the given parent (there the raylet,
+    here this test) that appear meanwhile are demoted, every thread; earlier ones are not."""
+    code = ("import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
+            "time.sleep(30)")
+    before = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        with BackgroundStarts(os.getpid(), interval_s=0.01) as guard:
+            during = subprocess.Popen([sys.executable, "-c", code])
+            try:
+                deadline = time.monotonic() + 10
+                while during.pid not in guard.demoted and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.2)  # the thread it starts after its imports
+                tids = [int(t) for t in os.listdir(f"/proc/{during.pid}/task")]
+                assert len(tids) >= 2
+                for tid in tids:
+                    assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+                    assert os.getpriority(os.PRIO_PROCESS, tid) == 19
+            finally:
+                during.kill()
+        assert before.pid not in guard.demoted
+        assert os.sched_getscheduler(before.pid) != os.SCHED_IDLE
+    finally:
+        before.kill()
