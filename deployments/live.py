@@ -63,11 +63,6 @@ class Live:
                 user, self.rec.offset, head):
             self._catch_up()
             return
-        pending = self._catching_up
-        if pending is not None and not pending.done():  # its read may bring what this needs
-            await asyncio.shield(pending)
-            if head is not None and head <= self.rec.offset:
-                return
         async with self._lock:
             if self._synced_at >= arrived - max_staleness_s:
                 return  # a sync that started after we arrived has finished meanwhile
@@ -79,25 +74,13 @@ class Live:
             await self._open_head()  # the log actor restarted: find its file again
 
     def _catch_up(self) -> None:
-        """Apply what the log holds, in the background (one catch-up at a time). The read is
-        sent now, not when the loop next runs the task: a fused replica computes the requests
-        ahead without yielding, and the read is back by the time the user whose event it
-        brings is served."""
+        """Apply what the log holds, in the background (one catch-up at a time)."""
         if self._catching_up is None or self._catching_up.done():
-            started = time.perf_counter()
-            page = self.log.read.remote(self.rec.offset, READ_LIMIT)
-            self._catching_up = asyncio.get_running_loop().create_task(
-                self._catch_up_now(started, page))
+            self._catching_up = asyncio.get_running_loop().create_task(self._catch_up_now())
 
-    async def _catch_up_now(self, started: float, page) -> None:
+    async def _catch_up_now(self) -> None:
         try:
-            records = await page
-            async with self._lock:
-                self.rec.apply(records)
-                if len(records) >= READ_LIMIT:
-                    async for more in self._pages(self.rec.offset):
-                        self.rec.apply(more)
-                self._synced_at = max(self._synced_at, started)
+            await self.sync()
         except Exception:  # the next request's own sync tries again
             log.exception("background catch-up with the log failed")
 

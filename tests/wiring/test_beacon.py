@@ -180,24 +180,3 @@ def test_only_records_that_concern_a_request_make_it_wait(tmp_path) -> None:
         live.stop()
 
     _run(scenario, log)
-
-
-def test_a_request_waits_for_a_catch_up_in_flight_instead_of_reading_again(tmp_path) -> None:
-    """The posting user's request, arriving while another user's request has the catch-up read
-    in flight, is served from that read."""
-    config = RecConfig(data_dir=tmp_path)
-    log, reads = _counted_log(config)
-
-    async def scenario() -> None:
-        live = Live(config, log)
-        await live.start()
-        before = len(reads)
-        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=1.0)])
-        await live.sync(user="v")  # v's request: u's click is read in the background
-        assert live.rec.offset == 0
-        await live.sync(user="u")  # u's request waits for that read, not for one of its own
-        assert len(reads) == before + 1 and live.rec.offset == 1
-        assert "u" in live.rec.profiles.users
-        live.stop()
-
-    _run(scenario, log)
