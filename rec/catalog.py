@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rec.arrays import grown, padded
+
 NO_CODE = -1  # the category code of an item without a category
 
 
@@ -158,21 +160,12 @@ class Catalog:
     def _store(self, idx: int) -> None:
         """Copy item idx's metadata into the per-index arrays (growing them for a new index)."""
         meta = self.meta[self.ids[idx]]
-        if idx >= len(self._category) or len(meta.tags) > self._tags.shape[1]:
-            size = len(self._category) if idx < len(self._category) else max(
-                idx + 1, 2 * len(self._category), 64)
-            self._category = _padded(self._category, (size,), NO_CODE)
-            self._tags = _padded(self._tags, (size, max(len(meta.tags), self._tags.shape[1])),
-                                 NO_CODE)
-            self._first_ts = _padded(self._first_ts, (size,), np.nan)
+        self._category = grown(self._category, idx + 1, NO_CODE)
+        self._first_ts = grown(self._first_ts, idx + 1, np.nan)
+        self._tags = grown(self._tags, idx + 1, NO_CODE)
+        if len(meta.tags) > self._tags.shape[1]:
+            self._tags = padded(self._tags, (len(self._tags), len(meta.tags)), NO_CODE)
         self._category[idx] = NO_CODE if meta.category is None else self._tags_of([meta.category])[0]
         self._tags[idx] = NO_CODE
         self._tags[idx, : len(meta.tags)] = self._tags_of(meta.tags)
         self._first_ts[idx] = np.nan if meta.first_ts is None else meta.first_ts
-
-
-def _padded(array: np.ndarray, shape: tuple[int, ...], fill) -> np.ndarray:
-    """`array` in the top-left corner of a new array of `shape`, the rest `fill`."""
-    out = np.full(shape, fill, array.dtype)
-    out[tuple(slice(0, n) for n in array.shape)] = array
-    return out

@@ -18,6 +18,7 @@ from itertools import repeat
 
 import numpy as np
 
+from rec.arrays import grown
 from rec.catalog import NO_CODE, Catalog
 from rec.config import RecConfig
 from rec.events import (
@@ -31,7 +32,7 @@ from rec.index import Index
 from rec.model import ModelBundle
 from rec.profile import ProfileStore, ProfileView, event_weight
 from rec.ranker import Ranker
-from rec.recall import Cooccurrence, Trending, grown, top_n, top_n_rows
+from rec.recall import Cooccurrence, Trending, top_n, top_n_rows
 
 SOURCES = ("itemcf", "usercf", "gf", "ease", "ann", "pop", "new")
 SCORED = ("itemcf", "usercf", "gf", "ease", "ann")  # sources whose score every candidate carries

@@ -5,7 +5,7 @@ every item, `recall(...)` for its named top candidates; the ranker reads the sam
 features, so training and serving see the same numbers. Trending is counted per event.
 """
 
-from rec.recall.base import Candidates, ScoreSource, grown, interaction_matrix, top_n, top_n_rows
+from rec.recall.base import Candidates, ScoreSource, interaction_matrix, top_n, top_n_rows
 from rec.recall.ease import EASE, ease_weights
 from rec.recall.embedding import Embeddings, als_factors
 from rec.recall.graph_filter import GraphFilter
@@ -25,7 +25,6 @@ __all__ = [
     "UserCF",
     "als_factors",
     "ease_weights",
-    "grown",
     "interaction_matrix",
     "top_n",
     "top_n_rows",

@@ -64,16 +64,6 @@ def top_n_rows(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
     return [(order[r][keep[r]].astype(np.int64), top[r][keep[r]]) for r in range(len(s))]
 
 
-def grown(array: np.ndarray, size: int) -> np.ndarray:
-    """`array` if it holds at least `size` entries, else a zero-padded copy of at least twice its
-    length (amortised O(1) appends to state indexed by catalogue index)."""
-    if size <= len(array):
-        return array
-    out = np.zeros(max(size, 2 * len(array), 8), array.dtype)
-    out[: len(array)] = array
-    return out
-
-
 def weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Σ_r weights[r] · m[rows[r], :] as a dense float32 vector: the numbers `m[rows].T @ weights`
     gives (float32, added row by row in order), read from the CSR arrays directly, since scipy's

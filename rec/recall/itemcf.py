@@ -8,10 +8,10 @@ import math
 import numpy as np
 import scipy.sparse as sp
 
+from rec.arrays import grown
 from rec.recall.base import (
     ScoreSource,
     center_rows,
-    grown,
     load_csr,
     normalize_rows,
     save_csr,

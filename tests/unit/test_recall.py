@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from rec.arrays import grown
 from rec.catalog import Catalog
 from rec.recall import (
     EASE,
@@ -23,7 +24,6 @@ from rec.recall import (
     Trending,
     UserCF,
     ease_weights,
-    grown,
     interaction_matrix,
     top_n,
     top_n_rows,
