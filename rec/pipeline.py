@@ -93,17 +93,23 @@ class RankInputs:
     user_vec: np.ndarray  # [d]
     item_vec: np.ndarray  # [n, d]
     dense: np.ndarray  # [n, len(DENSE_FEATURES)]
-    PER_ROW = ("item_idx", "item_vec", "dense")
 
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The given candidates as `Ranker.predict`'s per-row arrays (training examples)."""
         return (self.item_idx[rows], np.broadcast_to(self.user_vec, (len(rows), len(self.user_vec))),
                 self.item_vec[rows], self.dense[rows])
 
-    def predict(self, ranker: Ranker) -> np.ndarray:
-        """The ranker's probability of every candidate."""
-        return ranker.predict_requests(self.user_vec[None], [len(self.item_idx)], self.item_idx,
-                                       self.item_vec, self.dense)
+
+def rank_probabilities(ranker: Ranker, inputs: list[RankInputs]) -> list[np.ndarray]:
+    """The ranker's probability of every candidate of each request, in one model call."""
+    sizes = [len(x.item_idx) for x in inputs]
+    if sum(sizes) == 0:
+        return [np.zeros(0, np.float32) for _ in inputs]
+    probs = ranker.predict_requests(
+        np.stack([x.user_vec for x in inputs]), sizes,
+        *(np.concatenate(column) for column in zip(
+            *((x.item_idx, x.item_vec, x.dense) for x in inputs), strict=True)))
+    return np.split(probs, np.cumsum(sizes)[:-1])
 
 
 class Recommender:
@@ -443,14 +449,7 @@ class Recommender:
         if ordering != "ranker" or self.model.ranker is None:
             name = "blend" if ordering == "ranker" else ordering
             return [recall_order(self._recall_features(cands), name) for _, cands, _ in requests]
-        inputs = [self.rank_inputs(*req) for req in requests]
-        sizes = [len(x.item_idx) for x in inputs]
-        if sum(sizes) == 0:
-            return [np.zeros(0, np.float32) for _ in inputs]
-        probs = self.model.ranker.predict_requests(
-            np.stack([x.user_vec for x in inputs]), sizes,
-            *(np.concatenate([getattr(x, f) for x in inputs]) for f in RankInputs.PER_ROW))
-        return np.split(probs, np.cumsum(sizes)[:-1])
+        return rank_probabilities(self.model.ranker, [self.rank_inputs(*req) for req in requests])
 
     def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
                      ) -> RankInputs:

@@ -103,22 +103,22 @@ class RankerNet(nn.Module):
         self, item_idx: Tensor, user_vec: Tensor, item_vec: Tensor, dense: Tensor
     ) -> Tensor:
         """Raw (uncalibrated) logits [n]: what training optimises."""
-        known = (item_idx >= 0) & (item_idx < self.n_items)
-        idx = torch.where(known, item_idx, self.n_items)
         product = user_vec * item_vec
-        ids = [self.item_emb(idx)] if self.item_emb is not None else []
+        ids = [self._id_embedding(item_idx)] if self.item_emb is not None else []
         x = torch.cat(
-            [
-                *ids,
-                user_vec,
-                item_vec,
-                product,
-                ((dense - self.dense_mean) / self.dense_std).clamp(-DENSE_CLIP, DENSE_CLIP),
-                product.sum(dim=-1, keepdim=True),
-            ],
+            [*ids, user_vec, item_vec, product, self._standardised(dense),
+             product.sum(dim=-1, keepdim=True)],
             dim=-1,
         )
         return self.mlp(x).squeeze(-1)
+
+    def _id_embedding(self, item_idx: Tensor) -> Tensor:
+        """Each item's id embedding; any index outside [0, n_items) reads the unknown row."""
+        known = (item_idx >= 0) & (item_idx < self.n_items)
+        return self.item_emb(torch.where(known, item_idx, self.n_items))
+
+    def _standardised(self, dense: Tensor) -> Tensor:
+        return ((dense - self.dense_mean) / self.dense_std).clamp(-DENSE_CLIP, DENSE_CLIP)
 
     def forward_requests(
         self, user_vec: Tensor, sizes: list[int], item_idx: Tensor, item_vec: Tensor,
@@ -151,11 +151,9 @@ class RankerNet(nn.Module):
         h = torch.baddbmm(bias[:, None, :], padded, folded.transpose(1, 2)).flatten(0, 1)
         if rows is not None:
             h = h[rows]
-        dn = ((dense - self.dense_mean) / self.dense_std).clamp(-DENSE_CLIP, DENSE_CLIP)
-        h = torch.addmm(h, dn, w_d.T)
+        h = torch.addmm(h, self._standardised(dense), w_d.T)
         if self.item_emb is not None:
-            known = (item_idx >= 0) & (item_idx < self.n_items)
-            h = torch.addmm(h, self.item_emb(torch.where(known, item_idx, self.n_items)), w_e.T)
+            h = torch.addmm(h, self._id_embedding(item_idx), w_e.T)
         for layer in rest:
             h = layer(h)
         return h.squeeze(-1)

@@ -28,7 +28,14 @@ from rec.eventlog import SCHEMA
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
 from rec.index import choose_equalise_norms
 from rec.model import ModelBundle, new_version_name
-from rec.pipeline import DENSE_FEATURES, ORDERINGS, RankInputs, Recommender, recall_order
+from rec.pipeline import (
+    DENSE_FEATURES,
+    ORDERINGS,
+    RankInputs,
+    Recommender,
+    rank_probabilities,
+    recall_order,
+)
 from rec.profile import event_weight
 from rec.ranker import Ranker
 from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
@@ -414,7 +421,7 @@ def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]
                 gains[name].append(0.0)
                 continue
             if name == "ranker":
-                scores = case.inputs.predict(prefix.ranker)
+                scores = rank_probabilities(prefix.ranker, [case.inputs])[0]
             else:
                 scores = recall_order(case.inputs.dense, name)
             order = np.argsort(-scores, kind="stable")
