@@ -36,6 +36,14 @@ def test_cluster_yaml_has_head_cpu_and_gpu_workers() -> None:
     assert any("serve deploy configs/serve.yaml" in c for c in cluster["head_start_ray_commands"])
 
 
+def test_cluster_yaml_passes_the_launchers_own_validation() -> None:
+    """What `ray up` runs before it starts a node: the defaults filled in, then the schema
+    (no unknown keys, right types) and the node-type checks."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text())))
+
+
 def test_rec_never_imports_ray() -> None:
     for path in (ROOT / "rec").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
