@@ -1,4 +1,5 @@
-"""Growing numpy state indexed by catalogue index (counts, metadata codes, co-occurrence rows)."""
+"""Numpy state indexed by catalogue index (counts, metadata codes, co-occurrence rows): growing
+it, and reading it for many items at once."""
 
 from __future__ import annotations
 
@@ -18,3 +19,12 @@ def grown(array: np.ndarray, size: int, fill: float = 0) -> np.ndarray:
     if size <= len(array):
         return array
     return padded(array, (max(size, 2 * len(array), 8), *array.shape[1:]), fill)
+
+
+def gathered(values: np.ndarray, idx: np.ndarray, fill: float = 0, dtype=None) -> np.ndarray:
+    """values[idx], `fill` where idx is -1 (not in the catalogue) or past the array's end (an
+    item that arrived after the array last grew)."""
+    ok = (idx >= 0) & (idx < len(values))
+    out = np.full(len(idx), fill, values.dtype if dtype is None else dtype)
+    out[ok] = values[idx[ok]]
+    return out

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from rec.arrays import grown, padded
+from rec.arrays import gathered, grown, padded
 
 NO_CODE = -1  # the category code of an item without a category
 
@@ -115,17 +115,11 @@ class Catalog:
 
     def first_seen(self, idx: np.ndarray) -> np.ndarray:
         """Each item's first-seen time (NaN when unknown), float64."""
-        out = np.full(len(idx), np.nan)
-        known = idx >= 0
-        out[known] = self._first_ts[idx[known]]
-        return out
+        return gathered(self._first_ts, idx, np.nan)
 
     def category_codes(self, idx: np.ndarray) -> np.ndarray:
         """Each item's category code (NO_CODE: no category, or not in the catalogue)."""
-        out = np.full(len(idx), NO_CODE, np.int64)
-        known = idx >= 0
-        out[known] = self._category[idx[known]]
-        return out
+        return gathered(self._category, idx, NO_CODE, np.int64)
 
     def code(self, name: str | None) -> int:
         """The code of a category or tag name (NO_CODE for None or a name no item carries)."""

@@ -18,7 +18,7 @@ from itertools import repeat
 
 import numpy as np
 
-from rec.arrays import grown
+from rec.arrays import gathered, grown
 from rec.catalog import NO_CODE, Catalog
 from rec.config import RecConfig
 from rec.events import (
@@ -372,7 +372,7 @@ class Recommender:
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
         last_cat = catalog.code(catalog.category(view.recent[-1][0]) if view.recent else None)
-        f[:, col["log_trend"]] = np.log1p(_gather(self.pop_trend.vector(catalog), idx))
+        f[:, col["log_trend"]] = np.log1p(gathered(self.pop_trend.vector(catalog), idx, 0, np.float32))
         f[:, col["cat_affinity"]] = catalog.category_weights(idx, view.tags) / cat_total
         codes = catalog.category_codes(idx)
         f[:, col["last_cat_match"]] = (codes == last_cat) & (codes != NO_CODE)
@@ -399,7 +399,7 @@ class Recommender:
         f[:, len(SCORED) : 2 * len(SCORED)] = cands.scores / np.where(top > 0, top, 1.0)
         if idx is None:
             idx = self._candidate_positions(cands)
-        f[:, FEATURE_COLUMN["log_pop"]] = np.log1p(_gather(self.pop_counts, idx))
+        f[:, FEATURE_COLUMN["log_pop"]] = np.log1p(gathered(self.pop_counts, idx, 0, np.float32))
         return f
 
     def _last_similarity(self, view: ProfileView, idx: np.ndarray) -> np.ndarray:
@@ -614,15 +614,6 @@ def _names_by_mask(names: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     """For every bit mask over `names`, the names whose bits are set (in order)."""
     return tuple(tuple(name for j, name in enumerate(names) if m >> j & 1)
                  for m in range(1 << len(names)))
-
-
-def _gather(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """values[idx] as float32, 0 where idx is -1 (not in the catalogue) or past the array's end
-    (an item with nothing counted yet)."""
-    ok = (idx >= 0) & (idx < len(values))
-    out = np.zeros(len(idx), np.float32)
-    out[ok] = values[idx[ok]]
-    return out
 
 
 def _hour(context: dict | None, now: float) -> float:
