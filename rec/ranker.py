@@ -312,10 +312,10 @@ class Ranker:
         if users.ndim != 2 or users.shape != (len(counts), self.user_dim):
             raise ValueError(f"user_vecs has shape {users.shape}, expected "
                              f"{(len(counts), self.user_dim)}")
-        idx, _, item, dns = self._arrays(item_idx, None, item_vec, dense)
+        idx, item, dns = self._candidates(item_idx, item_vec, dense)
         if counts.sum() != len(idx) or (counts < 0).any():
             raise ValueError(f"sizes {counts.tolist()} do not add up to {len(idx)} rows")
-        net = self.net.eval() if self.net.training else self.net
+        net = self._eval_net()
         with torch.inference_mode():
             t_users, t_idx, t_item, t_dense = (torch.from_numpy(a).to(self.device)
                                                for a in (users, idx, item, dns))
@@ -359,29 +359,37 @@ class Ranker:
         return ranker
 
     def _arrays(
-        self, item_idx: ArrayLike, user_vec: ArrayLike | None, item_vec: ArrayLike,
-        dense: ArrayLike,
+        self, item_idx: ArrayLike, user_vec: ArrayLike, item_vec: ArrayLike, dense: ArrayLike,
     ) -> Arrays:
-        """Contiguous int64/float32 arrays, shapes checked against the model's dimensions
-        (user_vec None: one per request, checked by the caller)."""
+        """Contiguous int64/float32 arrays, one row per candidate, shapes checked against the
+        model's dimensions."""
+        idx, item, dns = self._candidates(item_idx, item_vec, dense)
+        user = np.ascontiguousarray(user_vec, dtype=np.float32)
+        if user.shape != (len(idx), self.user_dim):
+            raise ValueError(f"user_vec has shape {user.shape}, expected "
+                             f"{(len(idx), self.user_dim)}")
+        return idx, user, item, dns
+
+    def _candidates(
+        self, item_idx: ArrayLike, item_vec: ArrayLike, dense: ArrayLike
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The candidates' own arrays (index, item vector, dense features), contiguous
+        int64/float32, shapes checked."""
         idx = np.ascontiguousarray(item_idx, dtype=np.int64).reshape(-1)
-        n = len(idx)
-        user = None if user_vec is None else np.ascontiguousarray(user_vec, dtype=np.float32)
         item = np.ascontiguousarray(item_vec, dtype=np.float32)
         dns = np.ascontiguousarray(dense, dtype=np.float32)
-        for name, array, width in (
-            *([("user_vec", user, self.user_dim)] if user is not None else []),
-            ("item_vec", item, self.user_dim),
-            ("dense", dns, self.n_dense),
-        ):
-            if array.shape != (n, width):
-                raise ValueError(f"{name} has shape {array.shape}, expected {(n, width)}")
-        return idx, user, item, dns
+        for name, array, width in (("item_vec", item, self.user_dim), ("dense", dns, self.n_dense)):
+            if array.shape != (len(idx), width):
+                raise ValueError(f"{name} has shape {array.shape}, expected {(len(idx), width)}")
+        return idx, item, dns
+
+    def _eval_net(self) -> RankerNet:
+        """The net in eval mode (switched only when training left it in train mode)."""
+        return self.net.eval() if self.net.training else self.net
 
     def _logits(self, arrays: Arrays, *, calibrated: bool) -> np.ndarray:
         """Logits (raw or Platt-scaled) in eval mode, in batches of at most PREDICT_BATCH rows."""
-        net = self.net
-        net.eval()
+        net = self._eval_net()
         n = len(arrays[0])
         out = np.empty(n, dtype=np.float32)
         with torch.inference_mode():
