@@ -3,6 +3,7 @@ on a small generated data set with a model trained by the pure training code."""
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import pytest
@@ -11,6 +12,20 @@ from rec.data import generate
 from rec.model import publish
 from rec.train import train
 from tests.conftest import small_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_ingress_afterwards():
+    """Serve's local testing mode binds the routes of the module-level FastAPI app to the replica
+    it creates, so a real deployment later in the same process would pickle that replica (its
+    model and running tasks) along with the class: the ingress and app modules are imported
+    afresh after each wiring module, for whichever tests run next."""
+    yield
+    import deployments.app
+    import deployments.ingress
+
+    importlib.reload(deployments.ingress)
+    importlib.reload(deployments.app)
 
 
 @pytest.fixture(scope="session")
