@@ -25,13 +25,17 @@ def build_app(config: RecConfig, log=None, trainer=None, replicas: int = 1) -> A
     s = config.serving
 
     def opts(num_gpus: float = 0.0) -> dict:
-        return {"ray_actor_options": actor_options(s.replica_cpus, num_gpus),
-                "max_ongoing_requests": MAX_ONGOING}
+        return {
+            "ray_actor_options": actor_options(s.replica_cpus, num_gpus),
+            "max_ongoing_requests": MAX_ONGOING,
+        }
 
     ingress = Aggregator.options(
-        num_replicas=replicas, max_queued_requests=MAX_QUEUED,
+        num_replicas=replicas,
+        max_queued_requests=MAX_QUEUED,
         ray_actor_options=actor_options(s.replica_cpus),
-        max_ongoing_requests=INGRESS_MAX_ONGOING[s.topology])
+        max_ongoing_requests=INGRESS_MAX_ONGOING[s.topology],
+    )
     if s.topology == "fused":
         return ingress.bind(cfg, log, trainer=trainer)
     profile = ProfileStage.options(**opts()).bind(cfg, log)

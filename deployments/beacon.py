@@ -93,8 +93,12 @@ class HeadWriter:
         self._map[0] = head  # one aligned 8-byte store; no fsync: this is a hint, not data
 
     def info(self) -> dict:
-        return {"path": str(self.path), "nonce": self.nonce, "machine": machine_id(),
-                "pid": os.getpid()}
+        return {
+            "path": str(self.path),
+            "nonce": self.nonce,
+            "machine": machine_id(),
+            "pid": os.getpid(),
+        }
 
 
 class HeadReader:

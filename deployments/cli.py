@@ -27,13 +27,16 @@ def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
     from rec.data import generate, load
 
     days = 60.0  # generated history ends now, so live events continue it
-    ds = (generate(seed=seed, days=days, start_ts=time.time() - days * 86400) if data is None
-          else load(data, fmt))
+    ds = (
+        generate(seed=seed, days=days, start_ts=time.time() - days * 86400)
+        if data is None
+        else load(data, fmt)
+    )
     if isinstance(ds, tuple):  # lightgcn: serve the train part
         ds = ds[0]
     records = ds.item_records() + ds.event_records()
     for start in range(0, len(records), LOAD_BATCH):
-        ray.get(log.append.remote(records[start:start + LOAD_BATCH]))
+        ray.get(log.append.remote(records[start : start + LOAD_BATCH]))
     return len(records)
 
 
@@ -70,8 +73,11 @@ def direct_targets(host: str) -> dict[str, list[str]]:
     for group in groups:
         if group.protocol != "HTTP":  # a str enum
             continue
-        urls = [f"http://{host if host not in ('0.0.0.0', '::') else t.ip}:{t.port}"
-                for t in group.targets if t.name.startswith("SERVE_REPLICA::")]
+        urls = [
+            f"http://{host if host not in ('0.0.0.0', '::') else t.ip}:{t.port}"
+            for t in group.targets
+            if t.name.startswith("SERVE_REPLICA::")
+        ]
         if urls and group.app_name:
             out[group.app_name] = sorted(urls)
     return out
@@ -104,9 +110,13 @@ def serve_main(args: argparse.Namespace) -> int:
     config.data_dir = Path(config.data_dir).resolve()
     t0 = time.perf_counter()
     # The dashboard serves Ray's State API (Ray Train polls it) and `serve status`.
-    ray.init(address="local", include_dashboard=True, object_store_memory=512 * 2**20,
-             runtime_env={"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
-             logging_level="WARNING")
+    ray.init(
+        address="local",
+        include_dashboard=True,
+        object_store_memory=512 * 2**20,
+        runtime_env={"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
+        logging_level="WARNING",
+    )
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         log = get_or_create_log(config.log_dir, config.eventlog)
@@ -117,22 +127,31 @@ def serve_main(args: argparse.Namespace) -> int:
             print("training the first model with Ray Train ...")
             result = ray.get(get_or_create_trainer(config).retrain.remote())
             print(f"published {result['published']} in {result['seconds']} s")
-        serve.run(build_app(config, replicas=args.replicas), name="rec", route_prefix="/",
-                  blocking=False)
+        serve.run(
+            build_app(config, replicas=args.replicas), name="rec", route_prefix="/", blocking=False
+        )
         if args.floor:  # the load tests' baseline: same Ray, same proxy, same replica settings
             from deployments.floor import APP_NAME, ROUTE, build_floor
 
-            serve.run(build_floor(config.serving.replica_cpus, args.replicas), name=APP_NAME,
-                      route_prefix=ROUTE, blocking=False)
+            serve.run(
+                build_floor(config.serving.replica_cpus, args.replicas),
+                name=APP_NAME,
+                route_prefix=ROUTE,
+                blocking=False,
+            )
         if config.train.every_s:
             get_or_create_trainer(config).run_every.remote(config.train.every_s)
         url = f"http://{args.host}:{args.port}"
         ready = _wait_ready(url, 300)
-        print(f"\nrec is serving model {ready['model_version']} at {url} "
-              f"(ready in {time.perf_counter() - t0:.0f} s). Try:\n")
+        print(
+            f"\nrec is serving model {ready['model_version']} at {url} "
+            f"(ready in {time.perf_counter() - t0:.0f} s). Try:\n"
+        )
         print(f"  curl '{url}/recommend?user_id=u1&k=10'")
-        print(f"  curl -X POST {url}/events -H 'Content-Type: application/json' "
-              "-d '{\"user_id\": \"u1\", \"item_id\": \"i42\", \"type\": \"click\"}'")
+        print(
+            f"  curl -X POST {url}/events -H 'Content-Type: application/json' "
+            '-d \'{"user_id": "u1", "item_id": "i42", "type": "click"}\''
+        )
         print(f"  curl '{url}/similar?item_id=i42&k=5'")
         print(f"  curl {url}/models")
         print(f"  curl -X POST {url}/admin/retrain -H 'X-API-Key: {config.serving.api_key}'")
@@ -178,8 +197,10 @@ def eval_main(argv: list[str]) -> int:
 
     config = RecConfig()
     for variant in offline.VARIANTS + offline.ABLATIONS:
-        evaluation.register(offline.RecModel(variant).name,
-                            lambda v=variant: offline.RecModel(v, config.model_copy(deep=True)))
+        evaluation.register(
+            offline.RecModel(variant).name,
+            lambda v=variant: offline.RecModel(v, config.model_copy(deep=True)),
+        )
     return evaluation.main(argv)
 
 
@@ -187,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         return eval_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="rec", description=__doc__,
-                                     epilog="rec eval --help: the offline evaluation harness")
+    parser = argparse.ArgumentParser(
+        prog="rec", description=__doc__, epilog="rec eval --help: the offline evaluation harness"
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the recommender on a local Ray instance")
     s.add_argument("--config", help="RecConfig YAML (defaults otherwise)")
@@ -197,11 +219,18 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-dir", help="where the log and models live (default: var/)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--replicas", type=int, default=2,
-                   help="ingress replicas; each runs the whole pipeline in the fused topology "
-                        "(default 2: on 2 cores, 2 served ~1.5x more than 1, 3 no more than 2)")
-    s.add_argument("--floor", action="store_true",
-                   help="also serve a constant-JSON deployment at /floor (load-test baseline)")
+    s.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="ingress replicas; each runs the whole pipeline in the fused topology "
+        "(default 2: on 2 cores, 2 served ~1.5x more than 1, 3 no more than 2)",
+    )
+    s.add_argument(
+        "--floor",
+        action="store_true",
+        help="also serve a constant-JSON deployment at /floor (load-test baseline)",
+    )
     s.set_defaults(func=serve_main)
     g = sub.add_parser("generate", help="write the synthetic demo data set as Parquet")
     g.add_argument("--out", required=True)

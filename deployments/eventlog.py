@@ -131,8 +131,11 @@ class EventLogService:
 
     def recovery(self) -> dict:
         """What opening the log found: bytes of torn tail cut, and where the log stands."""
-        return {"pid": os.getpid(), "bytes_cut": self.log.recovered_bytes_cut,
-                "next_offset": self.log.next_offset}
+        return {
+            "pid": os.getpid(),
+            "bytes_cut": self.log.recovered_bytes_cut,
+            "next_offset": self.log.next_offset,
+        }
 
 
 EventLogActor = ray.remote(max_restarts=-1, max_task_retries=0)(EventLogService)
@@ -186,8 +189,12 @@ async def _construct(factory):
 
 def get_or_create_log(path: str | Path, config: EventLogConfig, num_cpus: float = 0.1):
     return EventLogActor.options(
-        name=LOG_ACTOR, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
-        max_concurrency=1000, **actor_options(num_cpus),
+        name=LOG_ACTOR,
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        lifetime="detached",
+        max_concurrency=1000,
+        **actor_options(num_cpus),
     ).remote(str(path), config.model_dump(mode="json"))
 
 

@@ -22,6 +22,9 @@ class Floor:
 
 def build_floor(replica_cpus: float, replicas: int = 1) -> Application:
     """The same options as rec's (default, fused) ingress (deployments.app.build_app)."""
-    return Floor.options(num_replicas=replicas, ray_actor_options=actor_options(replica_cpus),
-                         max_ongoing_requests=INGRESS_MAX_ONGOING["fused"],
-                         max_queued_requests=MAX_QUEUED).bind()
+    return Floor.options(
+        num_replicas=replicas,
+        ray_actor_options=actor_options(replica_cpus),
+        max_ongoing_requests=INGRESS_MAX_ONGOING["fused"],
+        max_queued_requests=MAX_QUEUED,
+    ).bind()

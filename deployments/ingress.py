@@ -39,10 +39,12 @@ class RecommendIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: str = Field(min_length=1, max_length=ID_MAX, description="Who to recommend for.")
     k: int | None = Field(None, ge=1, description="How many items (default from config).")
-    exclude: list[str] = Field(default_factory=list, max_length=1000,
-                               description="Item ids never to return.")
+    exclude: list[str] = Field(
+        default_factory=list, max_length=1000, description="Item ids never to return."
+    )
     context: dict[str, str | int | float | bool] | None = Field(
-        None, description="Request context (e.g. hour, device) passed to the ranker.")
+        None, description="Request context (e.g. hour, device) passed to the ranker."
+    )
     request_id: str | None = Field(None, max_length=ID_MAX, description="Caller's request id.")
 
 
@@ -56,8 +58,10 @@ class InvalidInput(HTTPException):
 
     def __init__(self, exc: ValidationError | str, field: str = "body") -> None:
         if isinstance(exc, ValidationError):
-            detail = [{"field": ".".join(str(p) for p in e["loc"]) or field, "error": e["msg"]}
-                      for e in exc.errors(include_url=False, include_input=False)]
+            detail = [
+                {"field": ".".join(str(p) for p in e["loc"]) or field, "error": e["msg"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
         else:
             detail = [{"field": field, "error": exc}]
         super().__init__(422, detail)
@@ -73,8 +77,9 @@ def _parse(model: type[BaseModel], body: object) -> BaseModel:
 @serve.deployment
 @serve.ingress(api)
 class Aggregator:
-    def __init__(self, config: dict, log, profile=None, recall=None, ranker=None,
-                 trainer=None) -> None:
+    def __init__(
+        self, config: dict, log, profile=None, recall=None, ranker=None, trainer=None
+    ) -> None:
         pin_threads()
         self.config = RecConfig.model_validate(config)
         self.log = log
@@ -124,12 +129,19 @@ class Aggregator:
         cands = await self.stages.recall(view)
         scores = await self.stages.rank(view, cands, req.context)
         await self.live.sync(0.05, user=req.user_id)  # deletions, categories: the final filter
-        out = self.live.rec.finalize(view, cands, scores, k, frozenset(req.exclude),
-                                     req.request_id or uuid.uuid4().hex)
+        out = self.live.rec.finalize(
+            view, cands, scores, k, frozenset(req.exclude), req.request_id or uuid.uuid4().hex
+        )
         if self.config.serving.log_impressions and req.user_id != READYZ_USER:
-            self._log_impression(impression_record(
-                req.user_id, out["request_id"], [i["item_id"] for i in out["items"]],
-                out["model_version"], time.time()))
+            self._log_impression(
+                impression_record(
+                    req.user_id,
+                    out["request_id"],
+                    [i["item_id"] for i in out["items"]],
+                    out["model_version"],
+                    time.time(),
+                )
+            )
         return out
 
     def _log_impression(self, record: dict) -> None:
@@ -141,7 +153,8 @@ class Aggregator:
             self._flush_impressions()
         elif self._impression_timer is None:
             self._impression_timer = asyncio.get_running_loop().call_later(
-                IMPRESSION_FLUSH_S, self._flush_impressions)
+                IMPRESSION_FLUSH_S, self._flush_impressions
+            )
 
     def _flush_impressions(self) -> None:
         if self._impression_timer is not None:
@@ -202,12 +215,19 @@ class Aggregator:
 
     def model_info(self) -> dict:
         root = self.config.model_dir
-        available = sorted(p.name for p in root.iterdir()
-                           if p.is_dir() and not p.name.startswith(".")) if root.exists() else []
+        available = (
+            sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if root.exists()
+            else []
+        )
         model = self.live.rec.model
-        return {"serving": self.live.rec.version, "published": current_version(root),
-                "available": available, "reloads": self.live.reloads,
-                "metrics": model.metrics if model else None}
+        return {
+            "serving": self.live.rec.version,
+            "published": current_version(root),
+            "available": available,
+            "reloads": self.live.reloads,
+            "metrics": model.metrics if model else None,
+        }
 
     # ---- HTTP --------------------------------------------------------------------------------
 
@@ -276,8 +296,11 @@ class Aggregator:
         return self.model_info()
 
     @api.post("/admin/retrain", summary="Retrain from the log now (needs X-API-Key)")
-    async def http_retrain(self, request: Request, wait: bool = Query(
-            False, description="Answer when the new version is published.")) -> JSONResponse:
+    async def http_retrain(
+        self,
+        request: Request,
+        wait: bool = Query(False, description="Answer when the new version is published."),
+    ) -> JSONResponse:
         if request.headers.get("x-api-key") != self.config.serving.api_key:
             raise HTTPException(401, "X-API-Key header missing or wrong")
         if self.trainer is None:

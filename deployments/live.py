@@ -59,8 +59,11 @@ class Live:
         head = self._head.head() if self._head is not None else None
         if head is not None and head <= self.rec.offset:
             return  # the log holds nothing this replica has not applied
-        if user is not None and head is not None and not self._head.concerns(
-                user, self.rec.offset, head):
+        if (
+            user is not None
+            and head is not None
+            and not self._head.concerns(user, self.rec.offset, head)
+        ):
             self._catch_up()
             return
         async with self._lock:

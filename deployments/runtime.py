@@ -116,8 +116,9 @@ class BackgroundStarts:
     def __enter__(self) -> BackgroundStarts:
         if hasattr(os, "SCHED_IDLE") and Path(f"/proc/{self.parent}/task").exists():
             existing = self.children()
-            self._thread = threading.Thread(target=self._run, args=(existing,), daemon=True,
-                                            name="background-starts")
+            self._thread = threading.Thread(
+                target=self._run, args=(existing,), daemon=True, name="background-starts"
+            )
             self._thread.start()
         return self
 

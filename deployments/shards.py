@@ -39,15 +39,21 @@ class IndexShard:
         if version in self.versions:
             self.versions[version].mark_deleted(ids)
 
-    def search(self, version: str, query: np.ndarray, k: int,
-               filter_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, version: str, query: np.ndarray, k: int, filter_ids: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         return self.versions[version].search(query, k, filter_ids=filter_ids)
 
 
 def shard_actors(n: int, num_cpus: float) -> list:
     return [
-        IndexShard.options(name=f"rec_index_shard_{i}", namespace="rec", get_if_exists=True,
-                           lifetime="detached", **actor_options(num_cpus)).remote()
+        IndexShard.options(
+            name=f"rec_index_shard_{i}",
+            namespace="rec",
+            get_if_exists=True,
+            lifetime="detached",
+            **actor_options(num_cpus),
+        ).remote()
         for i in range(n)
     ]
 
@@ -59,8 +65,12 @@ class RemoteIndex:
     def __init__(self, shards: list, version: str, version_dir: Path) -> None:
         self.shards = shards
         self.version = version
-        sizes = ray.get([s.load.remote(version, str(version_dir / "index" / f"shard_{i:03d}"))
-                         for i, s in enumerate(shards)])
+        sizes = ray.get(
+            [
+                s.load.remote(version, str(version_dir / "index" / f"shard_{i:03d}"))
+                for i, s in enumerate(shards)
+            ]
+        )
         self.size = sum(sizes)
         self.dim = 0
 
@@ -82,9 +92,11 @@ class RemoteIndex:
     def search(self, *_args, **_kwargs):
         raise RuntimeError("RemoteIndex is searched with `await asearch(...)`")
 
-    async def asearch(self, query: np.ndarray, k: int,
-                      filter_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        parts = await asyncio.gather(*[s.search.remote(self.version, query, k, filter_ids)
-                                       for s in self.shards])
+    async def asearch(
+        self, query: np.ndarray, k: int, filter_ids: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        parts = await asyncio.gather(
+            *[s.search.remote(self.version, query, k, filter_ids) for s in self.shards]
+        )
         ids, scores = merge_topk(list(parts), k)
         return ids[0], scores[0]

@@ -58,7 +58,9 @@ class LocalStages:
     async def recall(self, view: ProfileView) -> CandidateSet:
         return await recall_with_index(self.live, view)
 
-    async def rank(self, view: ProfileView, cands: CandidateSet, context: dict | None) -> np.ndarray:
+    async def rank(
+        self, view: ProfileView, cands: CandidateSet, context: dict | None
+    ) -> np.ndarray:
         return self.live.rec.rank(view, cands, context)
 
 
@@ -74,7 +76,9 @@ class RemoteStages:
     async def recall(self, view: ProfileView) -> CandidateSet:
         return await self.recall_h.recall.remote(view)
 
-    async def rank(self, view: ProfileView, cands: CandidateSet, context: dict | None) -> np.ndarray:
+    async def rank(
+        self, view: ProfileView, cands: CandidateSet, context: dict | None
+    ) -> np.ndarray:
         return await self.ranker.rank.remote(view, cands, context)
 
 
@@ -114,7 +118,9 @@ class RankerStage(_Stage):
         except RayServeException:
             self.batching = False
 
-    async def rank(self, view: ProfileView, cands: CandidateSet, context: dict | None) -> np.ndarray:
+    async def rank(
+        self, view: ProfileView, cands: CandidateSet, context: dict | None
+    ) -> np.ndarray:
         await self._started
         await self.live.sync(STAGE_STALENESS_S)
         if not self.batching:

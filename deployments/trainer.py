@@ -34,12 +34,24 @@ def _train_worker(loop_config: dict) -> None:
 
     def fit_ranker(ranker, ex):
         prepare = ray.train.torch.prepare_model if ctx.get_world_size() > 1 else None
-        return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels,
-                          group_size=ex.group_size, prepare_model=prepare)
+        return ranker.fit(
+            ex.item_idx,
+            ex.user_vec,
+            ex.item_vec,
+            ex.dense,
+            ex.labels,
+            group_size=ex.group_size,
+            prepare_model=prepare,
+        )
 
     table = pq.read_table(loop_config["snapshot"])
-    bundle = train(table, config, log_offset=loop_config["offset"], fit_ranker=fit_ranker,
-                   version=loop_config["version"])
+    bundle = train(
+        table,
+        config,
+        log_offset=loop_config["offset"],
+        fit_ranker=fit_ranker,
+        version=loop_config["version"],
+    )
     if ctx.get_world_rank() == 0:
         index = bundle.build_index(config.recall, shards=max(config.serving.ann_shards, 1))
         bundle.save(config.model_dir, index)
@@ -64,12 +76,20 @@ def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -
     tc = config.train
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "snapshot": snapshot,
-                           "offset": offset, "version": version},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
-        run_config=RunConfig(name=version,
-                             storage_path=str((Path(config.data_dir) / "ray_train").resolve())),
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "snapshot": snapshot,
+            "offset": offset,
+            "version": version,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=version, storage_path=str((Path(config.data_dir) / "ray_train").resolve())
+        ),
     )
     trainer.fit()
 
@@ -97,8 +117,12 @@ class Trainer:
             meta = json.loads((Path(self.config.model_dir) / version / "meta.json").read_text())
             publish(self.config.model_dir, version)
             Path(snapshot).unlink(missing_ok=True)
-            self.last = {"published": version, "log_offset": offset,
-                         "seconds": round(time.perf_counter() - t0, 2), "metrics": meta["metrics"]}
+            self.last = {
+                "published": version,
+                "log_offset": offset,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "metrics": meta["metrics"],
+            }
             return self.last
 
     async def run_every(self, interval_s: float) -> None:
@@ -108,6 +132,11 @@ class Trainer:
 
 
 def get_or_create_trainer(config: RecConfig):
-    return Trainer.options(name=TRAINER_ACTOR, namespace="rec", get_if_exists=True,
-                           lifetime="detached", max_concurrency=4,
-                           **actor_options(0.01)).remote(config.model_dump(mode="json"))
+    return Trainer.options(
+        name=TRAINER_ACTOR,
+        namespace="rec",
+        get_if_exists=True,
+        lifetime="detached",
+        max_concurrency=4,
+        **actor_options(0.01),
+    ).remote(config.model_dump(mode="json"))

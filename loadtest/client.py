@@ -44,8 +44,9 @@ class Tally:
     units: int = 0  # events acknowledged (event streams)
     started: list[float] = field(default_factory=list)  # perf_counter at start, when given
 
-    def add(self, status: int, ms: float, units: int = 0, why: str = "",
-            t: float | None = None) -> None:
+    def add(
+        self, status: int, ms: float, units: int = 0, why: str = "", t: float | None = None
+    ) -> None:
         self.statuses[status] += 1
         if status == 200:
             self.latencies_ms.append(ms)
@@ -87,8 +88,13 @@ class Population:
         cats = sorted({c for c in ds.items.column("category").to_pylist() if c})
         u_ids, u_w = zip(*users.most_common(), strict=True)
         i_ids, i_w = zip(*items.most_common(), strict=True)
-        return cls(list(u_ids), list(itertools.accumulate(u_w)), list(i_ids),
-                   list(itertools.accumulate(i_w)), cats)
+        return cls(
+            list(u_ids),
+            list(itertools.accumulate(u_w)),
+            list(i_ids),
+            list(itertools.accumulate(i_w)),
+            cats,
+        )
 
     def known_user(self, rng: random.Random) -> str:
         return self.users[bisect.bisect(self.user_cum, rng.random() * self.user_cum[-1])]
@@ -107,8 +113,9 @@ class Population:
         return "active", rng.choice(self.active)
 
     def event(self, rng: random.Random, user: str | None = None) -> dict:
-        kind = rng.choices(("view", "click", "add_to_cart", "purchase", "like"),
-                           (60, 25, 8, 4, 3))[0]
+        kind = rng.choices(("view", "click", "add_to_cart", "purchase", "like"), (60, 25, 8, 4, 3))[
+            0
+        ]
         return {"user_id": user or self.known_user(rng), "item_id": self.item(rng), "type": kind}
 
 
@@ -124,8 +131,9 @@ class Client:
             raise ValueError("no base URL")
         for b in bases:
             if not b.startswith(("http://127.", "http://localhost", "http://[::1]")):
-                raise ValueError("load tests only target this machine (127.0.0.0/8, localhost, "
-                                 "::1)")
+                raise ValueError(
+                    "load tests only target this machine (127.0.0.0/8, localhost, ::1)"
+                )
         self.bases = [b.rstrip("/") for b in bases]
         self._in_flight = dict.fromkeys(self.bases, 0)
         self._turn = 0
@@ -135,23 +143,31 @@ class Client:
     async def __aenter__(self) -> Client:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
-            timeout=aiohttp.ClientTimeout(total=30), skip_auto_headers=("User-Agent",))
+            timeout=aiohttp.ClientTimeout(total=30),
+            skip_auto_headers=("User-Agent",),
+        )
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.session.close()
 
-    async def call(self, method: str, path: str, body: bytes | None = None,
-                   headers: dict | None = None,
-                   timeout_s: float | None = None) -> tuple[int, bytes, float]:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[int, bytes, float]:
         """(status, body, seconds); status -1 for a transport failure (body = the error)."""
         t = time.perf_counter()
         extra = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
         base = self._pick()
         self._in_flight[base] += 1
         try:
-            async with self.session.request(method, base + path, data=body, headers=headers,
-                                            **extra) as r:
+            async with self.session.request(
+                method, base + path, data=body, headers=headers, **extra
+            ) as r:
                 data = await r.read()
                 status = r.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -165,19 +181,28 @@ class Client:
         if n == 1:
             return self.bases[0]
         self._turn = (self._turn + 1) % n
-        order = self.bases[self._turn:] + self.bases[:self._turn]
+        order = self.bases[self._turn :] + self.bases[: self._turn]
         return min(order, key=self._in_flight.__getitem__)
 
-    async def timed(self, tally: Tally | None, win: Window, method: str, path: str,
-                    body: bytes | None = None, headers: dict | None = None,
-                    units=None) -> tuple[int, bytes]:
+    async def timed(
+        self,
+        tally: Tally | None,
+        win: Window,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        units=None,
+    ) -> tuple[int, bytes]:
         """A call recorded in `tally` when it started inside the window; `units(body)` says how
         many events a 200 acknowledged."""
         t0 = time.perf_counter()
         status, data, dt = await self.call(method, path, body, headers)
         if tally is not None and win.active(t0):
             n = units(data) if (units and status == 200) else 0
-            tally.add(status, dt * 1000, n, "" if status == 200 else data[:200].decode(errors="replace"))
+            tally.add(
+                status, dt * 1000, n, "" if status == 200 else data[:200].decode(errors="replace")
+            )
         return status, data
 
     # ---- requests ----------------------------------------------------------------------------
@@ -213,8 +238,14 @@ def _accepted(data: bytes) -> int:
 # ---- drivers -------------------------------------------------------------------------------
 
 
-async def closed_loop(n: int, seconds: float, warmup: float, step, stop: asyncio.Event | None
-                      = None, max_seconds: float | None = None) -> tuple[Window, float]:
+async def closed_loop(
+    n: int,
+    seconds: float,
+    warmup: float,
+    step,
+    stop: asyncio.Event | None = None,
+    max_seconds: float | None = None,
+) -> tuple[Window, float]:
     """n workers call `await step(worker, rng, win)` back to back. Measures for `seconds` after
     `warmup`, or, given `stop`, until it is set (at most `max_seconds`). Returns the window and
     its length."""
@@ -274,11 +305,13 @@ async def open_loop(rate: float, seconds: float, fire) -> int:
 def floor_step(client: Client, tally: Tally):
     async def step(_w, _rng, win):
         await client.timed(tally, win, "GET", "/floor")
+
     return step
 
 
 def recommend_step(client: Client, pop: Population, tallies: dict[str, Tally]):
     """GET /recommend over the user mix; `tallies` gets one Tally per user kind and "all"."""
+
     async def step(_w, rng, win):
         kind, user = pop.user_mix(rng)
         t0 = time.perf_counter()
@@ -287,6 +320,7 @@ def recommend_step(client: Client, pop: Population, tallies: dict[str, Tally]):
             why = "" if status == 200 else data[:200].decode(errors="replace")
             for key in ("all", kind):
                 tallies.setdefault(key, Tally()).add(status, dt * 1000, why=why, t=t0)
+
     return step
 
 
@@ -299,8 +333,14 @@ class Freshness:
     never: int = 0
 
 
-def mixed_step(client: Client, pop: Population, rec: Tally, ev: Tally, fresh: Freshness,
-               event_share: float = 0.10):
+def mixed_step(
+    client: Client,
+    pop: Population,
+    rec: Tally,
+    ev: Tally,
+    fresh: Freshness,
+    event_share: float = 0.10,
+):
     """90% GET /recommend (the user mix) / 10% POST /events. Every event is a click on an item
     the user was just recommended, and the worker's next request is that user's /recommend,
     which must no longer contain it (seen items are filtered): the freshness probe."""
@@ -338,6 +378,7 @@ def mixed_step(client: Client, pop: Population, rec: Tally, ev: Tally, fresh: Fr
             items = json.loads(data)["items"]
             if items:
                 mine[user] = items[0]["item_id"]
+
     return step
 
 
@@ -345,24 +386,28 @@ def event_single_step(client: Client, pop: Population, tally: Tally):
     async def step(_w, rng, win):
         body = json.dumps(pop.event(rng)).encode()
         await client.timed(tally, win, "POST", "/events", body, JSON, units=_accepted)
+
     return step
 
 
 def event_batch_step(client: Client, bodies: list[bytes], tally: Tally):
     async def step(_w, rng, win):
-        await client.timed(tally, win, "POST", "/events", rng.choice(bodies), JSON,
-                           units=_accepted)
+        await client.timed(tally, win, "POST", "/events", rng.choice(bodies), JSON, units=_accepted)
+
     return step
 
 
 def batch_bodies(pop: Population, n_bodies: int, size: int, seed: int = 7) -> list[bytes]:
     rng = random.Random(seed)
-    return [json.dumps({"events": [pop.event(rng) for _ in range(size)]}).encode()
-            for _ in range(n_bodies)]
+    return [
+        json.dumps({"events": [pop.event(rng) for _ in range(size)]}).encode()
+        for _ in range(n_bodies)
+    ]
 
 
-async def new_item_trial(client: Client, item: dict, user: str, timeout_s: float,
-                         interval_s: float = 0.02) -> float | None:
+async def new_item_trial(
+    client: Client, item: dict, user: str, timeout_s: float, interval_s: float = 0.02
+) -> float | None:
     """POST /items, then poll /recommend for a known user until the item is in the answer;
     seconds from the POST answer to that answer (None: not within timeout_s)."""
     status, data = await client.post_json("/items", item)

@@ -157,8 +157,13 @@ def bench_device(device_name: str, args: argparse.Namespace, n_dense: int) -> li
         item_vec = rng.standard_normal((rows, user_dim)).astype(np.float32) * 0.1
         dense = rng.standard_normal((rows, n_dense)).astype(np.float32)
         t_in = [torch.from_numpy(a).to(device) for a in (idx, user_vec, item_vec, dense)]
-        t_req = [torch.from_numpy(users).to(device), [args.candidates] * batch,
-                 t_in[0], t_in[2], t_in[3]]
+        t_req = [
+            torch.from_numpy(users).to(device),
+            [args.candidates] * batch,
+            t_in[0],
+            t_in[2],
+            t_in[3],
+        ]
         t_in_bf16 = [t_in[0], *(t.to(torch.bfloat16) for t in t_in[1:])]
         x_ref = torch.randn(rows, 256, device=device)
         x_ref_bf16 = x_ref.to(torch.bfloat16)

@@ -26,30 +26,48 @@ class AppUser(HttpUser):
 
     @task(60)
     def recommend_known(self) -> None:
-        self.client.get("/recommend", params={"user_id": f"u{self.rng.randrange(KNOWN_USERS)}",
-                                              "k": 10}, name="/recommend known")
+        self.client.get(
+            "/recommend",
+            params={"user_id": f"u{self.rng.randrange(KNOWN_USERS)}", "k": 10},
+            name="/recommend known",
+        )
 
     @task(10)
     def recommend_cold(self) -> None:
-        self.client.get("/recommend", params={"user_id": f"cold-{self.rng.randrange(10**9)}",
-                                              "k": 10}, name="/recommend cold")
+        self.client.get(
+            "/recommend",
+            params={"user_id": f"cold-{self.rng.randrange(10**9)}", "k": 10},
+            name="/recommend cold",
+        )
 
     @task(20)
     def act_then_recommend(self) -> None:
         """The real-time loop: an event, then the answer that must already reflect it."""
         item = self._item()
-        self.client.post("/events", json={"user_id": self.me, "item_id": item, "type": "click"},
-                         name="/events single")
-        with self.client.get("/recommend", params={"user_id": self.me, "k": 10},
-                             name="/recommend just-active", catch_response=True) as resp:
+        self.client.post(
+            "/events",
+            json={"user_id": self.me, "item_id": item, "type": "click"},
+            name="/events single",
+        )
+        with self.client.get(
+            "/recommend",
+            params={"user_id": self.me, "k": 10},
+            name="/recommend just-active",
+            catch_response=True,
+        ) as resp:
             if resp.ok and item in {i["item_id"] for i in resp.json()["items"]}:
                 resp.failure(f"{item} was just clicked and is still recommended")
 
     @task(5)
     def events_batch(self) -> None:
-        batch = [{"user_id": f"u{self.rng.randrange(KNOWN_USERS)}", "item_id": self._item(),
-                  "type": self.rng.choice(["view", "view", "click", "add_to_cart", "purchase"])}
-                 for _ in range(100)]
+        batch = [
+            {
+                "user_id": f"u{self.rng.randrange(KNOWN_USERS)}",
+                "item_id": self._item(),
+                "type": self.rng.choice(["view", "view", "click", "add_to_cart", "purchase"]),
+            }
+            for _ in range(100)
+        ]
         self.client.post("/events", json={"events": batch}, name="/events batch100")
 
     @task(5)

@@ -10,9 +10,9 @@ from pathlib import Path
 TARGET_TEXT = {
     "recommend_vs_floor": "recommend@8 rps ≥ 0.7 × floor@8 rps (both on the run's path)",
     "recommend_vs_floor_proxy": "recommend@8 rps ≥ 0.7 × floor-proxy@8 rps (the floor through "
-                                "Serve's proxy)",
+    "Serve's proxy)",
     "recommend_proxy_vs_floor_proxy": "recommend-proxy@8 rps ≥ 0.7 × floor-proxy@8 rps (both "
-                                      "through the proxy)",
+    "through the proxy)",
     "recommend8_p99": "recommend@8 p99 ≤ 100 ms",
     "recommend32_errors": "recommend@32 errors = 0",
     "recommend32_scaling": "recommend@32 rps ≥ 0.9 × recommend@8 rps",
@@ -48,31 +48,53 @@ def _r(x: float | None, nd: int = 1) -> float | None:
 
 
 def latency_stats(latencies_ms: Sequence[float]) -> dict:
-    return {"p50_ms": _r(percentile(latencies_ms, 50)), "p95_ms": _r(percentile(latencies_ms, 95)),
-            "p99_ms": _r(percentile(latencies_ms, 99)),
-            "max_ms": _r(max(latencies_ms) if latencies_ms else None)}
+    return {
+        "p50_ms": _r(percentile(latencies_ms, 50)),
+        "p95_ms": _r(percentile(latencies_ms, 95)),
+        "p99_ms": _r(percentile(latencies_ms, 99)),
+        "max_ms": _r(max(latencies_ms) if latencies_ms else None),
+    }
 
 
-def timeline(started: Sequence[float], latencies_ms: Sequence[float], t0: float,
-             step_s: float = 10.0) -> list[dict]:
+def timeline(
+    started: Sequence[float], latencies_ms: Sequence[float], t0: float, step_s: float = 10.0
+) -> list[dict]:
     """Latency over time: one entry per step_s of request start times (seconds from t0)."""
     buckets: dict[int, list[float]] = {}
     for t, ms in zip(started, latencies_ms, strict=True):
         buckets.setdefault(int((t - t0) // step_s), []).append(ms)
-    return [{"t_s": b * step_s, "requests": len(v), "p50_ms": _r(percentile(v, 50)),
-             "p99_ms": _r(percentile(v, 99)), "max_ms": _r(max(v))}
-            for b, v in sorted(buckets.items())]
+    return [
+        {
+            "t_s": b * step_s,
+            "requests": len(v),
+            "p50_ms": _r(percentile(v, 50)),
+            "p99_ms": _r(percentile(v, 99)),
+            "max_ms": _r(max(v)),
+        }
+        for b, v in sorted(buckets.items())
+    ]
 
 
-def scenario_row(name: str, concurrency: int | None, seconds: float, latencies_ms: Sequence[float],
-                 errors: int, **extra) -> dict:
+def scenario_row(
+    name: str,
+    concurrency: int | None,
+    seconds: float,
+    latencies_ms: Sequence[float],
+    errors: int,
+    **extra,
+) -> dict:
     """One entry of results["scenarios"]: rps counts every answered request (errors too);
     percentiles are over the successful ones."""
     n = len(latencies_ms) + errors
-    row = {"name": name, "concurrency": concurrency,
-           "rps": round(n / seconds, 1) if seconds > 0 else 0.0,
-           **latency_stats(latencies_ms), "errors": errors, "requests": n,
-           "seconds": round(seconds, 2)}
+    row = {
+        "name": name,
+        "concurrency": concurrency,
+        "rps": round(n / seconds, 1) if seconds > 0 else 0.0,
+        **latency_stats(latencies_ms),
+        "errors": errors,
+        "requests": n,
+        "seconds": round(seconds, 2),
+    }
     row.update(extra)
     return row
 
@@ -100,58 +122,113 @@ def evaluate_targets(results: dict) -> list[dict]:
     """Every target of the issue, checked against one run. ok is None when the run did not
     measure it (scenario skipped or failed)."""
     out = []
-    floor8, rec8, rec32 = find(results, "floor", 8), find(results, "recommend", 8), find(
-        results, "recommend", 32)
+    floor8, rec8, rec32 = (
+        find(results, "floor", 8),
+        find(results, "recommend", 8),
+        find(results, "recommend", 32),
+    )
     out.append(_ratio_check("recommend_vs_floor", rec8, floor8, 0.7))
     floor_proxy8 = find(results, "floor-proxy", 8)
     if floor_proxy8:  # a direct-ingress run measures the proxy path beside it
         out.append(_ratio_check("recommend_vs_floor_proxy", rec8, floor_proxy8, 0.7))
-        out.append(_ratio_check("recommend_proxy_vs_floor_proxy",
-                                find(results, "recommend-proxy", 8), floor_proxy8, 0.7))
-    out.append(_check("recommend8_p99", rec8 and rec8["p99_ms"],
-                      None if not rec8 or rec8["p99_ms"] is None else rec8["p99_ms"] <= 100))
-    out.append(_check("recommend32_errors", rec32 and rec32["errors"],
-                      None if not rec32 else rec32["errors"] == 0))
+        out.append(
+            _ratio_check(
+                "recommend_proxy_vs_floor_proxy",
+                find(results, "recommend-proxy", 8),
+                floor_proxy8,
+                0.7,
+            )
+        )
+    out.append(
+        _check(
+            "recommend8_p99",
+            rec8 and rec8["p99_ms"],
+            None if not rec8 or rec8["p99_ms"] is None else rec8["p99_ms"] <= 100,
+        )
+    )
+    out.append(
+        _check(
+            "recommend32_errors",
+            rec32 and rec32["errors"],
+            None if not rec32 else rec32["errors"] == 0,
+        )
+    )
     out.append(_ratio_check("recommend32_scaling", rec32, rec8, 0.9))
-    out.append(_check("recommend32_p99", rec32 and rec32["p99_ms"],
-                      None if not rec32 or rec32["p99_ms"] is None else rec32["p99_ms"] <= 400))
+    out.append(
+        _check(
+            "recommend32_p99",
+            rec32 and rec32["p99_ms"],
+            None if not rec32 or rec32["p99_ms"] is None else rec32["p99_ms"] <= 400,
+        )
+    )
 
     mixed8 = find(results, "mixed", 8)
     fresh8 = (mixed8 or {}).get("freshness") or {}
     p99 = fresh8.get("p99_ms")
-    out.append(_check("freshness_p99", p99, None if p99 is None else p99 <= 50,
-                      f"{fresh8.get('samples', 0)} samples"))
+    out.append(
+        _check(
+            "freshness_p99",
+            p99,
+            None if p99 is None else p99 <= 50,
+            f"{fresh8.get('samples', 0)} samples",
+        )
+    )
     samples = stale = 0
     for row in results.get("scenarios", []):
         if row["name"] == "mixed" and row.get("freshness"):
             samples += row["freshness"]["samples"]
             stale += row["freshness"]["stale_first_reads"]
-    out.append(_check("freshness_reflected", f"{samples - stale}/{samples}",
-                      None if not samples else stale == 0))
+    out.append(
+        _check(
+            "freshness_reflected",
+            f"{samples - stale}/{samples}",
+            None if not samples else stale == 0,
+        )
+    )
 
     trials = (results.get("new_items") or {}).get("seconds") or []
     worst = max(trials) if trials else None
     failed = (results.get("new_items") or {}).get("not_seen", 0)
-    out.append(_check("new_item_s", _r(worst, 3),
-                      None if worst is None and not failed else (not failed and worst <= 5),
-                      f"{len(trials)} trials, {failed} not seen in time"))
+    out.append(
+        _check(
+            "new_item_s",
+            _r(worst, 3),
+            None if worst is None and not failed else (not failed and worst <= 5),
+            f"{len(trials)} trials, {failed} not seen in time",
+        )
+    )
 
     batches = [r for r in results.get("scenarios", []) if r["name"] == "events-batch"]
     best = max((r.get("events_per_s", 0) for r in batches), default=None)
     out.append(_check("events_batch_eps", best, None if best is None else best >= 10_000))
     single1 = find(results, "events-single", 1)
-    out.append(_check("events_single_p99", single1 and single1["p99_ms"],
-                      None if not single1 or single1["p99_ms"] is None
-                      else single1["p99_ms"] <= 30))
+    out.append(
+        _check(
+            "events_single_p99",
+            single1 and single1["p99_ms"],
+            None if not single1 or single1["p99_ms"] is None else single1["p99_ms"] <= 30,
+        )
+    )
 
     base, retrain = find(results, "retrain-baseline", 8), find(results, "retrain", 8)
-    out.append(_check("retrain_errors", retrain and retrain["errors"],
-                      None if not retrain else retrain["errors"] == 0,
-                      "" if not retrain else f"new model served: {retrain.get('swapped')}"))
+    out.append(
+        _check(
+            "retrain_errors",
+            retrain and retrain["errors"],
+            None if not retrain else retrain["errors"] == 0,
+            "" if not retrain else f"new model served: {retrain.get('swapped')}",
+        )
+    )
     if base and retrain and base["p99_ms"] and retrain["p99_ms"] is not None:
         ratio = retrain["p99_ms"] / base["p99_ms"]
-        out.append(_check("retrain_p99", round(ratio, 2), ratio <= 2.0,
-                          f"{retrain['p99_ms']} vs {base['p99_ms']} ms"))
+        out.append(
+            _check(
+                "retrain_p99",
+                round(ratio, 2),
+                ratio <= 2.0,
+                f"{retrain['p99_ms']} vs {base['p99_ms']} ms",
+            )
+        )
     else:
         out.append(_check("retrain_p99", None, None))
 
@@ -159,19 +236,36 @@ def evaluate_targets(results: dict) -> list[dict]:
     if over:
         rej = over.get("rejected", {})
         fast = rej.get("count", 0) > 0 and (rej.get("p99_ms") or 0) <= 50
-        out.append(_check("overload_fast_503", rej.get("p99_ms"), fast,
-                          f"{rej.get('count', 0)} rejected of {over.get('offered', 0)} offered"))
+        out.append(
+            _check(
+                "overload_fast_503",
+                rej.get("p99_ms"),
+                fast,
+                f"{rej.get('count', 0)} rejected of {over.get('offered', 0)} offered",
+            )
+        )
         out.append(_check("overload_other_errors", over["errors"], over["errors"] == 0))
-        out.append(_check("overload_accepted_p99", over["p99_ms"],
-                          None if over["p99_ms"] is None else over["p99_ms"] <= 400))
+        out.append(
+            _check(
+                "overload_accepted_p99",
+                over["p99_ms"],
+                None if over["p99_ms"] is None else over["p99_ms"] <= 400,
+            )
+        )
     else:
         for key in ("overload_fast_503", "overload_other_errors", "overload_accepted_p99"):
             out.append(_check(key, None, None))
     rec = find(results, "recovery", 8)
-    out.append(_check("recovery", rec and rec["p99_ms"],
-                      None if not rec or rec["p99_ms"] is None
-                      else rec["errors"] == 0 and rec["p99_ms"] <= 100,
-                      "" if not rec else f"{rec['errors']} errors, {rec['rps']} req/s"))
+    out.append(
+        _check(
+            "recovery",
+            rec and rec["p99_ms"],
+            None
+            if not rec or rec["p99_ms"] is None
+            else rec["errors"] == 0 and rec["p99_ms"] <= 100,
+            "" if not rec else f"{rec['errors']} errors, {rec['rps']} req/s",
+        )
+    )
     return out
 
 
@@ -184,54 +278,97 @@ def _fmt(x, nd: int = 1) -> str:
 
 
 def to_markdown(results: dict) -> str:
-    lines = ["# rec load test", "",
-             f"Machine: {results.get('machine')}  ", f"Started: {results.get('started')}  ",
-             f"Client: {results.get('client', {}).get('kind', '')}  ",
-             f"Ray settings: {_settings(results.get('ray_settings') or {})}", ""]
+    lines = [
+        "# rec load test",
+        "",
+        f"Machine: {results.get('machine')}  ",
+        f"Started: {results.get('started')}  ",
+        f"Client: {results.get('client', {}).get('kind', '')}  ",
+        f"Ray settings: {_settings(results.get('ray_settings') or {})}",
+        "",
+    ]
     if results.get("notes"):
         lines += [f"> {n}" for n in results["notes"]] + [""]
-    lines += ["| scenario | clients | req/s | events/s | p50 ms | p95 ms | p99 ms | errors "
-              "| client CPU | server CPU | machine busy |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "| scenario | clients | req/s | events/s | p50 ms | p95 ms | p99 ms | errors "
+        "| client CPU | server CPU | machine busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results.get("scenarios", []):
         cpu = r.get("cpu") or {}
-        lines.append("| " + " | ".join([
-            r["name"], _fmt(r["concurrency"]), _fmt(r["rps"]), _fmt(r.get("events_per_s"), 0),
-            _fmt(r["p50_ms"]), _fmt(r["p95_ms"]), _fmt(r["p99_ms"]), _fmt(r["errors"]),
-            _pct(cpu.get("client_share")), _pct(cpu.get("server_share")),
-            _pct(cpu.get("machine_busy_share"))]) + " |")
-    lines += ["", "CPU shares are of one core (the machine has "
-              f"{results.get('cpu_count', '?')}); machine busy includes every process, other "
-              "experiments too.", ""]
-    fresh = [(r["concurrency"], r["freshness"]) for r in results.get("scenarios", [])
-             if r["name"] == "mixed" and r.get("freshness")]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["name"],
+                    _fmt(r["concurrency"]),
+                    _fmt(r["rps"]),
+                    _fmt(r.get("events_per_s"), 0),
+                    _fmt(r["p50_ms"]),
+                    _fmt(r["p95_ms"]),
+                    _fmt(r["p99_ms"]),
+                    _fmt(r["errors"]),
+                    _pct(cpu.get("client_share")),
+                    _pct(cpu.get("server_share")),
+                    _pct(cpu.get("machine_busy_share")),
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "CPU shares are of one core (the machine has "
+        f"{results.get('cpu_count', '?')}); machine busy includes every process, other "
+        "experiments too.",
+        "",
+    ]
+    fresh = [
+        (r["concurrency"], r["freshness"])
+        for r in results.get("scenarios", [])
+        if r["name"] == "mixed" and r.get("freshness")
+    ]
     if fresh:
-        lines += ["## Freshness", "", "| mixed clients | samples | reflected on first read "
-                  "| p50 ms | p95 ms | p99 ms |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Freshness",
+            "",
+            "| mixed clients | samples | reflected on first read | p50 ms | p95 ms | p99 ms |",
+            "|---|---|---|---|---|---|",
+        ]
         for c, f in fresh:
-            lines.append(f"| {c} | {f['samples']} | {f['samples'] - f['stale_first_reads']} "
-                         f"| {_fmt(f.get('p50_ms'))} | {_fmt(f.get('p95_ms'))} "
-                         f"| {_fmt(f.get('p99_ms'))} |")
+            lines.append(
+                f"| {c} | {f['samples']} | {f['samples'] - f['stale_first_reads']} "
+                f"| {_fmt(f.get('p50_ms'))} | {_fmt(f.get('p95_ms'))} "
+                f"| {_fmt(f.get('p99_ms'))} |"
+            )
         lines.append("")
     new = results.get("new_items")
     if new:
         secs = ", ".join(f"{s:.3f}" for s in new.get("seconds", []))
-        lines += [f"New items: POST /items → first /recommend showing it: {secs} s "
-                  f"({new.get('not_seen', 0)} not seen within {new.get('timeout_s')} s).", ""]
+        lines += [
+            f"New items: POST /items → first /recommend showing it: {secs} s "
+            f"({new.get('not_seen', 0)} not seen within {new.get('timeout_s')} s).",
+            "",
+        ]
     over = find(results, "overload")
     if over:
         rej, lag = over.get("rejected", {}), over.get("client_send_lag", {})
-        lines += [f"Overload: offered {over.get('offered_rps')} req/s (3 × {over.get('capacity_rps')})"
-                  f" for {over['seconds']} s; accepted {over.get('accepted', 0)} "
-                  f"({over['rps']} req/s answered in all), rejected {rej.get('count', 0)} "
-                  f"with 503 (p50 {_fmt(rej.get('p50_ms'))} ms, p99 {_fmt(rej.get('p99_ms'))} ms)"
-                  f", other errors {over['errors']}. Latencies count from the scheduled send; the "
-                  f"client itself sent late by p50 {_fmt(lag.get('p50_ms'))} ms, p99 "
-                  f"{_fmt(lag.get('p99_ms'))} ms.", ""]
+        lines += [
+            f"Overload: offered {over.get('offered_rps')} req/s (3 × {over.get('capacity_rps')})"
+            f" for {over['seconds']} s; accepted {over.get('accepted', 0)} "
+            f"({over['rps']} req/s answered in all), rejected {rej.get('count', 0)} "
+            f"with 503 (p50 {_fmt(rej.get('p50_ms'))} ms, p99 {_fmt(rej.get('p99_ms'))} ms)"
+            f", other errors {over['errors']}. Latencies count from the scheduled send; the "
+            f"client itself sent late by p50 {_fmt(lag.get('p50_ms'))} ms, p99 "
+            f"{_fmt(lag.get('p99_ms'))} ms.",
+            "",
+        ]
     retrain = find(results, "retrain", 8)
     if retrain:
-        lines += [f"Retrain: {retrain.get('train_s')} s from POST /admin/retrain to the new model "
-                  f"served (swapped: {retrain.get('swapped')}).", ""]
+        lines += [
+            f"Retrain: {retrain.get('train_s')} s from POST /admin/retrain to the new model "
+            f"served (swapped: {retrain.get('swapped')}).",
+            "",
+        ]
     lines += ["## Targets", "", "| target | value | ok |", "|---|---|---|"]
     for t in results.get("targets", []):
         ok = {True: "yes", False: "**no**", None: "not measured"}[t["ok"]]
@@ -261,20 +398,33 @@ def plot(results: dict, path: Path) -> None:
         if r["name"] not in names and r["name"] in ("floor", "recommend", "mixed", "events-single"):
             names.append(r["name"])
     for i, name in enumerate(names):
-        rows = sorted((r for r in results["scenarios"] if r["name"] == name
-                       and r["concurrency"] is not None), key=lambda r: r["concurrency"])
+        rows = sorted(
+            (r for r in results["scenarios"] if r["name"] == name and r["concurrency"] is not None),
+            key=lambda r: r["concurrency"],
+        )
         xs = [r["concurrency"] for r in rows]
         color = f"C{i}"
         ax1.plot(xs, [r["rps"] for r in rows], "o-", color=color, label=name)
         ax2.plot(xs, [r["p99_ms"] for r in rows], "o-", color=color, label=f"{name} p99")
-        ax2.plot(xs, [r["p50_ms"] for r in rows], "s--", color=color, alpha=0.6,
-                 label=f"{name} p50")
-    extra = [r for r in results.get("scenarios", [])
-             if r["name"] in ("retrain-baseline", "retrain", "overload", "recovery")
-             and r["p99_ms"] is not None]
+        ax2.plot(
+            xs, [r["p50_ms"] for r in rows], "s--", color=color, alpha=0.6, label=f"{name} p50"
+        )
+    extra = [
+        r
+        for r in results.get("scenarios", [])
+        if r["name"] in ("retrain-baseline", "retrain", "overload", "recovery")
+        and r["p99_ms"] is not None
+    ]
     for j, r in enumerate(extra):
-        ax2.plot([r["concurrency"] or 8], [r["p99_ms"]], marker="*^Dv"[j % 4], ls="",
-                 ms=10, color=f"C{len(names) + j}", label=f"{r['name']} p99")
+        ax2.plot(
+            [r["concurrency"] or 8],
+            [r["p99_ms"]],
+            marker="*^Dv"[j % 4],
+            ls="",
+            ms=10,
+            color=f"C{len(names) + j}",
+            label=f"{r['name']} p99",
+        )
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks([1, 8, 32])

@@ -70,12 +70,32 @@ class Stack:
     """`rec serve --floor` in a child process (its own session), stopped with SIGTERM, then
     SIGKILL for anything of its process tree still alive."""
 
-    def __init__(self, port: int, data_dir: Path, data: str | None, fmt: str,
-                 config: str | None, replicas: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        port: int,
+        data_dir: Path,
+        data: str | None,
+        fmt: str,
+        config: str | None,
+        replicas: int,
+        log_path: Path,
+    ) -> None:
         self.port, self.data_dir, self.log_path = port, data_dir, log_path
-        self.cmd = [sys.executable, "-m", "deployments.cli", "serve", "--floor",
-                    "--replicas", str(replicas), "--host", "127.0.0.1", "--port", str(port),
-                    "--data-dir", str(data_dir)]
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "deployments.cli",
+            "serve",
+            "--floor",
+            "--replicas",
+            str(replicas),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+        ]
         if data:
             self.cmd += ["--data", data, "--format", fmt]
         if config:
@@ -91,8 +111,14 @@ class Stack:
         shutil.rmtree(self.data_dir, ignore_errors=True)
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "w")  # noqa: SIM115 (the child keeps it)
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def tree(self) -> list[psutil.Process]:
         if self.proc is None:
@@ -132,8 +158,11 @@ class Stack:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         psutil.wait_procs(leftovers, timeout=10)
-        return {"stop_s": round(time.perf_counter() - t0, 1), "exit_code": self.proc.returncode,
-                "killed_leftovers": len(leftovers)}
+        return {
+            "stop_s": round(time.perf_counter() - t0, 1),
+            "exit_code": self.proc.returncode,
+            "killed_leftovers": len(leftovers),
+        }
 
 
 class CpuMeter:
@@ -149,21 +178,35 @@ class CpuMeter:
                 t = p.cpu_times()
                 server[p.pid] = t.user + t.system
         m = psutil.cpu_times()  # guest time is counted in user already
-        busy = m.user + m.nice + m.system + sum(getattr(m, f, 0.0)
-                                                for f in ("irq", "softirq", "steal"))
-        return {"wall": time.perf_counter(), "client": time.process_time(), "server": server,
-                "busy": busy}
+        busy = (
+            m.user
+            + m.nice
+            + m.system
+            + sum(getattr(m, f, 0.0) for f in ("irq", "softirq", "steal"))
+        )
+        return {
+            "wall": time.perf_counter(),
+            "client": time.process_time(),
+            "server": server,
+            "busy": busy,
+        }
 
     def delta(self, a: dict, b: dict) -> dict:
         wall = b["wall"] - a["wall"]
         client = b["client"] - a["client"]
         server = sum(v - a["server"].get(pid, 0.0) for pid, v in b["server"].items())
         busy = b["busy"] - a["busy"]
-        out = {"client_s": round(client, 2), "client_share": round(client / wall, 3),
-               "machine_busy_share": round(busy / wall, 3)}
+        out = {
+            "client_s": round(client, 2),
+            "client_share": round(client / wall, 3),
+            "machine_busy_share": round(busy / wall, 3),
+        }
         if self.stack:
-            out |= {"server_s": round(server, 2), "server_share": round(server / wall, 3),
-                    "other_share": round(max(busy - client - server, 0.0) / wall, 3)}
+            out |= {
+                "server_s": round(server, 2),
+                "server_share": round(server / wall, 3),
+                "other_share": round(max(busy - client - server, 0.0) / wall, 3),
+            }
         return out
 
 
@@ -171,8 +214,15 @@ class CpuMeter:
 
 
 class Run:
-    def __init__(self, args, clients: dict[str, lc.Client], pop: lc.Population,
-                 stack: Stack | None, results: dict, deadline: float) -> None:
+    def __init__(
+        self,
+        args,
+        clients: dict[str, lc.Client],
+        pop: lc.Population,
+        stack: Stack | None,
+        results: dict,
+        deadline: float,
+    ) -> None:
         # clients: "rec" and "floor" (the path under test: direct ingress or the proxy) and
         # "proxy" (Serve's proxy, for the comparison rows)
         self.clients, self.c = clients, clients["rec"]
@@ -189,7 +239,8 @@ class Run:
         if self.left() >= need_s:
             return True
         self.results.setdefault("skipped", []).append(
-            f"{what}: needs ~{need_s:.0f} s, {self.left():.0f} s left in the budget")
+            f"{what}: needs ~{need_s:.0f} s, {self.left():.0f} s left in the budget"
+        )
         print(f"  skipped {what} (budget)")
         return False
 
@@ -197,22 +248,28 @@ class Run:
         self.results["scenarios"].append(row)
         extra = f", {row['events_per_s']:.0f} events/s" if row.get("events_per_s") else ""
         cpu = row.get("cpu", {})
-        print(f"  {row['name']:<17} c={row['concurrency']!s:<4} {row['rps']:7.1f} req/s"
-              f"{extra}  p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms"
-              f"  errors {row['errors']}  client CPU {cpu.get('client_share', 0):.0%}"
-              f"  server CPU {cpu.get('server_share', 0):.0%}", flush=True)
+        print(
+            f"  {row['name']:<17} c={row['concurrency']!s:<4} {row['rps']:7.1f} req/s"
+            f"{extra}  p50 {row['p50_ms']} p95 {row['p95_ms']} p99 {row['p99_ms']} ms"
+            f"  errors {row['errors']}  client CPU {cpu.get('client_share', 0):.0%}"
+            f"  server CPU {cpu.get('server_share', 0):.0%}",
+            flush=True,
+        )
         write_results(self.results, final=False)
 
-    async def closed(self, name: str, n: int, step_factory, seconds: float | None = None,
-                     **extra) -> dict:
+    async def closed(
+        self, name: str, n: int, step_factory, seconds: float | None = None, **extra
+    ) -> dict:
         """A closed-loop scenario with one main tally; step_factory(tally) -> step."""
         tally = lc.Tally()
         a = self.cpu.snap()
-        _, wall = await lc.closed_loop(n, seconds or self.args.seconds, self.args.warmup,
-                                       step_factory(tally))
+        _, wall = await lc.closed_loop(
+            n, seconds or self.args.seconds, self.args.warmup, step_factory(tally)
+        )
         b = self.cpu.snap()
-        row = report.scenario_row(name, n, wall, tally.latencies_ms, tally.errors,
-                                  cpu=self.cpu.delta(a, b), **extra)
+        row = report.scenario_row(
+            name, n, wall, tally.latencies_ms, tally.errors, cpu=self.cpu.delta(a, b), **extra
+        )
         if tally.units:
             row["events_per_s"] = round(tally.units / wall, 1)
         if tally.error_examples:
@@ -238,35 +295,53 @@ class Run:
         if floor is not proxy and self.fits(self.per_run(), "floor-proxy@8"):
             await self.closed("floor-proxy", 8, lambda t: lc.floor_step(proxy, t))
 
-    async def prime_active_users(self, n_known: int = 100, n_new: int = 100,
-                                 per_user: int = 5) -> None:
+    async def prime_active_users(
+        self, n_known: int = 100, n_new: int = 100, per_user: int = 5
+    ) -> None:
         """Users who acted after the model was trained: known users with fresh events and
         users the model has never seen; the 'just active' part of the user mix."""
         import random
 
         rng = random.Random(11)
         users = {self.pop.known_user(rng) for _ in range(n_known * 3)}
-        users = sorted(users)[:n_known] + [f"live-{self.results['run_id']}-{i}"
-                                           for i in range(n_new)]
+        users = sorted(users)[:n_known] + [
+            f"live-{self.results['run_id']}-{i}" for i in range(n_new)
+        ]
         events = [self.pop.event(rng, u) for u in users for _ in range(per_user)]
         status, data = await self.c.post_json("/events", {"events": events})
         if status != 200:
             raise RuntimeError(f"priming events: {status} {data[:200]!r}")
         self.pop.active = users
 
-    async def recommend(self, name: str = "recommend", n: int = 8,
-                        seconds: float | None = None, client: lc.Client | None = None) -> dict:
+    async def recommend(
+        self,
+        name: str = "recommend",
+        n: int = 8,
+        seconds: float | None = None,
+        client: lc.Client | None = None,
+    ) -> dict:
         tallies: dict[str, lc.Tally] = {}
         a = self.cpu.snap()
-        _, wall = await lc.closed_loop(n, seconds or self.args.seconds, self.args.warmup,
-                                       lc.recommend_step(client or self.c, self.pop, tallies))
+        _, wall = await lc.closed_loop(
+            n,
+            seconds or self.args.seconds,
+            self.args.warmup,
+            lc.recommend_step(client or self.c, self.pop, tallies),
+        )
         b = self.cpu.snap()
         t = tallies.get("all", lc.Tally())
-        by_kind = {k: {"requests": len(v.latencies_ms) + v.errors, "errors": v.errors,
-                       **report.latency_stats(v.latencies_ms)}
-                   for k, v in sorted(tallies.items()) if k != "all"}
-        row = report.scenario_row(name, n, wall, t.latencies_ms, t.errors,
-                                  cpu=self.cpu.delta(a, b), by_user_kind=by_kind)
+        by_kind = {
+            k: {
+                "requests": len(v.latencies_ms) + v.errors,
+                "errors": v.errors,
+                **report.latency_stats(v.latencies_ms),
+            }
+            for k, v in sorted(tallies.items())
+            if k != "all"
+        }
+        row = report.scenario_row(
+            name, n, wall, t.latencies_ms, t.errors, cpu=self.cpu.delta(a, b), by_user_kind=by_kind
+        )
         if t.error_examples:
             row["error_examples"] = t.error_examples
         self.add(row)
@@ -286,18 +361,36 @@ class Run:
                 continue
             rec, ev, fresh = lc.Tally(), lc.Tally(), lc.Freshness()
             a = self.cpu.snap()
-            _, wall = await lc.closed_loop(n, self.args.seconds, self.args.warmup,
-                                           lc.mixed_step(self.c, self.pop, rec, ev, fresh))
+            _, wall = await lc.closed_loop(
+                n,
+                self.args.seconds,
+                self.args.warmup,
+                lc.mixed_step(self.c, self.pop, rec, ev, fresh),
+            )
             b = self.cpu.snap()
             lat = rec.latencies_ms + ev.latencies_ms
             row = report.scenario_row(
-                "mixed", n, wall, lat, rec.errors + ev.errors, cpu=self.cpu.delta(a, b),
-                by_kind={k: {"requests": len(t.latencies_ms) + t.errors, "errors": t.errors,
-                             **report.latency_stats(t.latencies_ms)}
-                         for k, t in (("recommend", rec), ("events", ev))},
-                freshness={"samples": len(fresh.ms) + fresh.never,
-                           "stale_first_reads": fresh.stale_first_reads,
-                           "never_reflected": fresh.never, **report.latency_stats(fresh.ms)})
+                "mixed",
+                n,
+                wall,
+                lat,
+                rec.errors + ev.errors,
+                cpu=self.cpu.delta(a, b),
+                by_kind={
+                    k: {
+                        "requests": len(t.latencies_ms) + t.errors,
+                        "errors": t.errors,
+                        **report.latency_stats(t.latencies_ms),
+                    }
+                    for k, t in (("recommend", rec), ("events", ev))
+                },
+                freshness={
+                    "samples": len(fresh.ms) + fresh.never,
+                    "stale_first_reads": fresh.stale_first_reads,
+                    "never_reflected": fresh.never,
+                    **report.latency_stats(fresh.ms),
+                },
+            )
             if rec.error_examples or ev.error_examples:
                 row["error_examples"] = rec.error_examples + ev.error_examples
             self.add(row)
@@ -310,19 +403,26 @@ class Run:
         rng = random.Random(5)
         seconds, not_seen = [], 0
         for i in range(trials):
-            item = {"item_id": f"lt-new-{self.results['run_id']}-{i}",
-                    "category": rng.choice(self.pop.categories) if self.pop.categories else None,
-                    "tags": ["loadtest"], "title": f"load-test item {i}"}
+            item = {
+                "item_id": f"lt-new-{self.results['run_id']}-{i}",
+                "category": rng.choice(self.pop.categories) if self.pop.categories else None,
+                "tags": ["loadtest"],
+                "title": f"load-test item {i}",
+            }
             s = await lc.new_item_trial(self.c, item, self.pop.users[i * 7], timeout_s)
             if s is None:
                 not_seen += 1
             else:
                 seconds.append(round(s, 4))
             await self.c.call("DELETE", f"/items/{quote(item['item_id'], safe='')}")
-        self.results["new_items"] = {"seconds": seconds, "not_seen": not_seen,
-                                     "timeout_s": timeout_s, "poll_interval_s": 0.02,
-                                     "how": "POST /items answer -> first GET /recommend (k=10, "
-                                            "a known user) whose items include it"}
+        self.results["new_items"] = {
+            "seconds": seconds,
+            "not_seen": not_seen,
+            "timeout_s": timeout_s,
+            "poll_interval_s": 0.02,
+            "how": "POST /items answer -> first GET /recommend (k=10, "
+            "a known user) whose items include it",
+        }
         print(f"  new items: {seconds} s, {not_seen} not seen", flush=True)
 
     async def retrain(self) -> None:
@@ -341,8 +441,11 @@ class Run:
             await asyncio.sleep(self.args.warmup)
             t0 = info["posted_at"] = time.perf_counter()
             status, data, _ = await self.c.call(  # answers once the new version is published
-                "POST", "/admin/retrain?wait=true", headers={"X-API-Key": self.args.api_key},
-                timeout_s=max_s)
+                "POST",
+                "/admin/retrain?wait=true",
+                headers={"X-API-Key": self.args.api_key},
+                timeout_s=max_s,
+            )
             info["retrain_answer"] = status
             if status != 200:
                 info["error"] = data[:300].decode(errors="replace")
@@ -352,8 +455,11 @@ class Run:
             while time.perf_counter() - t0 < max_s:
                 status, data, _ = await self.c.call("GET", "/models")
                 if status == 200 and json.loads(data)["serving"] not in (old, None):
-                    info.update(swapped=True, train_s=round(time.perf_counter() - t0, 1),
-                                new_version=json.loads(data)["serving"])
+                    info.update(
+                        swapped=True,
+                        train_s=round(time.perf_counter() - t0, 1),
+                        new_version=json.loads(data)["serving"],
+                    )
                     await asyncio.sleep(3.0)  # keep the load on through and after the swap
                     break
                 await asyncio.sleep(0.25)
@@ -362,28 +468,43 @@ class Run:
         tallies: dict[str, lc.Tally] = {}
         watcher = asyncio.create_task(watch())
         a = self.cpu.snap()
-        _, wall = await lc.closed_loop(8, 0, self.args.warmup,
-                                       lc.recommend_step(self.c, self.pop, tallies),
-                                       stop=stop, max_seconds=max_s)
+        _, wall = await lc.closed_loop(
+            8,
+            0,
+            self.args.warmup,
+            lc.recommend_step(self.c, self.pop, tallies),
+            stop=stop,
+            max_seconds=max_s,
+        )
         b = self.cpu.snap()
         watcher.cancel()
         t = tallies.get("all", lc.Tally())
         posted = info.pop("posted_at", None)
         if posted is not None:  # latency from the POST on, 10 s a line (the swap is at train_s)
             info["timeline"] = report.timeline(t.started, t.latencies_ms, posted)
-        row = report.scenario_row("retrain", 8, wall, t.latencies_ms, t.errors,
-                                  cpu=self.cpu.delta(a, b), old_version=old, **info)
+        row = report.scenario_row(
+            "retrain",
+            8,
+            wall,
+            t.latencies_ms,
+            t.errors,
+            cpu=self.cpu.delta(a, b),
+            old_version=old,
+            **info,
+        )
         if t.error_examples:
             row["error_examples"] = t.error_examples
         self.add(row)
 
     async def overload(self) -> None:
-        rows = [r for r in self.results["scenarios"] if r["name"] == "recommend"
-                and r["concurrency"] in (8, 32)]
+        rows = [
+            r
+            for r in self.results["scenarios"]
+            if r["name"] == "recommend" and r["concurrency"] in (8, 32)
+        ]
         if self.args.capacity:
             rows = [{"rps": self.args.capacity}]
-        if not rows or not self.fits(self.args.overload_seconds + self.per_run() + 10,
-                                     "overload"):
+        if not rows or not self.fits(self.args.overload_seconds + self.per_run() + 10, "overload"):
             return
         import random
 
@@ -414,11 +535,21 @@ class Run:
         wall = time.perf_counter() - t0
         b = self.cpu.snap()
         row = report.scenario_row(
-            "overload", None, wall, accepted, other.errors, cpu=self.cpu.delta(a, b),
-            open_loop=True, capacity_rps=capacity, offered_rps=round(offered / wall, 1),
-            offered=offered, accepted=len(accepted), max_in_flight=in_flight["max"],
+            "overload",
+            None,
+            wall,
+            accepted,
+            other.errors,
+            cpu=self.cpu.delta(a, b),
+            open_loop=True,
+            capacity_rps=capacity,
+            offered_rps=round(offered / wall, 1),
+            offered=offered,
+            accepted=len(accepted),
+            max_in_flight=in_flight["max"],
             rejected={"count": len(rejected), **report.latency_stats(rejected)},
-            client_send_lag=report.latency_stats(lag))
+            client_send_lag=report.latency_stats(lag),
+        )
         row["rps"] = round(len(accepted) / wall, 1)  # goodput; rejected ones are listed apart
         row["requests"] = offered
         if other.error_examples:
@@ -430,22 +561,32 @@ class Run:
     async def events(self) -> None:
         for n in CONCURRENCY:
             if self.fits(self.per_run(), f"events-single@{n}"):
-                await self.closed("events-single", n,
-                                  lambda t: lc.event_single_step(self.c, self.pop, t))
+                await self.closed(
+                    "events-single", n, lambda t: lc.event_single_step(self.c, self.pop, t)
+                )
         bodies = lc.batch_bodies(self.pop, 16, self.args.batch_size)
         for n in (1, 4):  # at most 10 s each: tens of thousands of events a second pile up
             if self.fits(self.per_run(), f"events-batch@{n}"):
-                await self.closed("events-batch", n,
-                                  lambda t: lc.event_batch_step(self.c, bodies, t),
-                                  seconds=min(self.args.seconds, 10.0),
-                                  batch_size=self.args.batch_size)
+                await self.closed(
+                    "events-batch",
+                    n,
+                    lambda t: lc.event_batch_step(self.c, bodies, t),
+                    seconds=min(self.args.seconds, 10.0),
+                    batch_size=self.args.batch_size,
+                )
 
     async def all(self, only: set[str]) -> None:
         self.only = only
         await self.prime_active_users()
-        steps = {"floor": self.floor, "recommend": self.recommend_all, "mixed": self.mixed,
-                 "new_items": self.new_items, "retrain": self.retrain,
-                 "overload": self.overload, "events": self.events}
+        steps = {
+            "floor": self.floor,
+            "recommend": self.recommend_all,
+            "mixed": self.mixed,
+            "new_items": self.new_items,
+            "retrain": self.retrain,
+            "overload": self.overload,
+            "events": self.events,
+        }
         for name in SCENARIOS:  # the order matters: events last (the log grows most there)
             if name in only:
                 print(f"[{name}]", flush=True)
@@ -463,8 +604,10 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
                 break
     mem = psutil.virtual_memory().total / 2**30
-    return (f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores ({model}), "
-            f"{mem:.0f} GiB, Python {platform.python_version()}")
+    return (
+        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores ({model}), "
+        f"{mem:.0f} GiB, Python {platform.python_version()}"
+    )
 
 
 def write_results(results: dict, final: bool = True) -> None:
@@ -493,49 +636,82 @@ def ray_settings(config_path: str | None, replicas: int) -> tuple[dict, str]:
     config = RecConfig.from_yaml(config_path) if config_path else RecConfig()
     s, t = config.serving, config.train
     settings = {
-        "topology": s.topology, "ingress_replicas": replicas, "replica_cpus": s.replica_cpus,
-        "max_ongoing_requests": INGRESS_MAX_ONGOING[s.topology], "max_queued_requests": MAX_QUEUED,
-        "ann_shards": s.ann_shards, "log_impressions": s.log_impressions,
+        "topology": s.topology,
+        "ingress_replicas": replicas,
+        "replica_cpus": s.replica_cpus,
+        "max_ongoing_requests": INGRESS_MAX_ONGOING[s.topology],
+        "max_queued_requests": MAX_QUEUED,
+        "ann_shards": s.ann_shards,
+        "log_impressions": s.log_impressions,
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"],
-        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD":
-            ENV["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"],
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": ENV[
+            "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+        ],
         "index": config.recall.index,
         "access_log": ENV["RAY_SERVE_ENABLE_ACCESS_LOG"] == "1",
-        "train_cpus_per_worker": t.cpus_per_worker, "train_torch_threads": t.torch_threads,
+        "train_cpus_per_worker": t.cpus_per_worker,
+        "train_torch_threads": t.torch_threads,
         "dashboard": True,
     }
     return settings, s.api_key
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--data", help="data set to load (default: the generated demo data)")
     p.add_argument("--format", default="csv", choices=["csv", "movielens", "lightgcn"])
     p.add_argument("--config", help="RecConfig YAML for the stack (defaults otherwise)")
-    p.add_argument("--seconds", type=float,
-                   default=float(os.environ.get("LOADTEST_SECONDS", 15)),
-                   help="measured seconds per scenario (env LOADTEST_SECONDS; default 15)")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=float(os.environ.get("LOADTEST_SECONDS", 15)),
+        help="measured seconds per scenario (env LOADTEST_SECONDS; default 15)",
+    )
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each")
-    p.add_argument("--overload-seconds", type=float, default=None,
-                   help="open-loop overload length (default: --seconds, at most 10)")
-    p.add_argument("--capacity", type=float, default=None,
-                   help="recommend req/s the overload triples (default: measured in this run)")
+    p.add_argument(
+        "--overload-seconds",
+        type=float,
+        default=None,
+        help="open-loop overload length (default: --seconds, at most 10)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="recommend req/s the overload triples (default: measured in this run)",
+    )
     p.add_argument("--batch-size", type=int, default=1000, help="events per batched POST")
     p.add_argument("--budget", type=float, default=900, help="the whole run, in seconds")
-    p.add_argument("--only", default=",".join(SCENARIOS),
-                   help=f"comma-separated subset of {','.join(SCENARIOS)}")
-    p.add_argument("--replicas", type=int, default=2,
-                   help="ingress replicas of rec and of the floor (rec serve --replicas)")
+    p.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="ingress replicas of rec and of the floor (rec serve --replicas)",
+    )
     p.add_argument("--port", type=int, default=0, help="stack port (default: a free one)")
-    p.add_argument("--attach", metavar="URL",
-                   help="use a stack already running at URL instead of starting one")
-    p.add_argument("--via", choices=["direct", "proxy"], default="direct",
-                   help="direct: the replicas' direct-ingress ports, each request to the one "
-                        "with the fewest in flight (what a load balancer in front of Serve does; "
-                        "default); proxy: Serve's proxy only")
-    p.add_argument("--targets", metavar="FILE",
-                   help="with --attach: the stack's targets.json (direct-ingress URLs)")
+    p.add_argument(
+        "--attach", metavar="URL", help="use a stack already running at URL instead of starting one"
+    )
+    p.add_argument(
+        "--via",
+        choices=["direct", "proxy"],
+        default="direct",
+        help="direct: the replicas' direct-ingress ports, each request to the one "
+        "with the fewest in flight (what a load balancer in front of Serve does; "
+        "default); proxy: Serve's proxy only",
+    )
+    p.add_argument(
+        "--targets",
+        metavar="FILE",
+        help="with --attach: the stack's targets.json (direct-ingress URLs)",
+    )
     args = p.parse_args(argv)
     if args.overload_seconds is None:
         args.overload_seconds = min(args.seconds, 10.0)
@@ -547,14 +723,22 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     deadline = t_start + args.budget - STOP_RESERVE_S
     settings, args.api_key = ray_settings(args.config, args.replicas)
-    results = {"machine": machine(), "scenarios": [],
-               "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               "run_id": f"{int(time.time())}", "cpu_count": os.cpu_count(),
-               "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-               "ray_settings": settings, "data": args.data or "generated (rec.data.generate)",
-               "client": {"kind": "asyncio + aiohttp + uvloop, closed loop (open loop for "
-                                  "overload), one process on the same machine",
-                          "seconds_per_scenario": args.seconds, "warmup_s": args.warmup}}
+    results = {
+        "machine": machine(),
+        "scenarios": [],
+        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "run_id": f"{int(time.time())}",
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "ray_settings": settings,
+        "data": args.data or "generated (rec.data.generate)",
+        "client": {
+            "kind": "asyncio + aiohttp + uvloop, closed loop (open loop for "
+            "overload), one process on the same machine",
+            "seconds_per_scenario": args.seconds,
+            "warmup_s": args.warmup,
+        },
+    }
     RESULTS.mkdir(exist_ok=True)
     print("loading the data set's users and items ...", flush=True)
     pop = load_population(args.data, args.format, 0)
@@ -563,8 +747,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.attach:
         url = args.attach
     else:
-        stack = Stack(args.port or free_port(), ROOT / "var" / "loadtest", args.data,
-                      args.format, args.config, args.replicas, RESULTS / "server.log")
+        stack = Stack(
+            args.port or free_port(),
+            ROOT / "var" / "loadtest",
+            args.data,
+            args.format,
+            args.config,
+            args.replicas,
+            RESULTS / "server.log",
+        )
         url = stack.url
     rc = 0
     try:
@@ -586,8 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         results["total_s"] = round(time.monotonic() - t_start, 1)
         write_results(results)
     print((RESULTS / "summary.md").read_text())
-    print(f"wrote {RESULTS / 'latest.json'}, summary.md, latency.png "
-          f"in {results['total_s']:.0f} s")
+    print(f"wrote {RESULTS / 'latest.json'}, summary.md, latency.png in {results['total_s']:.0f} s")
     return rc
 
 
@@ -603,8 +793,16 @@ def uvloop_run(coro):
     return uvloop.run(coro)
 
 
-async def _run(args, url: str, pop: lc.Population, stack: Stack | None, results: dict,
-               deadline: float, only: set[str], t_start: float) -> None:
+async def _run(
+    args,
+    url: str,
+    pop: lc.Population,
+    stack: Stack | None,
+    results: dict,
+    deadline: float,
+    only: set[str],
+    t_start: float,
+) -> None:
     async with lc.Client(url, args.api_key) as proxy, contextlib.AsyncExitStack() as more:
         ready_by = time.monotonic() + min(600.0, deadline - time.monotonic())
         while stack is not None:
@@ -612,8 +810,9 @@ async def _run(args, url: str, pop: lc.Population, stack: Stack | None, results:
             if status == 200:
                 break
             if not stack.alive():
-                raise RuntimeError(f"rec serve exited ({stack.proc.returncode}); see "
-                                   f"{stack.log_path}")
+                raise RuntimeError(
+                    f"rec serve exited ({stack.proc.returncode}); see {stack.log_path}"
+                )
             if time.monotonic() > ready_by:
                 raise TimeoutError("the stack was not ready in time")
             await asyncio.sleep(1.0)
@@ -622,15 +821,19 @@ async def _run(args, url: str, pop: lc.Population, stack: Stack | None, results:
         print(f"stack ready in {results['stack']['ready_s']} s", flush=True)
         clients = {"rec": proxy, "floor": proxy, "proxy": proxy}
         if args.via == "direct":
-            path = Path(args.targets) if args.targets else (
-                stack.data_dir / TARGETS_FILE if stack else None)
+            path = (
+                Path(args.targets)
+                if args.targets
+                else (stack.data_dir / TARGETS_FILE if stack else None)
+            )
             targets = await read_targets(path, ("rec", "floor") if "floor" in only else ("rec",))
             for app, urls in targets.items():
                 clients[app] = await more.enter_async_context(lc.Client(urls, args.api_key))
             results["stack"]["direct_ingress"] = targets
             if "rec" not in targets:
                 results.setdefault("skipped", []).append(
-                    f"direct ingress: no targets in {path}; every scenario went through the proxy")
+                    f"direct ingress: no targets in {path}; every scenario went through the proxy"
+                )
         results["path"] = "direct ingress" if clients["rec"] is not proxy else "proxy"
         print(f"requests go through: {results['path']}", flush=True)
         run = Run(args, clients, pop, stack, results, deadline)
@@ -640,8 +843,9 @@ async def _run(args, url: str, pop: lc.Population, stack: Stack | None, results:
             results.setdefault("skipped", []).append("the budget ran out mid-scenario")
 
 
-async def read_targets(path: Path | None, apps: tuple[str, ...], timeout_s: float = 30.0
-                       ) -> dict[str, list[str]]:
+async def read_targets(
+    path: Path | None, apps: tuple[str, ...], timeout_s: float = 30.0
+) -> dict[str, list[str]]:
     """The direct-ingress URLs `rec serve` keeps in its data dir (deployments.cli), once they
     list every app in `apps` (or what is there after timeout_s)."""
     deadline = time.monotonic() + timeout_s

@@ -176,8 +176,14 @@ class ALS(Model):
 
     def fit(self, train: Interactions) -> ALS:
         self.user_factors, self.item_factors = als_factors(
-            train.matrix(), self.factors, self.regularization, alpha=self.alpha,
-            iterations=self.iterations, seed=self.seed, threads=self.threads)
+            train.matrix(),
+            self.factors,
+            self.regularization,
+            alpha=self.alpha,
+            iterations=self.iterations,
+            seed=self.seed,
+            threads=self.threads,
+        )
         return self
 
     def scores(self, users: np.ndarray) -> np.ndarray:

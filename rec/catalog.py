@@ -42,12 +42,15 @@ class Catalog:
     # tags an item has) and first-seen time (NaN: unknown). One vocabulary codes categories and
     # tags alike (a profile's interest tags hold both).
     _codes: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
-    _category: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False,
-                                  compare=False)
-    _tags: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64), repr=False,
-                              compare=False)
-    _first_ts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64), repr=False,
-                                  compare=False)
+    _category: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False
+    )
+    _tags: np.ndarray = field(
+        default_factory=lambda: np.zeros((0, 0), np.int64), repr=False, compare=False
+    )
+    _first_ts: np.ndarray = field(
+        default_factory=lambda: np.zeros(0, np.float64), repr=False, compare=False
+    )
 
     @classmethod
     def from_ids(cls, ids: list[str]) -> Catalog:
@@ -78,8 +81,9 @@ class Catalog:
             self._store(idx)
         return idx
 
-    def upsert(self, item_id: str, category: str | None, tags: list[str], title: str | None,
-               ts: float) -> int:
+    def upsert(
+        self, item_id: str, category: str | None, tags: list[str], title: str | None, ts: float
+    ) -> int:
         idx = self.ensure(item_id, ts)
         meta = self.meta[item_id]
         meta.category, meta.tags, meta.title = category, tuple(tags), title
@@ -159,7 +163,9 @@ class Catalog:
         self._tags = grown(self._tags, idx + 1, NO_CODE)
         if len(meta.tags) > self._tags.shape[1]:
             self._tags = padded(self._tags, (len(self._tags), len(meta.tags)), NO_CODE)
-        self._category[idx] = NO_CODE if meta.category is None else self._tags_of([meta.category])[0]
+        self._category[idx] = (
+            NO_CODE if meta.category is None else self._tags_of([meta.category])[0]
+        )
         self._tags[idx] = NO_CODE
         self._tags[idx, : len(meta.tags)] = self._tags_of(meta.tags)
         self._first_ts[idx] = np.nan if meta.first_ts is None else meta.first_ts

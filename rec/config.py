@@ -22,7 +22,9 @@ class EventLogConfig(_Config):
         500_000, gt=0, description="Records per segment file before a new one is started."
     )
     tail_cache_records: int = Field(
-        200_000, gt=0, description="Newest records kept in memory to serve followers without disk reads."
+        200_000,
+        gt=0,
+        description="Newest records kept in memory to serve followers without disk reads.",
     )
     max_batch_events: int = Field(
         10_000, gt=0, description="Largest batch accepted by one POST /events call."
@@ -30,9 +32,13 @@ class EventLogConfig(_Config):
 
 
 class ProfileConfig(_Config):
-    max_recent: int = Field(200, gt=0, description="Recent interactions kept per user (the sequence).")
+    max_recent: int = Field(
+        200, gt=0, description="Recent interactions kept per user (the sequence)."
+    )
     tag_half_life_s: float = Field(
-        7 * 86400.0, gt=0, description="Half-life of interest-tag weights, in seconds of event time."
+        7 * 86400.0,
+        gt=0,
+        description="Half-life of interest-tag weights, in seconds of event time.",
     )
     type_weights: dict[str, float] = Field(
         default_factory=lambda: {
@@ -59,36 +65,55 @@ class RecallConfig(_Config):
     )
     itemcf_neighbors: int = Field(50, gt=0, description="Neighbours kept per item in item-CF.")
     usercf_neighbors: int = Field(50, gt=0, description="Similar users consulted in user-CF.")
-    shrinkage: float = Field(10.0, ge=0, description="Similarity shrinkage toward 0 for small overlaps.")
+    shrinkage: float = Field(
+        10.0, ge=0, description="Similarity shrinkage toward 0 for small overlaps."
+    )
     embedding_dim: int = Field(64, gt=0, description="Dimension of the item/user embeddings.")
     embedding_reg: float = Field(
         0.05, ge=0, description="Ridge regulariser λ of the embeddings' ALS (implicit's scale)."
     )
-    gf_dim: int = Field(448, gt=0, description="Singular vectors in the graph filter's ideal low-pass.")
-    gf_alpha: float = Field(0.2, ge=0, description="Weight of the ideal low-pass in the graph filter.")
+    gf_dim: int = Field(
+        448, gt=0, description="Singular vectors in the graph filter's ideal low-pass."
+    )
+    gf_alpha: float = Field(
+        0.2, ge=0, description="Weight of the ideal low-pass in the graph filter."
+    )
     gf_sharpen: float = Field(
-        0.0, ge=0, description="Graph filter (BSPM) sharpening time T when training cannot choose it on held-out data."
+        0.0,
+        ge=0,
+        description="Graph filter (BSPM) sharpening time T when training cannot choose it on held-out data.",
     )
     ease_l2: float = Field(500.0, gt=0, description="EASE ridge regulariser λ.")
     ease_max_items: int = Field(
-        20_000, ge=0, description="Largest catalogue the EASE source is fitted for (a dense items² "
-        "matrix: 20k items take 1.6 GB); 0 turns it off."
+        20_000,
+        ge=0,
+        description="Largest catalogue the EASE source is fitted for (a dense items² "
+        "matrix: 20k items take 1.6 GB); 0 turns it off.",
     )
     index: Literal["auto", "hnsw", "brute"] = Field(
-        "auto", description="Index serving the embeddings: exact search ('brute'), HNSW, or "
-        "'auto': exact up to `brute_max_items` catalogue items, HNSW beyond.")
+        "auto",
+        description="Index serving the embeddings: exact search ('brute'), HNSW, or "
+        "'auto': exact up to `brute_max_items` catalogue items, HNSW beyond.",
+    )
     brute_max_items: int = Field(
-        20_000, ge=0, description="Largest catalogue 'auto' searches exactly. One query (64 dims, "
+        20_000,
+        ge=0,
+        description="Largest catalogue 'auto' searches exactly. One query (64 dims, "
         "k 100, one thread) took 0.07 ms exact against 0.17 ms in HNSW at 1k items, 0.36 "
-        "against 0.30 at 20k and 1.4 against 0.48 at 50k.")
+        "against 0.30 at 20k and 1.4 against 0.48 at 50k.",
+    )
     hnsw_m: int = Field(16, gt=1, description="HNSW graph degree (M).")
     hnsw_ef_construction: int = Field(200, gt=0, description="HNSW build-time candidate list.")
     hnsw_ef_search: int = Field(256, gt=0, description="HNSW query-time candidate list.")
     index_headroom: int = Field(
-        10_000, ge=0, description="Free slots pre-allocated in the index for items added while serving."
+        10_000,
+        ge=0,
+        description="Free slots pre-allocated in the index for items added while serving.",
     )
     per_source: int = Field(100, gt=0, description="Candidates asked from each recall source.")
-    recent_for_itemcf: int = Field(20, gt=0, description="Most recent items that seed item-CF recall.")
+    recent_for_itemcf: int = Field(
+        20, gt=0, description="Most recent items that seed item-CF recall."
+    )
     trending_half_life_s: float = Field(
         86400.0, gt=0, description="Half-life of the trending counter, in seconds of event time."
     )
@@ -101,18 +126,26 @@ class RecallConfig(_Config):
 
 
 class RankerConfig(_Config):
-    item_embedding_dim: int = Field(0, ge=0, description="Learned item-id embedding size (0: none).")
-    hidden: list[int] = Field(default_factory=lambda: [128, 64], description="MLP hidden layer sizes.")
+    item_embedding_dim: int = Field(
+        0, ge=0, description="Learned item-id embedding size (0: none)."
+    )
+    hidden: list[int] = Field(
+        default_factory=lambda: [128, 64], description="MLP hidden layer sizes."
+    )
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout between MLP layers.")
     epochs: int = Field(8, gt=0, description="Training epochs over the assembled examples.")
     batch_size: int = Field(1024, gt=0, description="Training mini-batch size.")
     learning_rate: float = Field(2e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(1e-6, ge=0, description="Adam weight decay.")
     negatives: int = Field(
-        16, gt=0, description="Negatives per training positive, drawn from the same answer's recall candidates."
+        16,
+        gt=0,
+        description="Negatives per training positive, drawn from the same answer's recall candidates.",
     )
     max_examples: int = Field(
-        8_000, gt=0, description="Cap on training positives (spread evenly over the held-out events)."
+        8_000,
+        gt=0,
+        description="Cap on training positives (spread evenly over the held-out events).",
     )
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda[:N]'.")
     seed: int = Field(0, description="Seed for initialisation, sampling and shuffling.")
@@ -123,26 +156,36 @@ class AggregateConfig(_Config):
     max_k: int = Field(200, gt=0, description="Largest k a request may ask for.")
     candidates: int = Field(300, gt=0, description="Merged candidates passed to the ranker.")
     explore_fraction: float = Field(
-        0.1, ge=0, le=1, description="Share of the list given to fresh/trending items (exploration)."
+        0.1,
+        ge=0,
+        le=1,
+        description="Share of the list given to fresh/trending items (exploration).",
     )
     max_per_category: int | None = Field(
-        None, gt=0, description="Diversity rule: at most this many items of one category (None: off)."
+        None,
+        gt=0,
+        description="Diversity rule: at most this many items of one category (None: off).",
     )
 
 
 class TrainConfig(_Config):
     num_workers: int = Field(1, gt=0, description="Ray Train workers.")
     cpus_per_worker: float = Field(
-        0.5, gt=0, description="CPUs reserved per Train worker; keep the sum below what Serve leaves."
+        0.5,
+        gt=0,
+        description="CPUs reserved per Train worker; keep the sum below what Serve leaves.",
     )
     use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers ask for one each).")
     torch_threads: int = Field(1, gt=0, description="torch/BLAS threads inside a Train worker.")
     min_events: int = Field(10, ge=0, description="Retrain refuses to run on fewer events.")
     holdout: Literal["last", "random"] = Field(
-        "last", description="Ranker examples: each user's last events, or a random share "
-        "(for data whose order is not time)."
+        "last",
+        description="Ranker examples: each user's last events, or a random share "
+        "(for data whose order is not time).",
     )
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Share of each user's events held out.")
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of each user's events held out."
+    )
     every_s: float | None = Field(
         None, gt=0, description="Retrain periodically at this interval (None: on demand only)."
     )
@@ -163,7 +206,9 @@ class ServingConfig(_Config):
     accept_unknown_items: bool = Field(
         True, description="Accept events on items not in the catalogue (the catalogue grows)."
     )
-    ranker_num_gpus: float = Field(0.0, ge=0, description="GPUs per ranker replica (split topology).")
+    ranker_num_gpus: float = Field(
+        0.0, ge=0, description="GPUs per ranker replica (split topology)."
+    )
     replica_cpus: float = Field(0.25, gt=0, description="num_cpus reserved per Serve replica.")
     log_impressions: bool = Field(
         True, description="Append what each /recommend showed to the log (training feedback)."

@@ -586,7 +586,8 @@ def _read_csv(
             read_options=pv.ReadOptions(column_names=column_names),
             parse_options=pv.ParseOptions(delimiter=delimiter),
             convert_options=pv.ConvertOptions(
-                column_types=column_types or {}, strings_can_be_null=True,
+                column_types=column_types or {},
+                strings_can_be_null=True,
                 include_columns=include_columns or [],
             ),
         )

@@ -176,8 +176,7 @@ def _ts_at(ts: np.ndarray, position: int) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _fitted(models: list[Model], split: Split, results: list[dict]
-            ) -> Iterable[tuple[Model, dict]]:
+def _fitted(models: list[Model], split: Split, results: list[dict]) -> Iterable[tuple[Model, dict]]:
     """Fit each model in turn and yield it with its fit record; a model that refuses the data
     gets its "skipped" record appended to `results` instead."""
     for model in models:
@@ -386,26 +385,47 @@ def load_diginetica(path: str | Path) -> Dataset:
     file = path / "train-purchases.csv" if path.is_dir() else path
     if not file.is_file():
         raise ValueError(f"{path}: no train-purchases.csv")
-    cols = {"sessionId": pa.string(), "userId": pa.string(), "timeframe": pa.float64(),
-            "eventdate": pa.date32(), "itemId": pa.string()}
+    cols = {
+        "sessionId": pa.string(),
+        "userId": pa.string(),
+        "timeframe": pa.float64(),
+        "eventdate": pa.date32(),
+        "itemId": pa.string(),
+    }
     table = _read_csv(file, delimiter=";", column_types=cols, include_columns=list(cols))
-    user = pc.if_else(pc.is_null(table["userId"]),
-                      pc.binary_join_element_wise("s", table["sessionId"], ""), table["userId"])
+    user = pc.if_else(
+        pc.is_null(table["userId"]),
+        pc.binary_join_element_wise("s", table["sessionId"], ""),
+        table["userId"],
+    )
     day = pc.multiply(table["eventdate"].cast(pa.int32()).cast(pa.float64()), 86400.0)
     ts = pc.add(day, pc.divide(table["timeframe"], 1000.0))
     items = None
     categories = file.parent / "product-categories.csv"
     if categories.is_file():
         cat_cols = {"itemId": pa.string(), "categoryId": pa.string()}
-        cat = _read_csv(categories, delimiter=";", column_types=cat_cols,
-                        include_columns=list(cat_cols))
+        cat = _read_csv(
+            categories, delimiter=";", column_types=cat_cols, include_columns=list(cat_cols)
+        )
         cat = cat.filter(pc.is_in(cat["itemId"], value_set=pc.unique(table["itemId"])))
-        items = pa.table({"item_id": cat["itemId"], "category": cat["categoryId"],
-                          "tags": pa.array([[]] * cat.num_rows, pa.list_(pa.string())),
-                          "title": pa.nulls(cat.num_rows, pa.string())})
+        items = pa.table(
+            {
+                "item_id": cat["itemId"],
+                "category": cat["categoryId"],
+                "tags": pa.array([[]] * cat.num_rows, pa.list_(pa.string())),
+                "title": pa.nulls(cat.num_rows, pa.string()),
+            }
+        )
     n = table.num_rows
-    return _make_dataset(file.parent.name, user, table["itemId"], pa.repeat(pa.scalar("purchase"), n),
-                         pa.nulls(n, pa.float64()), ts, items)
+    return _make_dataset(
+        file.parent.name,
+        user,
+        table["itemId"],
+        pa.repeat(pa.scalar("purchase"), n),
+        pa.nulls(n, pa.float64()),
+        ts,
+        items,
+    )
 
 
 def load_split(

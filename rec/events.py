@@ -151,11 +151,17 @@ def user_delete_record(user_id: str, ts: float) -> dict:
     return {**_empty(ts), "kind": KIND_USER_DELETE, "user_id": user_id}
 
 
-def impression_record(user_id: str, request_id: str, item_ids: list[str],
-                      model_version: str | None, ts: float) -> dict:
+def impression_record(
+    user_id: str, request_id: str, item_ids: list[str], model_version: str | None, ts: float
+) -> dict:
     payload = {"items": item_ids, "model_version": model_version}
-    return {**_empty(ts), "kind": KIND_IMPRESSION, "user_id": user_id, "request_id": request_id,
-            "payload": json.dumps(payload, separators=(",", ":"))}
+    return {
+        **_empty(ts),
+        "kind": KIND_IMPRESSION,
+        "user_id": user_id,
+        "request_id": request_id,
+        "payload": json.dumps(payload, separators=(",", ":")),
+    }
 
 
 def _empty(ts: float) -> dict:

@@ -390,8 +390,11 @@ class HNSWIndex:
     def load(cls, path: str | Path) -> HNSWIndex:
         path = Path(path)
         meta = _read_meta(path, cls.kind)
-        params = {key: int(value) for key, value in meta.items()
-                  if key not in ("kind", "norm_cap", "equalise_norms")}
+        params = {
+            key: int(value)
+            for key, value in meta.items()
+            if key not in ("kind", "norm_cap", "equalise_norms")
+        }
         index = cls(max_elements=1, equalise_norms=bool(meta.get("equalise_norms", True)), **params)
         index.norm_cap = float(meta["norm_cap"])
         index._index = hnswlib.Index(space="ip", dim=index.dim + 1)
@@ -498,9 +501,14 @@ _CLASSES: dict[str, type[BruteForceIndex] | type[HNSWIndex] | type[ShardedIndex]
 }
 
 
-def choose_equalise_norms(items: np.ndarray, queries: np.ndarray, k: int = 100,
-                          sample: int = 20_000, seed: int = 0, **params: Any
-                          ) -> tuple[bool, dict[str, float]]:
+def choose_equalise_norms(
+    items: np.ndarray,
+    queries: np.ndarray,
+    k: int = 100,
+    sample: int = 20_000,
+    seed: int = 0,
+    **params: Any,
+) -> tuple[bool, dict[str, float]]:
     """Whether `HNSWIndex` should equalise norms for these item vectors: recall@k against exact
     search of both graphs, built on up to `sample` items (seeded) with `params` (HNSWIndex's),
     for `queries` drawn like serving's. Ties keep equalisation. Returns (choice, recalls)."""
@@ -517,12 +525,17 @@ def choose_equalise_norms(items: np.ndarray, queries: np.ndarray, k: int = 100,
     truth = [set(ids[row].tolist()) for row in exact]
     recalls = {}
     for equalise in (True, False):
-        index = HNSWIndex(items.shape[1], max_elements=len(ids), seed=seed,
-                          equalise_norms=equalise, **params)
+        index = HNSWIndex(
+            items.shape[1], max_elements=len(ids), seed=seed, equalise_norms=equalise, **params
+        )
         index.add(ids, items[ids])
         found, _ = index.search(queries, k)
-        recalls["equalised" if equalise else "raw"] = round(float(np.mean(
-            [len(t & set(f.tolist())) / k for t, f in zip(truth, found, strict=True)])), 4)
+        recalls["equalised" if equalise else "raw"] = round(
+            float(
+                np.mean([len(t & set(f.tolist())) / k for t, f in zip(truth, found, strict=True)])
+            ),
+            4,
+        )
     return recalls["equalised"] >= recalls["raw"], recalls
 
 

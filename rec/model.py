@@ -1,10 +1,10 @@
 """A model version: everything training produces, saved as a directory of safe formats.
 
-    models/<version>/meta.json     version, log offset it was trained up to, metrics, config
-    models/<version>/arrays.npz    item ids, embeddings, item-CF, user-CF, graph filter, EASE (no pickle)
-    models/<version>/ranker/       safetensors weights + JSON
-    models/<version>/index/        the HNSW (or brute-force) shards over the item vectors
-    models/CURRENT                 name of the live version (written atomically)
+models/<version>/meta.json     version, log offset it was trained up to, metrics, config
+models/<version>/arrays.npz    item ids, embeddings, item-CF, user-CF, graph filter, EASE (no pickle)
+models/<version>/ranker/       safetensors weights + JSON
+models/<version>/index/        the HNSW (or brute-force) shards over the item vectors
+models/CURRENT                 name of the live version (written atomically)
 """
 
 from __future__ import annotations
@@ -55,10 +55,14 @@ class ModelBundle:
             mine = ids[ids % max(shards, 1) == s]
             params = {}
             if kind == "hnsw":
-                params = dict(max_elements=len(mine) + config.index_headroom + 1, m=config.hnsw_m,
-                              ef_construction=config.hnsw_ef_construction,
-                              ef_search=config.hnsw_ef_search, num_threads=1,
-                              equalise_norms=self.equalise_norms)
+                params = dict(
+                    max_elements=len(mine) + config.index_headroom + 1,
+                    m=config.hnsw_m,
+                    ef_construction=config.hnsw_ef_construction,
+                    ef_search=config.hnsw_ef_search,
+                    num_threads=1,
+                    equalise_norms=self.equalise_norms,
+                )
             index = make_index(kind, self.embeddings.dim, **params)
             if len(mine):
                 index.add(mine, self.embeddings.item[mine])
@@ -87,9 +91,14 @@ class ModelBundle:
             self.ranker.save(tmp / "ranker")
         if index is not None:
             index.save(tmp / "index")
-        meta = {"version": self.version, "log_offset": self.log_offset, "metrics": self.metrics,
-                "created": self.created, "ordering": self.ordering,
-                "equalise_norms": self.equalise_norms}
+        meta = {
+            "version": self.version,
+            "log_offset": self.log_offset,
+            "metrics": self.metrics,
+            "created": self.created,
+            "ordering": self.ordering,
+            "equalise_norms": self.equalise_norms,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -38,8 +38,9 @@ _LAST_TRAINED: dict = {}
 
 
 class RecModel(Model):
-    def __init__(self, variant: str = "full", config: RecConfig | None = None,
-                 retrain_every: int = 20_000) -> None:
+    def __init__(
+        self, variant: str = "full", config: RecConfig | None = None, retrain_every: int = 20_000
+    ) -> None:
         if variant not in VARIANTS + ABLATIONS:
             raise ValueError(f"variant must be one of {VARIANTS + ABLATIONS}")
         self.variant = variant
@@ -61,8 +62,12 @@ class RecModel(Model):
     def _train(self) -> None:
         key = (id(self.data), len(self.records), self.config.model_dump_json())
         if _LAST_TRAINED.get("key") != key:  # variants of one run share one training
-            _LAST_TRAINED.update(key=key, bundle=train(snapshot_table(self.records), self.config,
-                                                       version=f"eval-{len(self.records)}"))
+            _LAST_TRAINED.update(
+                key=key,
+                bundle=train(
+                    snapshot_table(self.records), self.config, version=f"eval-{len(self.records)}"
+                ),
+            )
         self.bundle = copy.copy(_LAST_TRAINED["bundle"])
         if self.variant == "ranker" and self.bundle.ranker is not None:
             self.bundle.ordering = "ranker"
@@ -70,7 +75,9 @@ class RecModel(Model):
             self.bundle.ordering = self.bundle.metrics["recall_ordering"]
         index = None
         if self.variant == "exact":  # the same trained model, served through exact search
-            index = self.bundle.build_index(self.config.recall.model_copy(update={"index": "brute"}))
+            index = self.bundle.build_index(
+                self.config.recall.model_copy(update={"index": "brute"})
+            )
         self.rec = Recommender(self.config, self.bundle, index)
         self.rec.apply(self.records)
         self.since_retrain = 0
@@ -80,8 +87,9 @@ class RecModel(Model):
         each ordering and of the graph filter's settings, ranker metrics, train seconds)."""
         return {"ordering": self.bundle.ordering, **self.bundle.metrics}
 
-    def recommend(self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
-                  ) -> np.ndarray:
+    def recommend(
+        self, users: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
+    ) -> np.ndarray:
         """Top-k item indices per user through the serving pipeline (seen items are filtered by
         the profile; `exclude` rows are honoured too)."""
         index = self.item_index
@@ -98,8 +106,9 @@ class RecModel(Model):
     def observe(self, user: int, item: int, ts: float) -> None:
         if self.variant == "static":
             return
-        record = event_record(user_id=self.data.user_ids[user], item_id=self.data.item_ids[item],
-                              type="click", ts=ts)
+        record = event_record(
+            user_id=self.data.user_ids[user], item_id=self.data.item_ids[item], type="click", ts=ts
+        )
         record["offset"] = len(self.records)
         self.records.append(record)
         self.rec.apply([record], learn=self.variant != "profile")

@@ -37,7 +37,8 @@ from rec.recall import Cooccurrence, Trending, top_n, top_n_rows
 SOURCES = ("itemcf", "usercf", "gf", "ease", "ann", "pop", "new")
 SCORED = ("itemcf", "usercf", "gf", "ease", "ann")  # sources whose score every candidate carries
 DENSE_SOURCES = ("itemcf", "usercf", "gf", "ease")  # scored over the whole catalogue per request
-ORDERINGS = ("ranker", "gf", "ease", "ann", "blend")  # ways to order the final list; training picks one
+# ways to order the final list; training picks one
+ORDERINGS = ("ranker", "gf", "ease", "ann", "blend")
 # The "blend" ordering sums the whole-catalogue models' scores. Item-CF's and user-CF's sparse
 # neighbourhood scores (zero for most candidates, a few outliers setting the scale) are what EASE
 # and the graph filter generalise; adding them cost 9% NDCG@10 on Diginetica.
@@ -96,8 +97,12 @@ class RankInputs:
 
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The given candidates as `Ranker.predict`'s per-row arrays (training examples)."""
-        return (self.item_idx[rows], np.broadcast_to(self.user_vec, (len(rows), len(self.user_vec))),
-                self.item_vec[rows], self.dense[rows])
+        return (
+            self.item_idx[rows],
+            np.broadcast_to(self.user_vec, (len(rows), len(self.user_vec))),
+            self.item_vec[rows],
+            self.dense[rows],
+        )
 
 
 def rank_probabilities(ranker: Ranker, inputs: list[RankInputs]) -> list[np.ndarray]:
@@ -106,15 +111,20 @@ def rank_probabilities(ranker: Ranker, inputs: list[RankInputs]) -> list[np.ndar
     if sum(sizes) == 0:
         return [np.zeros(0, np.float32) for _ in inputs]
     probs = ranker.predict_requests(
-        np.stack([x.user_vec for x in inputs]), sizes,
-        *(np.concatenate(column) for column in zip(
-            *((x.item_idx, x.item_vec, x.dense) for x in inputs), strict=True)))
+        np.stack([x.user_vec for x in inputs]),
+        sizes,
+        *(
+            np.concatenate(column)
+            for column in zip(*((x.item_idx, x.item_vec, x.dense) for x in inputs), strict=True)
+        ),
+    )
     return np.split(probs, np.cumsum(sizes)[:-1])
 
 
 class Recommender:
-    def __init__(self, config: RecConfig, model: ModelBundle | None = None,
-                 index: Index | None = None) -> None:
+    def __init__(
+        self, config: RecConfig, model: ModelBundle | None = None, index: Index | None = None
+    ) -> None:
         self.config = config
         self.catalog = Catalog()
         self.profiles = ProfileStore(config.profile)
@@ -156,8 +166,9 @@ class Recommender:
                 p = parse_payload(r)
                 is_new = r["item_id"] not in self.catalog.index
                 was_deleted = r["item_id"] in self.catalog.deleted
-                idx = self.catalog.upsert(r["item_id"], p.get("category"), p.get("tags") or [],
-                                          p.get("title"), r["ts"])
+                idx = self.catalog.upsert(
+                    r["item_id"], p.get("category"), p.get("tags") or [], p.get("title"), r["ts"]
+                )
                 self._ensure_vectors(idx)
                 if was_deleted and self.index is not None and idx < len(self._item_vecs):
                     self.index.add(np.asarray([idx]), self._item_vecs[idx : idx + 1])
@@ -176,11 +187,15 @@ class Recommender:
         self._ensure_vectors(idx)
         prof = self.profiles.users.get(r["user_id"])
         w = event_weight(r["type"], r.get("value"), self.config.profile) if learn else 0.0
-        if w > 0 and not in_model and (self.model is None
-                                       or r.get("offset", self.offset) >= self.model.log_offset):
+        if (
+            w > 0
+            and not in_model
+            and (self.model is None or r.get("offset", self.offset) >= self.model.log_offset)
+        ):
             self._count_pair(idx, prof)  # older pairs are in the model already
-        self.profiles.apply_event(r, self.catalog.meta.get(item_id), self._query_vector,
-                                  self.version)
+        self.profiles.apply_event(
+            r, self.catalog.meta.get(item_id), self._query_vector, self.version
+        )
         if w > 0:
             self.pop_counts = grown(self.pop_counts, idx + 1)
             self.pop_counts[idx] += 1.0
@@ -251,8 +266,9 @@ class Recommender:
     def ann_filter(self, view: ProfileView) -> np.ndarray:
         return self._indices(view.seen)
 
-    def recall(self, view: ProfileView,
-               ann: tuple[np.ndarray, np.ndarray] | None = None) -> CandidateSet:
+    def recall(
+        self, view: ProfileView, ann: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> CandidateSet:
         """Candidates from every source, merged and deduplicated, seen and deleted items out.
         `ann` is the embedding search result when the index lives elsewhere (shard actors)."""
         n = self.config.recall.per_source
@@ -270,14 +286,18 @@ class Recommender:
                 ids = np.asarray(ann[0], np.int64)
                 lists.append(("ann", ids[(ids >= 0) & ~np.isin(ids, exclude)]))
         lists.append(("pop", trending))
-        new = [self.catalog.index[i] for i in reversed(list(self.new_items)[-n:])
-               if i not in view.seen and i not in self.catalog.deleted]
+        new = [
+            self.catalog.index[i]
+            for i in reversed(list(self.new_items)[-n:])
+            if i not in view.seen and i not in self.catalog.deleted
+        ]
         lists.append(("new", np.asarray(new, np.int64)))
         cand, sources = merge_lists(lists, self.config.aggregate.candidates)
         scores = self._score_matrix(view, cand, dense)
         ids = self.catalog.ids
-        return CandidateSet(tuple(map(ids.__getitem__, cand.tolist())), sources, scores, cand,
-                            self.catalog.token)
+        return CandidateSet(
+            tuple(map(ids.__getitem__, cand.tolist())), sources, scores, cand, self.catalog.token
+        )
 
     def _dense_scores(self, view: ProfileView, n_total: int) -> np.ndarray:
         """[len(DENSE_SOURCES), n_total]: each whole-catalogue source's score of every item."""
@@ -349,18 +369,21 @@ class Recommender:
     def _positions(self, item_ids) -> np.ndarray:
         """Each item's catalogue index, -1 for one this catalogue lacks (a stage boundary
         carries item ids, and another replica's catalogue may be ahead of this one's)."""
-        return np.fromiter(map(self.catalog.index.get, item_ids, repeat(-1)), np.int64,
-                           len(item_ids))
+        return np.fromiter(
+            map(self.catalog.index.get, item_ids, repeat(-1)), np.int64, len(item_ids)
+        )
 
     # ---- stage 3: rank ---------------------------------------------------------------------
 
-    def features(self, view: ProfileView, cands: CandidateSet,
-                 context: dict | None = None) -> np.ndarray:
+    def features(
+        self, view: ProfileView, cands: CandidateSet, context: dict | None = None
+    ) -> np.ndarray:
         """Dense ranker features of each candidate (names in DENSE_FEATURES)."""
         return self._features(view, cands, self._candidate_positions(cands), context)
 
-    def _features(self, view: ProfileView, cands: CandidateSet, idx: np.ndarray,
-                  context: dict | None) -> np.ndarray:
+    def _features(
+        self, view: ProfileView, cands: CandidateSet, idx: np.ndarray, context: dict | None
+    ) -> np.ndarray:
         """`features`, given the candidates' catalogue indices (`_positions`)."""
         n = len(cands)
         f = self._recall_features(cands, idx)
@@ -372,7 +395,9 @@ class Recommender:
         now = self.pop_trend.latest or view.last_ts or time.time()
         cat_total = sum(v for v in view.tags.values() if v > 0) or 1.0
         last_cat = catalog.code(catalog.category(view.recent[-1][0]) if view.recent else None)
-        f[:, col["log_trend"]] = np.log1p(gathered(self.pop_trend.vector(catalog), idx, 0, np.float32))
+        f[:, col["log_trend"]] = np.log1p(
+            gathered(self.pop_trend.vector(catalog), idx, 0, np.float32)
+        )
         f[:, col["cat_affinity"]] = catalog.category_weights(idx, view.tags) / cat_total
         codes = catalog.category_codes(idx)
         f[:, col["last_cat_match"]] = (codes == last_cat) & (codes != NO_CODE)
@@ -434,14 +459,16 @@ class Recommender:
         np.add.at(out.reshape(-1), flat, np.concatenate(sims)[hit].astype(np.float32))
         return out
 
-    def rank(self, view: ProfileView, cands: CandidateSet,
-             context: dict | None = None) -> np.ndarray:
+    def rank(
+        self, view: ProfileView, cands: CandidateSet, context: dict | None = None
+    ) -> np.ndarray:
         """Calibrated relevance probability per candidate (a recall-score blend before the first
         ranker exists)."""
         return self.rank_many([(view, cands, context)])[0]
 
-    def rank_many(self, requests: list[tuple[ProfileView, CandidateSet, dict | None]]
-                  ) -> list[np.ndarray]:
+    def rank_many(
+        self, requests: list[tuple[ProfileView, CandidateSet, dict | None]]
+    ) -> list[np.ndarray]:
         """Rank several requests' candidates in one model call (batching across requests).
         The model's `ordering` (chosen on held-out data in training) decides whether the ranker
         or a recall-score order is served."""
@@ -451,8 +478,9 @@ class Recommender:
             return [recall_order(self._recall_features(cands), name) for _, cands, _ in requests]
         return rank_probabilities(self.model.ranker, [self.rank_inputs(*req) for req in requests])
 
-    def rank_inputs(self, view: ProfileView, cands: CandidateSet, context: dict | None
-                     ) -> RankInputs:
+    def rank_inputs(
+        self, view: ProfileView, cands: CandidateSet, context: dict | None
+    ) -> RankInputs:
         idx = self._candidate_positions(cands)
         dense = self._features(view, cands, idx, context)
         dim = self._item_vecs.shape[1]
@@ -461,19 +489,33 @@ class Recommender:
         item_vec[known] = self._item_vecs[idx[known]]
         user = view.vec if view.vec is not None else np.zeros(dim, np.float32)
         n_model = self.model.n_items if self.model else 0
-        return RankInputs(np.where(known & (idx < n_model), idx, n_model),
-                          user.astype(np.float32), item_vec, dense)
+        return RankInputs(
+            np.where(known & (idx < n_model), idx, n_model),
+            user.astype(np.float32),
+            item_vec,
+            dense,
+        )
 
     # ---- stage 4: aggregate ------------------------------------------------------------------
 
-    def finalize(self, view: ProfileView, cands: CandidateSet, scores: np.ndarray, k: int,
-                 exclude: frozenset[str] = frozenset(), request_id: str | None = None) -> dict:
+    def finalize(
+        self,
+        view: ProfileView,
+        cands: CandidateSet,
+        scores: np.ndarray,
+        k: int,
+        exclude: frozenset[str] = frozenset(),
+        request_id: str | None = None,
+    ) -> dict:
         """Order by score, drop excluded/seen/deleted, apply diversity, reserve exploration
         slots for fresh catalogue items (they have no feedback yet) and explain each item."""
         agg = self.config.aggregate
         blocked = view.seen | self.catalog.deleted | exclude
-        order = [r for r in np.argsort(-np.asarray(scores), kind="stable").tolist()
-                 if cands.item_ids[r] not in blocked]
+        order = [
+            r
+            for r in np.argsort(-np.asarray(scores), kind="stable").tolist()
+            if cands.item_ids[r] not in blocked
+        ]
         n_explore = min(int(round(k * agg.explore_fraction)), k) if view.known else 0
         per_cat: dict[str | None, int] = {}
 
@@ -500,15 +542,23 @@ class Recommender:
                 rows.append(row)
         items = []
         chosen = rows + explore
-        anchors = self._anchors(view, [cands.item_ids[r] for r in chosen
-                                       if "itemcf" in cands.sources[r]])
+        anchors = self._anchors(
+            view, [cands.item_ids[r] for r in chosen if "itemcf" in cands.sources[r]]
+        )
         for row in chosen:
-            entry = {"item_id": cands.item_ids[row], "score": round(float(scores[row]), 6),
-                     "sources": list(cands.sources[row])}
+            entry = {
+                "item_id": cands.item_ids[row],
+                "score": round(float(scores[row]), 6),
+                "sources": list(cands.sources[row]),
+            }
             entry["reason"] = self._reason(view, entry, anchors.get(entry["item_id"]))
             items.append(entry)
-        return {"user_id": view.user_id, "items": items, "model_version": self.version,
-                "request_id": request_id or uuid.uuid4().hex}
+        return {
+            "user_id": view.user_id,
+            "items": items,
+            "model_version": self.version,
+            "request_id": request_id or uuid.uuid4().hex,
+        }
 
     def _reason(self, view: ProfileView, entry: dict, anchor: str | None) -> str:
         sources = entry["sources"]
@@ -535,13 +585,23 @@ class Recommender:
         contrib = self._similarity(seed_idx, self._positions(item_ids))
         contrib *= np.asarray([w for _, w in seeds], np.float32)[:, None]
         best = contrib.argmax(axis=0)
-        return {item: self.catalog.ids[seed_idx[best[c]]] for c, item in enumerate(item_ids)
-                if contrib[best[c], c] > 0}
+        return {
+            item: self.catalog.ids[seed_idx[best[c]]]
+            for c, item in enumerate(item_ids)
+            if contrib[best[c], c] > 0
+        }
 
     # ---- one process, whole pipeline -------------------------------------------------------
 
-    def recommend(self, user_id: str, k: int | None = None, *, exclude: frozenset[str] = frozenset(),
-                  context: dict | None = None, request_id: str | None = None) -> dict:
+    def recommend(
+        self,
+        user_id: str,
+        k: int | None = None,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        context: dict | None = None,
+        request_id: str | None = None,
+    ) -> dict:
         k = k or self.config.aggregate.default_k
         view = self.view(user_id)
         cands = self.recall(view)
@@ -582,13 +642,19 @@ class Recommender:
         meta = self.catalog.meta.get(item_id)
         if meta is None:
             return None
-        return {"item_id": item_id, "category": meta.category, "tags": list(meta.tags),
-                "title": meta.title, "deleted": item_id in self.catalog.deleted,
-                "first_ts": meta.first_ts}
+        return {
+            "item_id": item_id,
+            "category": meta.category,
+            "tags": list(meta.tags),
+            "title": meta.title,
+            "deleted": item_id in self.catalog.deleted,
+            "first_ts": meta.first_ts,
+        }
 
 
-def merge_lists(lists: list[tuple[str, np.ndarray]], limit: int
-                ) -> tuple[np.ndarray, tuple[tuple[str, ...], ...]]:
+def merge_lists(
+    lists: list[tuple[str, np.ndarray]], limit: int
+) -> tuple[np.ndarray, tuple[tuple[str, ...], ...]]:
     """Merge named candidate lists (catalogue indices, best first): each item once, in order of
     first appearance, with the names of the lists holding it; beyond `limit` items, those with
     the best position in any list are kept (a round-robin merge)."""
@@ -612,8 +678,9 @@ def merge_lists(lists: list[tuple[str, np.ndarray]], limit: int
 @functools.lru_cache(maxsize=64)
 def _names_by_mask(names: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     """For every bit mask over `names`, the names whose bits are set (in order)."""
-    return tuple(tuple(name for j, name in enumerate(names) if m >> j & 1)
-                 for m in range(1 << len(names)))
+    return tuple(
+        tuple(name for j, name in enumerate(names) if m >> j & 1) for m in range(1 << len(names))
+    )
 
 
 def _hour(context: dict | None, now: float) -> float:

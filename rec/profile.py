@@ -76,13 +76,16 @@ class ProfileStore:
     def __len__(self) -> int:
         return len(self.users)
 
-    def apply_event(self, record: dict, meta: ItemMeta | None, item_vector: ItemVector,
-                    version: str | None) -> None:
+    def apply_event(
+        self, record: dict, meta: ItemMeta | None, item_vector: ItemVector, version: str | None
+    ) -> None:
         """Fold one behaviour record into its user's profile."""
         user_id, item_id, ts = record["user_id"], record["item_id"], float(record["ts"])
         p = self.users.get(user_id)
         if p is None:
-            p = self.users[user_id] = UserProfile(user_id, recent=deque(maxlen=self.config.max_recent))
+            p = self.users[user_id] = UserProfile(
+                user_id, recent=deque(maxlen=self.config.max_recent)
+            )
         w = event_weight(record["type"], record.get("value"), self.config)
         p.recent.append((item_id, w, ts))
         old = p.items.get(item_id, 0.0)
@@ -103,8 +106,14 @@ class ProfileStore:
     def forget(self, user_id: str) -> bool:
         return self.users.pop(user_id, None) is not None
 
-    def view(self, user_id: str, item_vector: ItemVector, version: str | None,
-             now: float | None = None, n_recent: int = 50) -> ProfileView:
+    def view(
+        self,
+        user_id: str,
+        item_vector: ItemVector,
+        version: str | None,
+        now: float | None = None,
+        n_recent: int = 50,
+    ) -> ProfileView:
         """A snapshot of the user's profile; the user vector is (re)folded when stale."""
         p = self.users.get(user_id)
         if p is None:
@@ -118,9 +127,9 @@ class ProfileStore:
         recent = tuple(list(p.recent)[-n_recent:])
         vec = None if p.vec is None else p.vec.copy()
         liked = frozenset(i for i, w in p.items.items() if w > 0)
-        return ProfileView(user_id, True, recent, frozenset(p.items), liked, vec, top,
-                           dict(p.counts),
-                           p.last_ts)
+        return ProfileView(
+            user_id, True, recent, frozenset(p.items), liked, vec, top, dict(p.counts), p.last_ts
+        )
 
     def _fold_in(self, p: UserProfile, item_vector: ItemVector) -> np.ndarray | None:
         total = None

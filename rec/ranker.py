@@ -86,7 +86,9 @@ class RankerNet(nn.Module):
         self.n_items = n_items
         # Optional: on held-out replays an id embedding overfit (validation NDCG fell below the
         # recall blend on ml-100k), so the default ranks by features and vectors alone.
-        self.item_emb = nn.Embedding(n_items + 1, item_embedding_dim) if item_embedding_dim else None
+        self.item_emb = (
+            nn.Embedding(n_items + 1, item_embedding_dim) if item_embedding_dim else None
+        )
         self.register_buffer("dense_mean", torch.zeros(n_dense))
         self.register_buffer("dense_std", torch.ones(n_dense))
         self.register_buffer("calib_a", torch.ones(()))
@@ -106,8 +108,14 @@ class RankerNet(nn.Module):
         product = user_vec * item_vec
         ids = [self._id_embedding(item_idx)] if self.item_emb is not None else []
         x = torch.cat(
-            [*ids, user_vec, item_vec, product, self._standardised(dense),
-             product.sum(dim=-1, keepdim=True)],
+            [
+                *ids,
+                user_vec,
+                item_vec,
+                product,
+                self._standardised(dense),
+                product.sum(dim=-1, keepdim=True),
+            ],
             dim=-1,
         )
         return self.mlp(x).squeeze(-1)
@@ -121,7 +129,11 @@ class RankerNet(nn.Module):
         return ((dense - self.dense_mean) / self.dense_std).clamp(-DENSE_CLIP, DENSE_CLIP)
 
     def forward_requests(
-        self, user_vec: Tensor, sizes: list[int], item_idx: Tensor, item_vec: Tensor,
+        self,
+        user_vec: Tensor,
+        sizes: list[int],
+        item_idx: Tensor,
+        item_vec: Tensor,
         dense: Tensor,
     ) -> Tensor:
         """`forward` for the candidates of requests that share one user vector each: user_vec
@@ -134,7 +146,8 @@ class RankerNet(nn.Module):
         d = user_vec.shape[1]
         e = self.item_emb.embedding_dim if self.item_emb is not None else 0
         w_e, w_u, w_i, w_p, w_d, w_s = first.weight.split(
-            [e, d, d, d, self.dense_mean.numel(), 1], dim=1)
+            [e, d, d, d, self.dense_mean.numel(), 1], dim=1
+        )
         bias = torch.addmm(first.bias, user_vec, w_u.T)  # [g, hidden]
         folded = w_i + (w_p + w_s) * user_vec[:, None, :]  # [g, hidden, d]
         g, width = len(sizes), max(sizes, default=0)
@@ -145,7 +158,8 @@ class RankerNet(nn.Module):
             starts = torch.cumsum(counts, 0) - counts
             offsets = torch.arange(g, device=item_vec.device) * width - starts
             rows = torch.arange(len(item_vec), device=item_vec.device) + offsets.repeat_interleave(
-                counts)
+                counts
+            )
             padded = item_vec.new_zeros(g * width, d).index_copy_(0, rows, item_vec)
             padded = padded.view(g, width, d)
         h = torch.baddbmm(bias[:, None, :], padded, folded.transpose(1, 2)).flatten(0, 1)
@@ -301,7 +315,11 @@ class Ranker:
         )
 
     def predict_requests(
-        self, user_vecs: ArrayLike, sizes: ArrayLike, item_idx: ArrayLike, item_vec: ArrayLike,
+        self,
+        user_vecs: ArrayLike,
+        sizes: ArrayLike,
+        item_idx: ArrayLike,
+        item_vec: ArrayLike,
         dense: ArrayLike,
     ) -> np.ndarray:
         """`predict` for the candidates of several requests, each scored against its user's one
@@ -310,17 +328,20 @@ class Ranker:
         users = np.ascontiguousarray(user_vecs, dtype=np.float32)
         counts = np.asarray(sizes, np.int64).reshape(-1)
         if users.ndim != 2 or users.shape != (len(counts), self.user_dim):
-            raise ValueError(f"user_vecs has shape {users.shape}, expected "
-                             f"{(len(counts), self.user_dim)}")
+            raise ValueError(
+                f"user_vecs has shape {users.shape}, expected {(len(counts), self.user_dim)}"
+            )
         idx, item, dns = self._candidates(item_idx, item_vec, dense)
         if counts.sum() != len(idx) or (counts < 0).any():
             raise ValueError(f"sizes {counts.tolist()} do not add up to {len(idx)} rows")
         net = self._eval_net()
         with torch.inference_mode():
-            t_users, t_idx, t_item, t_dense = (torch.from_numpy(a).to(self.device)
-                                               for a in (users, idx, item, dns))
-            logits = net.calibrate(net.forward_requests(t_users, counts.tolist(), t_idx, t_item,
-                                                        t_dense))
+            t_users, t_idx, t_item, t_dense = (
+                torch.from_numpy(a).to(self.device) for a in (users, idx, item, dns)
+            )
+            logits = net.calibrate(
+                net.forward_requests(t_users, counts.tolist(), t_idx, t_item, t_dense)
+            )
             return expit(logits.float().cpu().numpy())
 
     def save(self, path: str | Path) -> None:
@@ -359,15 +380,20 @@ class Ranker:
         return ranker
 
     def _arrays(
-        self, item_idx: ArrayLike, user_vec: ArrayLike, item_vec: ArrayLike, dense: ArrayLike,
+        self,
+        item_idx: ArrayLike,
+        user_vec: ArrayLike,
+        item_vec: ArrayLike,
+        dense: ArrayLike,
     ) -> Arrays:
         """Contiguous int64/float32 arrays, one row per candidate, shapes checked against the
         model's dimensions."""
         idx, item, dns = self._candidates(item_idx, item_vec, dense)
         user = np.ascontiguousarray(user_vec, dtype=np.float32)
         if user.shape != (len(idx), self.user_dim):
-            raise ValueError(f"user_vec has shape {user.shape}, expected "
-                             f"{(len(idx), self.user_dim)}")
+            raise ValueError(
+                f"user_vec has shape {user.shape}, expected {(len(idx), self.user_dim)}"
+            )
         return idx, user, item, dns
 
     def _candidates(

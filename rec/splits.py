@@ -145,8 +145,11 @@ def split_full(train: Dataset, test: Dataset) -> Split:
     users = _vocab(train.events["user_id"], test.events["user_id"])
     items = _vocab(train.events["item_id"], test.events["item_id"])
     name = train.name.removesuffix("-train")
-    return _split(name, "full", *_pair(train.events, test.events, users, items,
-                                         train.ordered and test.ordered))
+    return _split(
+        name,
+        "full",
+        *_pair(train.events, test.events, users, items, train.ordered and test.ordered),
+    )
 
 
 def split_temporal(ds: Dataset, test_fraction: float = 0.2) -> Split:
@@ -211,7 +214,11 @@ def _pair(
 
 
 def _encode(
-    table: pa.Table, users: pa.Array, items: pa.Array, user_ids: list[str], item_ids: list[str],
+    table: pa.Table,
+    users: pa.Array,
+    items: pa.Array,
+    user_ids: list[str],
+    item_ids: list[str],
     ordered: bool,
 ) -> Interactions:
     """Interactions of the rows whose user and item are in the vocabularies (others dropped)."""

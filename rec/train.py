@@ -67,12 +67,19 @@ class Examples:
 
 
 def fit_ranker_locally(ranker: Ranker, ex: Examples) -> dict:
-    return ranker.fit(ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels,
-                      group_size=ex.group_size)
+    return ranker.fit(
+        ex.item_idx, ex.user_vec, ex.item_vec, ex.dense, ex.labels, group_size=ex.group_size
+    )
 
 
-def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
-          fit_ranker: FitRanker | None = fit_ranker_locally, version: str | None = None) -> ModelBundle:
+def train(
+    table: pa.Table,
+    config: RecConfig,
+    *,
+    log_offset: int | None = None,
+    fit_ranker: FitRanker | None = fit_ranker_locally,
+    version: str | None = None,
+) -> ModelBundle:
     """A new model version from a log snapshot (`rec.eventlog.SCHEMA` columns)."""
     t0 = time.perf_counter()
     records = table.to_pylist()
@@ -92,25 +99,33 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
     basis: Embeddings | None = None
     sharpen, pop, ordering = config.recall.gf_sharpen, 0.0, "ranker"
     if fit_ranker is not None and prefix_events and suffix_events:
-        prefix = _fit_recall(prefix_events, item_index, user_index, config, categories,
-                             item_ids, user_ids)
+        prefix = _fit_recall(
+            prefix_events, item_index, user_index, config, categories, item_ids, user_ids
+        )
         (sharpen, pop), metrics["gf_validation_ndcg"] = choose_graph_filter(
-            prefix, prefix_events, suffix_events, config)
+            prefix, prefix_events, suffix_events, config
+        )
         prefix.graph.sharpen, prefix.graph.pop = sharpen, pop
         _choose_index(prefix, prefix_events, item_index, config)
         basis = prefix.embeddings
-        ex, cases = replay_holdout(prefix, records, prefix_events, suffix_events, config,
-                                   _impressions(records))
+        ex, cases = replay_holdout(
+            prefix, records, prefix_events, suffix_events, config, _impressions(records)
+        )
         metrics["ranker_examples"] = len(ex)
-        metrics["recall_hit_rate"] = round(float(np.mean(
-            [len(c.positives) / c.n_relevant for c in cases])), 4) if cases else None
+        metrics["recall_hit_rate"] = (
+            round(float(np.mean([len(c.positives) / c.n_relevant for c in cases])), 4)
+            if cases
+            else None
+        )
         if len(ex) and 0 < ex.labels.mean() < 1:
-            ranker = Ranker(config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES),
-                            list(DENSE_FEATURES))
+            ranker = Ranker(
+                config.ranker, len(item_ids), basis.dim, len(DENSE_FEATURES), list(DENSE_FEATURES)
+            )
             metrics["ranker"] = fit_ranker(ranker, ex)
             prefix.ranker = ranker
             ordering, metrics["recall_ordering"], metrics["ordering_ndcg"] = choose_ordering(
-                prefix, cases)
+                prefix, cases
+            )
 
     final = _fit_recall(events, item_index, user_index, config, categories, item_ids, user_ids)
     final.graph.sharpen, final.graph.pop = sharpen, pop
@@ -121,15 +136,17 @@ def train(table: pa.Table, config: RecConfig, *, log_offset: int | None = None,
     final.ranker = ranker
     metrics["index_recall@100"] = _choose_index(final, events, item_index, config)
     final.version = version or new_version_name()
-    final.log_offset = (log_offset if log_offset is not None
-                        else max((r.get("offset") or 0) for r in records) + 1)
+    final.log_offset = (
+        log_offset if log_offset is not None else max((r.get("offset") or 0) for r in records) + 1
+    )
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     final.metrics = metrics
     return final
 
 
-def _choose_index(bundle: ModelBundle, events: list[dict], item_index: dict[str, int],
-                  config: RecConfig) -> dict[str, float]:
+def _choose_index(
+    bundle: ModelBundle, events: list[dict], item_index: dict[str, int], config: RecConfig
+) -> dict[str, float]:
     """Set the bundle's HNSW norm equalisation to whichever graph finds more of the exact top
     100 for its users' fold-ins (`rec.index.choose_equalise_norms`); returns both recalls
     (nothing to choose when the catalogue is searched exactly)."""
@@ -137,14 +154,23 @@ def _choose_index(bundle: ModelBundle, events: list[dict], item_index: dict[str,
     if rc.index_kind(bundle.n_items) != "hnsw":
         return {}
     bundle.equalise_norms, recalls = choose_equalise_norms(
-        bundle.embeddings.item, _probe_queries(events, item_index, bundle.embeddings, config),
-        m=rc.hnsw_m, ef_construction=rc.hnsw_ef_construction, ef_search=rc.hnsw_ef_search,
-        seed=config.seed)
+        bundle.embeddings.item,
+        _probe_queries(events, item_index, bundle.embeddings, config),
+        m=rc.hnsw_m,
+        ef_construction=rc.hnsw_ef_construction,
+        ef_search=rc.hnsw_ef_search,
+        seed=config.seed,
+    )
     return recalls
 
 
-def _probe_queries(events: list[dict], item_index: dict[str, int], embeddings: Embeddings,
-                   config: RecConfig, n: int = PROBE_USERS) -> np.ndarray:
+def _probe_queries(
+    events: list[dict],
+    item_index: dict[str, int],
+    embeddings: Embeddings,
+    config: RecConfig,
+    n: int = PROBE_USERS,
+) -> np.ndarray:
     """User vectors as serving folds them in, for up to n users spread over the log."""
     histories: dict[str, dict[int, float]] = {}  # user -> item -> accumulated weight
     for r in events:
@@ -152,14 +178,19 @@ def _probe_queries(events: list[dict], item_index: dict[str, int], embeddings: E
         i = item_index[r["item_id"]]
         h[i] = h.get(i, 0.0) + event_weight(r["type"], r.get("value"), config.profile)
     users = list(histories)[:: max(1, len(histories) // n)][:n]
-    vecs = [embeddings.fold_in(np.fromiter(histories[u], np.int64),
-                               np.fromiter(histories[u].values(), np.float32)) for u in users]
+    vecs = [
+        embeddings.fold_in(
+            np.fromiter(histories[u], np.int64), np.fromiter(histories[u].values(), np.float32)
+        )
+        for u in users
+    ]
     vecs = [v for v in vecs if v is not None]
     return np.asarray(vecs, np.float32).reshape(len(vecs), embeddings.dim)
 
 
-def _validation_cases(suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
-                      ) -> list[int]:
+def _validation_cases(
+    suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
+) -> list[int]:
     """Positions of the positive held-out events of a spread-out sample of users, which choose
     the served ordering: at most a fifth of the users with such events and at most n users, and
     at most n events in all when the holdout is a sequence (a random one makes one case per
@@ -182,11 +213,15 @@ def _validation_cases(suffix: list[dict], config: RecConfig, n: int = VALIDATION
     return sorted(picked[:n] if sequential else picked)
 
 
-def _validation_sample(suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
-                       ) -> list[int]:
+def _validation_sample(
+    suffix: list[dict], config: RecConfig, n: int = VALIDATION_EVENTS
+) -> list[int]:
     """Evenly spread positions of up to n positive held-out events used to choose settings."""
-    positive = [i for i, r in enumerate(suffix)
-                if event_weight(r["type"], r.get("value"), config.profile) > 0]
+    positive = [
+        i
+        for i, r in enumerate(suffix)
+        if event_weight(r["type"], r.get("value"), config.profile) > 0
+    ]
     n = min(n, len(positive) // 4)  # a small log keeps most of its held-out events to learn from
     step = max(1, len(positive) // max(n, 1))
     return positive[::step][:n]
@@ -200,8 +235,9 @@ def _gain(ranked: np.ndarray, positives: np.ndarray, n_relevant: int = 1) -> flo
     return float((1.0 / np.log2(hits + 2)).sum() / ideal) if len(hits) else 0.0
 
 
-def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict],
-                        config: RecConfig) -> tuple[tuple[float, float], dict]:
+def choose_graph_filter(
+    prefix: ModelBundle, prefix_events: list[dict], suffix: list[dict], config: RecConfig
+) -> tuple[tuple[float, float], dict]:
     """The graph filter's sharpening time T and degree exponent γ with the best NDCG@20 on held-out
     events, each scored from its user's earlier history (a small validation search in fit; the
     cases are scored in batches and every (T, γ) reuses the same filtered signals)."""
@@ -210,9 +246,11 @@ def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: 
     for r in prefix_events:
         if event_weight(r["type"], r.get("value"), config.profile) > 0:
             history.setdefault(r["user_id"], set()).add(index[r["item_id"]])
-    cases = [(sorted(history[suffix[n]["user_id"]]), index[suffix[n]["item_id"]])
-             for n in _validation_sample(suffix, config, GF_VALIDATION_EVENTS)
-             if suffix[n]["user_id"] in history]
+    cases = [
+        (sorted(history[suffix[n]["user_id"]]), index[suffix[n]["item_id"]])
+        for n in _validation_sample(suffix, config, GF_VALIDATION_EVENTS)
+        if suffix[n]["user_id"] in history
+    ]
     cases = [(h, i) for h, i in cases if i not in set(h)]
     default = (config.recall.gf_sharpen, 0.0)
     if not cases:
@@ -223,10 +261,14 @@ def choose_graph_filter(prefix: ModelBundle, prefix_events: list[dict], suffix: 
     gains = {tg: 0.0 for tg in grid}
     for start in range(0, len(cases), GF_BATCH):
         batch = cases[start : start + GF_BATCH]
-        x = sp.csr_matrix((np.ones(sum(len(h) for h, _ in batch), np.float32),
-                           np.concatenate([h for h, _ in batch]),
-                           np.cumsum([0] + [len(h) for h, _ in batch])),
-                          shape=(len(batch), prefix.n_items))
+        x = sp.csr_matrix(
+            (
+                np.ones(sum(len(h) for h, _ in batch), np.float32),
+                np.concatenate([h for h, _ in batch]),
+                np.cumsum([0] + [len(h) for h, _ in batch]),
+            ),
+            shape=(len(batch), prefix.n_items),
+        )
         terms = graph.sharpening_terms(graph.blurred(x))
         truth = np.asarray([i for _, i in batch])
         for t, g in grid:
@@ -262,8 +304,10 @@ def holdout_split(events: list[dict], config: RecConfig) -> tuple[list[dict], li
             continue
         out = rows[-n_out:] if tc.holdout == "last" else rng.choice(rows, n_out, replace=False)
         held[out] = True
-    return ([r for r, h in zip(events, held, strict=True) if not h],
-            [r for r, h in zip(events, held, strict=True) if h])
+    return (
+        [r for r, h in zip(events, held, strict=True) if not h],
+        [r for r, h in zip(events, held, strict=True) if h],
+    )
 
 
 def _item_order(records: list[dict]) -> tuple[list[str], dict[str, str | None]]:
@@ -278,14 +322,21 @@ def _item_order(records: list[dict]) -> tuple[list[str], dict[str, str | None]]:
     return list(order), categories
 
 
-def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict[str, int],
-                config: RecConfig, categories: dict[str, str | None], item_ids: list[str],
-                user_ids: list[str]) -> ModelBundle:
+def _fit_recall(
+    events: list[dict],
+    item_index: dict[str, int],
+    user_index: dict[str, int],
+    config: RecConfig,
+    categories: dict[str, str | None],
+    item_ids: list[str],
+    user_ids: list[str],
+) -> ModelBundle:
     rc = config.recall
     users = np.asarray([user_index[r["user_id"]] for r in events], np.int64)
     items = np.asarray([item_index[r["item_id"]] for r in events], np.int64)
-    w = np.asarray([event_weight(r["type"], r.get("value"), config.profile) for r in events],
-                   np.float32)
+    w = np.asarray(
+        [event_weight(r["type"], r.get("value"), config.profile) for r in events], np.float32
+    )
     x = interaction_matrix(users, items, w, len(user_ids), len(item_ids))
     x.data = np.clip(x.data, -2.0, 4.0)
     positive = x.copy()
@@ -309,8 +360,11 @@ def _fit_recall(events: list[dict], item_index: dict[str, int], user_index: dict
 
 def _impressions(records: list[dict]) -> dict[str, list[str]]:
     """request_id -> the items that answer showed (logged by the ingress)."""
-    return {r["request_id"]: json.loads(r["payload"])["items"] for r in records
-            if r["kind"] == KIND_IMPRESSION and r.get("request_id") and r.get("payload")}
+    return {
+        r["request_id"]: json.loads(r["payload"])["items"]
+        for r in records
+        if r["kind"] == KIND_IMPRESSION and r.get("request_id") and r.get("payload")
+    }
 
 
 @dataclass
@@ -318,15 +372,20 @@ class ValidationCase:
     """One held-out request the ranker never trained on: its whole candidate set's ranker inputs,
     the rows of the relevant items recall found and how many items are relevant in all (the one
     item the user picked next; for a random holdout, all the user's held-out items)."""
+
     inputs: RankInputs
     positives: np.ndarray
     n_relevant: int = 1
 
 
-def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list[dict],
-                   suffix: list[dict], config: RecConfig,
-                   shown: dict[str, list[str]] | None = None
-                   ) -> tuple[Examples, list[ValidationCase]]:
+def replay_holdout(
+    prefix: ModelBundle,
+    records: list[dict],
+    prefix_events: list[dict],
+    suffix: list[dict],
+    config: RecConfig,
+    shown: dict[str, list[str]] | None = None,
+) -> tuple[Examples, list[ValidationCase]]:
     """Replay the held-out events (in time order) through a pipeline holding the prefix model
     and every earlier event, asking recall for each positive event's candidates exactly as
     serving would. A spread-out sample of events becomes validation cases (to choose the
@@ -357,8 +416,12 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
     rec.apply(prefix_events, in_model=True)
     validation = set(_validation_cases(suffix, config))
     validation_users = {suffix[n]["user_id"] for n in validation}  # none of theirs trains
-    rest = [n for n, r in enumerate(suffix) if r["user_id"] not in validation_users
-            and event_weight(r["type"], r.get("value"), config.profile) > 0]
+    rest = [
+        n
+        for n, r in enumerate(suffix)
+        if r["user_id"] not in validation_users
+        and event_weight(r["type"], r.get("value"), config.profile) > 0
+    ]
     step = max(1, len(rest) // rc.max_examples)
     take = set(rest[::step][: rc.max_examples])
 
@@ -380,8 +443,11 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
                 rows = np.asarray(sorted(row[i] for i in targets if i in row), np.int64)
                 cases.append(ValidationCase(inputs, rows, len(targets)))
             elif positive >= 0 and len(row) > 1:
-                negs = [row[i] for i in dict.fromkeys(shown.get(r.get("request_id") or "", []))
-                        if i in row and row[i] != positive][: rc.negatives]
+                negs = [
+                    row[i]
+                    for i in dict.fromkeys(shown.get(r.get("request_id") or "", []))
+                    if i in row and row[i] != positive
+                ][: rc.negatives]
                 spare = [row[i] for i in held_by_user.get(r["user_id"], ()) if i in row]
                 others = np.setdiff1d(np.arange(len(row)), [positive, *negs, *spare])
                 if not len(others):
@@ -389,8 +455,9 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
                 need = rc.negatives - len(negs)  # groups have one size; few candidates repeat
                 negs += rng.choice(others, need, replace=need > len(others)).tolist()
                 rows = np.asarray([positive, *negs], np.int64)
-                groups.append((*inputs.rows(rows),
-                               np.asarray([1.0] + [0.0] * len(negs), np.float32)))
+                groups.append(
+                    (*inputs.rows(rows), np.asarray([1.0] + [0.0] * len(negs), np.float32))
+                )
         # Held-out events interleave with the prefix in log order, so they are applied as new
         # records (no offset, which the prefix already passed); each case thus sees its user's
         # every earlier event. Their pairs are not counted live: the served model will have been
@@ -399,16 +466,29 @@ def replay_holdout(prefix: ModelBundle, records: list[dict], prefix_events: list
             rec.apply([{k: v for k, v in r.items() if k != "offset"}], in_model=True)
     if not groups:
         d = prefix.embeddings.dim
-        return Examples(np.zeros(0, np.int64), np.zeros((0, d), np.float32),
-                        np.zeros((0, d), np.float32), np.zeros((0, len(DENSE_FEATURES)), np.float32),
-                        np.zeros(0, np.float32)), cases
-    item_idx, user_vec, item_vec, dense, labels = (np.concatenate(col) for col in zip(*groups, strict=True))
-    return Examples(item_idx, user_vec.astype(np.float32), item_vec.astype(np.float32),
-                    dense.astype(np.float32), labels, 1 + rc.negatives), cases
+        return Examples(
+            np.zeros(0, np.int64),
+            np.zeros((0, d), np.float32),
+            np.zeros((0, d), np.float32),
+            np.zeros((0, len(DENSE_FEATURES)), np.float32),
+            np.zeros(0, np.float32),
+        ), cases
+    item_idx, user_vec, item_vec, dense, labels = (
+        np.concatenate(col) for col in zip(*groups, strict=True)
+    )
+    return Examples(
+        item_idx,
+        user_vec.astype(np.float32),
+        item_vec.astype(np.float32),
+        dense.astype(np.float32),
+        labels,
+        1 + rc.negatives,
+    ), cases
 
 
-def choose_ordering(prefix: ModelBundle, cases: list[ValidationCase]
-                    ) -> tuple[str, str, dict[str, float]]:
+def choose_ordering(
+    prefix: ModelBundle, cases: list[ValidationCase]
+) -> tuple[str, str, dict[str, float]]:
     """(served ordering, recall ordering, NDCG@20 of each) on the validation cases, recall
     misses counting 0 for all; `pick_ordering` decides."""
     if not cases:
@@ -461,4 +541,3 @@ def snapshot_table(records: list[dict]) -> pa.Table:
     """An Arrow table in log format from plain records (tests and offline use)."""
     rows = [{**r, "offset": r.get("offset", n)} for n, r in enumerate(records)]
     return pa.Table.from_pylist(rows, schema=SCHEMA)
-

@@ -32,20 +32,28 @@ class ScoreSource:
         """A score per catalogue index (length n_total); indices the model lacks are ignored."""
         raise NotImplementedError
 
-    def recall(self, idx: np.ndarray, weights: np.ndarray, n_total: int, n: int,
-               exclude: np.ndarray | None = None) -> Candidates:
+    def recall(
+        self,
+        idx: np.ndarray,
+        weights: np.ndarray,
+        n_total: int,
+        n: int,
+        exclude: np.ndarray | None = None,
+    ) -> Candidates:
         ids, vals = top_n(self.scores(idx, weights, n_total), n, exclude)
         return Candidates(self.name, ids, vals)
 
 
-def top_n(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
-          min_score: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def top_n(
+    scores: np.ndarray, n: int, exclude: np.ndarray | None = None, min_score: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices and values of the n largest scores above `min_score`, best first."""
     return top_n_rows(np.asarray(scores)[None, :], n, exclude, min_score)[0]
 
 
-def top_n_rows(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
-               min_score: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+def top_n_rows(
+    scores: np.ndarray, n: int, exclude: np.ndarray | None = None, min_score: float = 0.0
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """`top_n` of every row of a [rows, items] matrix, computed for all rows at once (a request
     ranks several sources' scores over the same catalogue)."""
     s = np.array(scores, dtype=np.float32, ndmin=2)  # a copy: excluded items are overwritten
@@ -55,10 +63,14 @@ def top_n_rows(scores: np.ndarray, n: int, exclude: np.ndarray | None = None,
     if n <= 0:
         return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(s))]
     neg = -s
-    part = (np.argpartition(neg, n - 1, axis=1)[:, :n] if n < s.shape[1]
-            else np.broadcast_to(np.arange(n), s.shape))
+    part = (
+        np.argpartition(neg, n - 1, axis=1)[:, :n]
+        if n < s.shape[1]
+        else np.broadcast_to(np.arange(n), s.shape)
+    )
     order = np.take_along_axis(
-        part, np.argsort(np.take_along_axis(neg, part, 1), axis=1, kind="stable"), 1)
+        part, np.argsort(np.take_along_axis(neg, part, 1), axis=1, kind="stable"), 1
+    )
     top = np.take_along_axis(s, order, 1)
     keep = top > min_score
     return [(order[r][keep[r]].astype(np.int64), top[r][keep[r]]) for r in range(len(s))]
@@ -74,15 +86,17 @@ def weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -> np
     take = np.arange(counts.sum()) + np.repeat(starts - first, counts)
     # np.float32 spelled out: a matrix unpickled in another process carries an equal but
     # distinct dtype object, and np.add.at takes a ~20x slower path for it
-    values = np.asarray(m.data[take], np.float32) * np.repeat(np.asarray(weights, np.float32),
-                                                              counts)
+    values = np.asarray(m.data[take], np.float32) * np.repeat(
+        np.asarray(weights, np.float32), counts
+    )
     out = np.zeros(m.shape[1], np.float32)
     np.add.at(out, m.indices[take], values)
     return out
 
 
-def interaction_matrix(users: np.ndarray, items: np.ndarray, values: np.ndarray,
-                       n_users: int, n_items: int) -> sp.csr_matrix:
+def interaction_matrix(
+    users: np.ndarray, items: np.ndarray, values: np.ndarray, n_users: int, n_items: int
+) -> sp.csr_matrix:
     """users × items CSR, duplicate (user, item) pairs summed."""
     m = sp.coo_matrix(
         (values.astype(np.float32), (users.astype(np.int64), items.astype(np.int64))),

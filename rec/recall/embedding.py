@@ -31,8 +31,9 @@ class Embeddings(ScoreSource):
         self.item = np.ascontiguousarray(item, np.float32)  # index rows p_i
 
     @classmethod
-    def fit(cls, x: sp.csr_matrix, dim: int, reg: float = 0.05, seed: int = 0,
-            threads: int = 0) -> Embeddings:
+    def fit(
+        cls, x: sp.csr_matrix, dim: int, reg: float = 0.05, seed: int = 0, threads: int = 0
+    ) -> Embeddings:
         """ALS on the binary matrix x (users × items); `threads` 0 uses every core."""
         xb = sp.csr_matrix(x, dtype=np.float32, copy=True)
         xb.data = (xb.data > 0).astype(np.float32)
@@ -77,17 +78,29 @@ class Embeddings(ScoreSource):
         return cls(arrays["emb_query"], arrays["emb_item"])
 
 
-def als_factors(x: sp.csr_matrix, dim: int, reg: float, *, alpha: float = ALS_ALPHA,
-                iterations: int = ALS_ITERATIONS, seed: int = 0, threads: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
+def als_factors(
+    x: sp.csr_matrix,
+    dim: int,
+    reg: float,
+    *,
+    alpha: float = ALS_ALPHA,
+    iterations: int = ALS_ITERATIONS,
+    seed: int = 0,
+    threads: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(user factors, item factors) of implicit's CPU conjugate-gradient ALS on x (users ×
     items), observed pairs weighted by `alpha`; `threads` 0 uses every core."""
     from implicit.cpu.als import AlternatingLeastSquares
 
     # implicit parallelises over users itself; a threaded BLAS underneath only contends.
     with threadpool_limits(1, "blas"):
-        als = AlternatingLeastSquares(factors=dim, regularization=reg, alpha=alpha,
-                                      iterations=iterations, num_threads=threads,
-                                      random_state=seed)
+        als = AlternatingLeastSquares(
+            factors=dim,
+            regularization=reg,
+            alpha=alpha,
+            iterations=iterations,
+            num_threads=threads,
+            random_state=seed,
+        )
         als.fit(x, show_progress=False)
     return als.user_factors, als.item_factors

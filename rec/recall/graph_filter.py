@@ -24,8 +24,15 @@ from rec.recall.base import ScoreSource, load_csr, save_csr, weighted_rows
 class GraphFilter(ScoreSource):
     name = "gf"
 
-    def __init__(self, by_item: sp.csr_matrix, basis: np.ndarray, item_degree: np.ndarray,
-                 alpha: float, sharpen: float = 0.0, pop: float = 0.0) -> None:
+    def __init__(
+        self,
+        by_item: sp.csr_matrix,
+        basis: np.ndarray,
+        item_degree: np.ndarray,
+        alpha: float,
+        sharpen: float = 0.0,
+        pop: float = 0.0,
+    ) -> None:
         self.by_item = by_item.tocsr()  # R̃ᵀ: items × users
         self.by_user = self.by_item.T.tocsr()  # R̃: users × items
         self.sharpen = float(sharpen)
@@ -39,8 +46,9 @@ class GraphFilter(ScoreSource):
         self._sqrt = np.sqrt(d)
 
     @classmethod
-    def fit(cls, x: sp.csr_matrix, dim: int = 256, alpha: float = 0.3, seed: int = 0
-            ) -> GraphFilter:
+    def fit(
+        cls, x: sp.csr_matrix, dim: int = 256, alpha: float = 0.3, seed: int = 0
+    ) -> GraphFilter:
         xb = x.copy().astype(np.float32)
         xb.data = (xb.data > 0).astype(np.float32)
         xb.eliminate_zeros()
@@ -114,15 +122,25 @@ class GraphFilter(ScoreSource):
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {**save_csr("gf", self.by_item), "gf_basis": self.basis,
-                "gf_degree": self.item_degree, "gf_alpha": np.asarray(self.alpha),
-                "gf_sharpen": np.asarray(self.sharpen), "gf_pop": np.asarray(self.pop)}
+        return {
+            **save_csr("gf", self.by_item),
+            "gf_basis": self.basis,
+            "gf_degree": self.item_degree,
+            "gf_alpha": np.asarray(self.alpha),
+            "gf_sharpen": np.asarray(self.sharpen),
+            "gf_pop": np.asarray(self.pop),
+        }
 
     @classmethod
     def from_arrays(cls, arrays) -> GraphFilter:
-        return cls(load_csr("gf", arrays), arrays["gf_basis"], arrays["gf_degree"],
-                   float(arrays["gf_alpha"]), float(arrays["gf_sharpen"]),
-                   float(arrays["gf_pop"]))
+        return cls(
+            load_csr("gf", arrays),
+            arrays["gf_basis"],
+            arrays["gf_degree"],
+            float(arrays["gf_alpha"]),
+            float(arrays["gf_sharpen"]),
+            float(arrays["gf_pop"]),
+        )
 
 
 def _top_singular(m: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,9 @@ from rec.recall.base import (
 )
 
 
-def item_similarity(x: sp.csr_matrix, kind: str, k: int, shrink: float,
-                    block: int = 2048) -> sp.csr_matrix:
+def item_similarity(
+    x: sp.csr_matrix, kind: str, k: int, shrink: float, block: int = 2048
+) -> sp.csr_matrix:
     """items × items similarity (cosine, or Pearson = cosine of item-centred columns), keeping
     each item's k best neighbours; computed in row blocks so memory stays O(block × items)."""
     xt = x.T.tocsr().astype(np.float32)  # items × users
@@ -85,7 +86,7 @@ class Cooccurrence:
             return
         self.item_users = grown(self.item_users, max(j, *recent) + 1 if recent else j + 1)
         self.item_users[j] += 1
-        for i in recent[-self.window:]:
+        for i in recent[-self.window :]:
             if i != j:
                 self._bump(j, i)
                 self._bump(i, j)
@@ -138,7 +139,9 @@ class Cooccurrence:
         if pos is None:
             return 0.0
         c = float(self._counts[i][pos])
-        return c / math.sqrt(max(float(self.item_users[i]), 1.0) * max(float(self.item_users[j]), 1.0))
+        return c / math.sqrt(
+            max(float(self.item_users[i]), 1.0) * max(float(self.item_users[j]), 1.0)
+        )
 
 
 class ItemCF(ScoreSource):
@@ -148,8 +151,9 @@ class ItemCF(ScoreSource):
         self.sim = sim.tocsr()
 
     @classmethod
-    def fit(cls, x: sp.csr_matrix, similarity: str = "cosine", k: int = 50,
-            shrink: float = 10.0) -> ItemCF:
+    def fit(
+        cls, x: sp.csr_matrix, similarity: str = "cosine", k: int = 50, shrink: float = 10.0
+    ) -> ItemCF:
         return cls(item_similarity(x, similarity, k, shrink))
 
     @property

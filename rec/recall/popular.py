@@ -58,17 +58,22 @@ class Trending:
         request reads it twice (the trending list, the ranker's feature): until the next event
         or catalogue change the same array is returned."""
         cached = self._vector
-        if (cached is not None and cached[0] == self._added and cached[1] == len(catalog)
-                and catalog is self._catalog):
+        if (
+            cached is not None
+            and cached[0] == self._added
+            and cached[1] == len(catalog)
+            and catalog is self._catalog
+        ):
             return cached[2]
         n = len(self.slots)
         if catalog is not self._catalog or len(catalog) != self._catalog_len:
             self._catalog, self._catalog_len = catalog, len(catalog)
             self._rows = np.fromiter((catalog.index.get(i, -1) for i in self.slots), np.int64, n)
         elif len(self._rows) < n:  # new items since the last read
-            new = list(self.slots)[len(self._rows):]
+            new = list(self.slots)[len(self._rows) :]
             self._rows = np.concatenate(
-                [self._rows, np.fromiter((catalog.index.get(i, -1) for i in new), np.int64)])
+                [self._rows, np.fromiter((catalog.index.get(i, -1) for i in new), np.int64)]
+            )
         out = np.zeros(len(catalog), np.float32)
         ok = self._rows >= 0
         out[self._rows[ok]] = self.weights[:n][ok] * self._scale()

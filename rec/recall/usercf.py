@@ -56,10 +56,14 @@ class UserCF(ScoreSource):
         return out
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {**save_csr("usercf", self.users), "usercf_k": np.asarray(self.k),
-                "usercf_similarity": np.asarray(self.similarity)}
+        return {
+            **save_csr("usercf", self.users),
+            "usercf_k": np.asarray(self.k),
+            "usercf_similarity": np.asarray(self.similarity),
+        }
 
     @classmethod
     def from_arrays(cls, arrays) -> UserCF:
-        return cls(load_csr("usercf", arrays), str(arrays["usercf_similarity"]),
-                   int(arrays["usercf_k"]))
+        return cls(
+            load_csr("usercf", arrays), str(arrays["usercf_similarity"]), int(arrays["usercf_k"])
+        )

@@ -43,8 +43,13 @@ def ray_cluster():
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=256 * 2**20, logging_level="ERROR")
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        logging_level="ERROR",
+    )
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
@@ -66,8 +71,14 @@ def stack(request, ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"stack-{topology}")
     config = small_config(root, topology)
     days = 30.0
-    ds = generate(n_users=300, n_items=200, n_events=8000, seed=3, days=days,
-                  start_ts=time.time() - days * 86400)
+    ds = generate(
+        n_users=300,
+        n_items=200,
+        n_events=8000,
+        seed=3,
+        days=days,
+        start_ts=time.time() - days * 86400,
+    )
     records = ds.item_records() + ds.event_records()
     log = get_or_create_log(config.log_dir, config.eventlog)
     ray.get(log.append.remote(records))
@@ -77,8 +88,14 @@ def stack(request, ray_cluster, tmp_path_factory):
     serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=ray_cluster, timeout=30)
     wait_for(lambda: _ready(client), timeout_s=120, interval_s=0.2)
-    yield {"client": client, "config": config, "model": model, "topology": topology,
-           "log": log, "trainer": get_or_create_trainer(config)}
+    yield {
+        "client": client,
+        "config": config,
+        "model": model,
+        "topology": topology,
+        "log": log,
+        "trainer": get_or_create_trainer(config),
+    }
     client.close()
     serve.delete("rec")
     for name in ("rec_eventlog", "rec_trainer"):

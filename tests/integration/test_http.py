@@ -16,8 +16,15 @@ def test_recommend_and_cold_start(stack):
     assert len(out["items"]) == 10 and out["model_version"] == stack["model"].version
     cold = c.get("/recommend", params={"user_id": "stranger", "k": 5})
     assert cold.status_code == 200 and len(cold.json()["items"]) == 5
-    post = c.post("/recommend", json={"user_id": "u1", "k": 5, "exclude": [out["items"][0]["item_id"]],
-                                      "context": {"hour": 20}})
+    post = c.post(
+        "/recommend",
+        json={
+            "user_id": "u1",
+            "k": 5,
+            "exclude": [out["items"][0]["item_id"]],
+            "context": {"hour": 20},
+        },
+    )
     assert post.status_code == 200
     assert out["items"][0]["item_id"] not in {i["item_id"] for i in post.json()["items"]}
     assert c.get("/healthz").json() == {"status": "ok"}
@@ -32,15 +39,19 @@ def test_read_your_writes(stack):
         user = f"ryw-{n}"
         first = c.get("/recommend", params={"user_id": user, "k": 10}).json()["items"]
         item = first[0]["item_id"]
-        assert c.post("/events", json={"user_id": user, "item_id": item,
-                                       "type": "click"}).status_code == 200
+        assert (
+            c.post("/events", json={"user_id": user, "item_id": item, "type": "click"}).status_code
+            == 200
+        )
         t0 = time.perf_counter()
         after = c.get("/recommend", params={"user_id": user, "k": 10}).json()["items"]
         lags.append((time.perf_counter() - t0) * 1000)
         assert item not in {i["item_id"] for i in after}  # filtered as seen
         assert any(s in i["sources"] for i in after for s in ("itemcf", "ann", "usercf"))
-    print(f"\n[{stack['topology']}] POST /events answer -> reflecting /recommend: "
-          f"p50 {np.percentile(lags, 50):.1f} ms, p99 {np.percentile(lags, 99):.1f} ms")
+    print(
+        f"\n[{stack['topology']}] POST /events answer -> reflecting /recommend: "
+        f"p50 {np.percentile(lags, 50):.1f} ms, p99 {np.percentile(lags, 99):.1f} ms"
+    )
 
 
 def test_bad_input_gets_4xx_and_server_stays_healthy(stack):
@@ -48,14 +59,29 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(stack):
     cases = [
         (c.post("/events", content=b"{not json"), 400, None),
         (c.post("/events", json={"user_id": "u1", "type": "click"}), 422, "item_id"),
-        (c.post("/events", json={"user_id": ["x"], "item_id": "i1", "type": "click"}), 422,
-         "user_id"),
-        (c.post("/events", json={"user_id": "u1", "item_id": "i1", "type": "click",
-                                 "ts": "yesterday"}), 422, "ts"),
+        (
+            c.post("/events", json={"user_id": ["x"], "item_id": "i1", "type": "click"}),
+            422,
+            "user_id",
+        ),
+        (
+            c.post(
+                "/events",
+                json={"user_id": "u1", "item_id": "i1", "type": "click", "ts": "yesterday"},
+            ),
+            422,
+            "ts",
+        ),
         (c.post("/events", json={"events": []}), 422, "events"),
         (c.post("/events", content=b"x" * 5_000_000), 413, None),
-        (c.post("/events", json={"events": [{"user_id": "u", "item_id": "i", "type": "view"}]
-                                 * 10_001}), 413, None),
+        (
+            c.post(
+                "/events",
+                json={"events": [{"user_id": "u", "item_id": "i", "type": "view"}] * 10_001},
+            ),
+            413,
+            None,
+        ),
         (c.get("/recommend", params={"k": 3}), 422, "user_id"),
         (c.get("/recommend", params={"user_id": "u1", "k": -1}), 422, "k"),
         (c.post("/recommend", json={"user_id": "u1", "k": "ten"}), 422, "k"),
@@ -85,8 +111,9 @@ def test_catalogue_and_forgetting(stack):
     victim = c.get("/recommend", params={"user_id": "u4", "k": 1}).json()["items"][0]["item_id"]
     assert c.delete(f"/items/{victim}").status_code == 200
     wait_for(lambda: c.get(f"/items/{victim}").json()["deleted"])
-    assert victim not in {i["item_id"] for i in
-                          c.get("/recommend", params={"user_id": "u4", "k": 50}).json()["items"]}
+    assert victim not in {
+        i["item_id"] for i in c.get("/recommend", params={"user_id": "u4", "k": 50}).json()["items"]
+    }
     c.post("/events", json={"user_id": "forget-me", "item_id": "i1", "type": "click"})
     assert c.delete("/users/forget-me").json()["deleted_events"] == 1
     items = c.get("/recommend", params={"user_id": "forget-me", "k": 5}).json()["items"]

@@ -23,8 +23,15 @@ def test_log_actor_sigkill_loses_no_acknowledged_event(stack):
         body = {"user_id": f"d{n % 7}", "item_id": f"i{n % 50}", "type": "click", "request_id": rid}
         if c.post("/events", json=body).status_code == 200:
             acked.append(rid)
-    batch = [{"user_id": "db", "item_id": f"i{n}", "type": "view",
-              "request_id": f"dur-{stack['topology']}-b{n}"} for n in range(50)]
+    batch = [
+        {
+            "user_id": "db",
+            "item_id": f"i{n}",
+            "type": "view",
+            "request_id": f"dur-{stack['topology']}-b{n}",
+        }
+        for n in range(50)
+    ]
     assert c.post("/events", json={"events": batch}).status_code == 200
     acked += [e["request_id"] for e in batch]
 
@@ -44,8 +51,12 @@ def test_log_actor_sigkill_loses_no_acknowledged_event(stack):
     offsets = [r["offset"] for r in records]
     assert offsets == sorted(set(offsets))
     # the serving graph keeps working through the restarted actor
-    wait_for(lambda: c.post("/events", json={"user_id": "d1", "item_id": "i1",
-                                             "type": "click"}).status_code == 200)
+    wait_for(
+        lambda: (
+            c.post("/events", json={"user_id": "d1", "item_id": "i1", "type": "click"}).status_code
+            == 200
+        )
+    )
     assert c.get("/recommend", params={"user_id": "d1"}).status_code == 200
 
 
@@ -82,8 +93,12 @@ def test_retrain_and_hot_reload_without_a_failed_request(stack):
     worker.start()
     try:
         t0 = time.perf_counter()
-        r = c.post("/admin/retrain", params={"wait": "true"},
-                   headers={"X-API-Key": config.serving.api_key}, timeout=600)
+        r = c.post(
+            "/admin/retrain",
+            params={"wait": "true"},
+            headers={"X-API-Key": config.serving.api_key},
+            timeout=600,
+        )
         assert r.status_code == 200, r.text
         new = r.json()["published"]
         trained = time.perf_counter() - t0
@@ -94,7 +109,9 @@ def test_retrain_and_hot_reload_without_a_failed_request(stack):
     finally:
         stop.set()
         worker.join()
-    print(f"\n[{stack['topology']}] retrain (Ray Train) {trained:.1f} s, serving the new model "
-          f"{swapped:.1f} s after the request; {len(versions)} requests, {len(failures)} failed")
+    print(
+        f"\n[{stack['topology']}] retrain (Ray Train) {trained:.1f} s, serving the new model "
+        f"{swapped:.1f} s after the request; {len(versions)} requests, {len(failures)} failed"
+    )
     assert not failures, failures[:5]
     assert new != old and versions[0] == old and versions[-1] == new

@@ -58,15 +58,17 @@ def test_yaml_round_trip_of_defaults(tmp_path: Path) -> None:
 
 
 def test_yaml_round_trip_of_non_defaults(tmp_path: Path) -> None:
-    config = RecConfig.model_validate({
-        "data_dir": "/srv/rec",
-        "seed": 7,
-        "recall": {"similarity": "pearson", "index": "brute", "per_source": 12},
-        "ranker": {"hidden": [8, 4], "dropout": 0.0},
-        "aggregate": {"max_per_category": 2},
-        "profile": {"type_weights": {"view": 0.5}},
-        "serving": {"topology": "split"},
-    })
+    config = RecConfig.model_validate(
+        {
+            "data_dir": "/srv/rec",
+            "seed": 7,
+            "recall": {"similarity": "pearson", "index": "brute", "per_source": 12},
+            "ranker": {"hidden": [8, 4], "dropout": 0.0},
+            "aggregate": {"max_per_category": 2},
+            "profile": {"type_weights": {"view": 0.5}},
+            "serving": {"topology": "split"},
+        }
+    )
     path = tmp_path / "rec.yaml"
     path.write_text(config.to_yaml())
     loaded = RecConfig.from_yaml(path)
@@ -155,11 +157,15 @@ def _error_locs(data: dict) -> list[tuple]:
 
 
 def test_valid_event_is_accepted() -> None:
-    ev = EventIn.model_validate({
-        **VALID, "value": 2.5, "ts": 10.0, "context": {"device": "ios", "hour": 3, "x": 1.5,
-                                                       "ok": True},
-        "request_id": "r1",
-    })
+    ev = EventIn.model_validate(
+        {
+            **VALID,
+            "value": 2.5,
+            "ts": 10.0,
+            "context": {"device": "ios", "hour": 3, "x": 1.5, "ok": True},
+            "request_id": "r1",
+        }
+    )
     assert (ev.user_id, ev.item_id, ev.type, ev.value, ev.ts) == ("u1", "i1", "click", 2.5, 10.0)
     assert ev.context == {"device": "ios", "hour": 3, "x": 1.5, "ok": True}
 
@@ -256,12 +262,27 @@ def test_to_record_fills_ts_with_now_only_when_missing() -> None:
 
 
 def test_to_record_format() -> None:
-    ev = EventIn.model_validate({**VALID, "type": "rating", "value": 4, "ts": 1.5,
-                                 "context": {"b": 1, "a": "x"}, "request_id": "r"})
+    ev = EventIn.model_validate(
+        {
+            **VALID,
+            "type": "rating",
+            "value": 4,
+            "ts": 1.5,
+            "context": {"b": 1, "a": "x"},
+            "request_id": "r",
+        }
+    )
     rec = ev.to_record()
     assert rec == {
-        "kind": KIND_EVENT, "user_id": "u1", "item_id": "i1", "type": "rating", "value": 4.0,
-        "ts": 1.5, "context": '{"b":1,"a":"x"}', "request_id": "r", "payload": None,
+        "kind": KIND_EVENT,
+        "user_id": "u1",
+        "item_id": "i1",
+        "type": "rating",
+        "value": 4.0,
+        "ts": 1.5,
+        "context": '{"b":1,"a":"x"}',
+        "request_id": "r",
+        "payload": None,
     }
     assert parse_context(rec) == {"b": 1, "a": "x"}
     assert parse_context(EventIn.model_validate(VALID).to_record(now=0.0)) == {}
@@ -284,8 +305,11 @@ def test_item_record_carries_metadata_payload() -> None:
     rec = item_record(item, ts=7)
     assert rec["kind"] == KIND_ITEM and rec["item_id"] == "i9" and rec["ts"] == 7.0
     assert rec["user_id"] is None and rec["type"] is None
-    assert json.loads(rec["payload"]) == {"category": "shoes", "tags": ["red", "sale"],
-                                          "title": "Red shoes"}
+    assert json.loads(rec["payload"]) == {
+        "category": "shoes",
+        "tags": ["red", "sale"],
+        "title": "Red shoes",
+    }
     assert parse_payload(rec) == json.loads(rec["payload"])
 
 
@@ -302,9 +326,17 @@ def test_delete_records() -> None:
     item = item_delete_record("i1", ts=3)
     user = user_delete_record("u1", ts=4)
     assert (item["kind"], item["item_id"], item["user_id"], item["ts"]) == (
-        KIND_ITEM_DELETE, "i1", None, 3.0)
+        KIND_ITEM_DELETE,
+        "i1",
+        None,
+        3.0,
+    )
     assert (user["kind"], user["user_id"], user["item_id"], user["ts"]) == (
-        KIND_USER_DELETE, "u1", None, 4.0)
+        KIND_USER_DELETE,
+        "u1",
+        None,
+        4.0,
+    )
     # Every record kind shares one set of fields (the log's schema).
     keys = set(event_record(user_id="u", item_id="i", type="view", ts=0))
     assert set(item) == set(user) == keys

@@ -253,10 +253,15 @@ def test_load_diginetica_names_anonymous_sessions_and_reads_categories(tmp_path)
     ds = load_diginetica(tmp_path)
     rows = list(zip(*(ds.events[c].to_pylist() for c in ("user_id", "item_id", "ts")), strict=True))
     may6 = 1462492800.0  # 2016-05-06 00:00 UTC
-    assert rows == [("18278", "7", 1451692800.0), ("s151", "175874", may6 + 1.0),
-                    ("18278", "25911", may6 + 2.0)]
+    assert rows == [
+        ("18278", "7", 1451692800.0),
+        ("s151", "175874", may6 + 1.0),
+        ("18278", "25911", may6 + 2.0),
+    ]
     assert set(ds.events["type"].to_pylist()) == {"purchase"}
-    categories = dict(zip(ds.items["item_id"].to_pylist(), ds.items["category"].to_pylist(), strict=True))
+    categories = dict(
+        zip(ds.items["item_id"].to_pylist(), ds.items["category"].to_pylist(), strict=True)
+    )
     assert categories == {"25911": "9", "7": "3", "175874": None}
 
 

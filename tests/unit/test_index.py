@@ -187,8 +187,9 @@ class TestIndexContract:
         assert (ids[:, 0] == exact).mean() >= 0.95
 
 
-def hnsw_recall(vectors: np.ndarray, queries: np.ndarray, k: int, approx: HNSWIndex
-                ) -> tuple[float, np.ndarray, np.ndarray]:
+def hnsw_recall(
+    vectors: np.ndarray, queries: np.ndarray, k: int, approx: HNSWIndex
+) -> tuple[float, np.ndarray, np.ndarray]:
     """Recall@k of `approx` against exact search over the same vectors, and its answers."""
     ids = np.arange(len(vectors))
     exact = BruteForceIndex(vectors.shape[1])
@@ -223,12 +224,16 @@ def test_hnsw_recall_with_uneven_norms() -> None:
     direction = centres[rng.integers(0, 40, 8_000)] + 0.7 * rng.standard_normal((8_000, 32))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     vectors = (direction * np.exp(rng.uniform(0, np.log(100), (8_000, 1)))).astype(np.float32)
-    queries = (centres[rng.integers(0, 40, 200)] + rng.standard_normal((200, 32))).astype(np.float32)
-    recall, found, scores = hnsw_recall(vectors, queries, 20,
-                                        HNSWIndex(32, max_elements=len(vectors)))
+    queries = (centres[rng.integers(0, 40, 200)] + rng.standard_normal((200, 32))).astype(
+        np.float32
+    )
+    recall, found, scores = hnsw_recall(
+        vectors, queries, 20, HNSWIndex(32, max_elements=len(vectors))
+    )
     assert recall >= 0.95
-    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found]),
-                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        scores, np.einsum("qd,qkd->qk", queries, vectors[found]), rtol=1e-4, atol=1e-3
+    )
 
 
 def test_most_vectors_near_zero_need_the_raw_inner_product_graph() -> None:
@@ -242,13 +247,19 @@ def test_most_vectors_near_zero_need_the_raw_inner_product_graph() -> None:
     vectors = (direction * norms[:, None]).astype(np.float32)
     queries = rng.standard_normal((100, 16)).astype(np.float32)
     params = dict(m=16, ef_construction=100, ef_search=64)
-    raw, found, scores = hnsw_recall(vectors, queries, 50, HNSWIndex(
-        16, max_elements=len(vectors), equalise_norms=False, **params))
-    equalised, _, _ = hnsw_recall(vectors, queries, 50, HNSWIndex(
-        16, max_elements=len(vectors), **params))
+    raw, found, scores = hnsw_recall(
+        vectors,
+        queries,
+        50,
+        HNSWIndex(16, max_elements=len(vectors), equalise_norms=False, **params),
+    )
+    equalised, _, _ = hnsw_recall(
+        vectors, queries, 50, HNSWIndex(16, max_elements=len(vectors), **params)
+    )
     assert raw >= 0.95 and equalised < raw - 0.1
-    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found]),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        scores, np.einsum("qd,qkd->qk", queries, vectors[found]), rtol=1e-4, atol=1e-4
+    )
     choice, recalls = choose_equalise_norms(vectors, queries, k=50, **params)
     assert choice is False and recalls["raw"] > recalls["equalised"]
     assert recalls["raw"] == pytest.approx(raw, abs=0.02)
@@ -299,8 +310,14 @@ def test_hnsw_params_survive_save_load(tmp_path: Path) -> None:
     idx = HNSWIndex(3, m=8, ef_construction=50, ef_search=33, seed=7, equalise_norms=False)
     idx.save(tmp_path / "idx")
     loaded = HNSWIndex.load(tmp_path / "idx")
-    assert (loaded.dim, loaded.m, loaded.ef_construction, loaded.ef_search, loaded.seed,
-            loaded.equalise_norms) == (3, 8, 50, 33, 7, False)
+    assert (
+        loaded.dim,
+        loaded.m,
+        loaded.ef_construction,
+        loaded.ef_search,
+        loaded.seed,
+        loaded.equalise_norms,
+    ) == (3, 8, 50, 33, 7, False)
 
 
 def test_load_checks_kind(tmp_path: Path) -> None:

@@ -43,12 +43,18 @@ def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0) -> dict:
         row("events-single", 1, 1, [12.0] * 80, 0),
         row("retrain-baseline", 8, 1, [80.0] * 100, 0),
         {**row("retrain", 8, 1, [100.0] * 100, 0), "swapped": True},
-        {**row("overload", None, 1, [300.0] * 100, 0),
-         "rejected": {"count": 200, "p99_ms": 20.0}, "offered": 300},
+        {
+            **row("overload", None, 1, [300.0] * 100, 0),
+            "rejected": {"count": 200, "p99_ms": 20.0},
+            "offered": 300,
+        },
         row("recovery", 8, 1, [60.0] * 120, 0),
     ]
-    return {"machine": "test", "scenarios": scenarios,
-            "new_items": {"seconds": [0.03, 0.05], "not_seen": 0, "timeout_s": 10}}
+    return {
+        "machine": "test",
+        "scenarios": scenarios,
+        "new_items": {"seconds": [0.03, 0.05], "not_seen": 0, "timeout_s": 10},
+    }
 
 
 def test_targets_pass_and_fail_on_the_right_figures() -> None:

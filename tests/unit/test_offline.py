@@ -102,8 +102,22 @@ def test_prequential_static_stays_frozen_and_incremental_learns(data) -> None:
 def test_rec_eval_registers_the_pipeline_variants(data, tmp_path, capsys) -> None:
     path, out = tmp_path / "events.parquet", tmp_path / "result.json"
     pq.write_table(data.events, path)
-    argv = ["--data", str(path), "--format", "csv", "--protocol", "leave-last-out",
-            "--k", "10", "--models", "pop,rec-recall", "--json", str(out), "--max-users", "50"]
+    argv = [
+        "--data",
+        str(path),
+        "--format",
+        "csv",
+        "--protocol",
+        "leave-last-out",
+        "--k",
+        "10",
+        "--models",
+        "pop,rec-recall",
+        "--json",
+        str(out),
+        "--max-users",
+        "50",
+    ]
     assert eval_main(argv) == 0
     result = json.loads(out.read_text())
     assert [r["model"] for r in result["results"]] == ["pop", "rec-recall"]

@@ -78,8 +78,9 @@ def live(r: Recommender, *records: dict) -> list[dict]:
 
 
 def ev(user: str, item: str, type_: str = "click", ts: float = 1_706_000_000.0) -> dict:
-    return event_record(user_id=user, item_id=item, type=type_, ts=ts,
-                        value=4.0 if type_ == "rating" else None)
+    return event_record(
+        user_id=user, item_id=item, type=type_, ts=ts, value=4.0 if type_ == "rating" else None
+    )
 
 
 def ids(response: dict) -> list[str]:
@@ -117,8 +118,11 @@ def test_read_your_writes_for_a_new_user(rec) -> None:
 def test_deleted_items_are_never_served(rec, users) -> None:
     top = ids(rec.recommend(users[0]))[0]
     neighbour = rec.similar(top)[0]["item_id"]
-    live(rec, item_delete_record(top, ts=1_706_000_000.0),
-         item_delete_record(neighbour, ts=1_706_000_000.0))
+    live(
+        rec,
+        item_delete_record(top, ts=1_706_000_000.0),
+        item_delete_record(neighbour, ts=1_706_000_000.0),
+    )
     gone = {top, neighbour}
     for user in users[:40]:
         assert not gone & set(ids(rec.recommend(user, k=50)))
@@ -130,8 +134,7 @@ def test_deleted_items_are_never_served(rec, users) -> None:
 
 def test_event_on_a_deleted_item_does_not_bring_it_back(rec, users) -> None:
     top = ids(rec.recommend(users[0]))[0]
-    live(rec, item_delete_record(top, ts=1_706_000_000.0),
-         ev("someone", top, "purchase"))
+    live(rec, item_delete_record(top, ts=1_706_000_000.0), ev("someone", top, "purchase"))
     assert top not in ids(rec.recommend(users[1], k=50))
     assert top not in rec.recall(rec.view(users[1])).item_ids
 
@@ -185,8 +188,9 @@ def test_new_item_gets_its_category_mean_vector(rec, model) -> None:
     category = model.item_categories[3]
     live(rec, item_record(ItemIn(item_id="new2", category=category), ts=1.7e9))
     members = [i for i, c in enumerate(model.item_categories) if c == category]
-    np.testing.assert_allclose(rec._item_vecs[100], model.embeddings.item[members].mean(axis=0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        rec._item_vecs[100], model.embeddings.item[members].mean(axis=0), rtol=1e-5
+    )
     live(rec, item_record(ItemIn(item_id="new3", category="no-such-category"), ts=1.7e9))
     np.testing.assert_array_equal(rec._item_vecs[101], 0.0)
 
@@ -244,17 +248,16 @@ def _category_counts(model, log, users, **aggregate) -> list[list[str]]:
 
 
 def test_finalize_caps_items_per_category(model, log, users) -> None:
-    for categories in _category_counts(model, log, users, max_per_category=1,
-                                       explore_fraction=0.0):
+    for categories in _category_counts(model, log, users, max_per_category=1, explore_fraction=0.0):
         assert None not in categories and len(set(categories)) == len(categories)
-    for categories in _category_counts(model, log, users, max_per_category=2,
-                                       explore_fraction=0.0):
+    for categories in _category_counts(model, log, users, max_per_category=2, explore_fraction=0.0):
         assert max(categories.count(c) for c in categories) <= 2
 
 
 def test_exploration_slots_respect_max_per_category(model, log, users) -> None:
-    for categories in _category_counts(model, log, users, max_per_category=1,
-                                       explore_fraction=0.25):
+    for categories in _category_counts(
+        model, log, users, max_per_category=1, explore_fraction=0.25
+    ):
         assert len(set(categories)) == len(categories)
 
 
@@ -265,8 +268,9 @@ def test_finalize_orders_by_score_and_explains(rec, users) -> None:
     out = rec.finalize(view, cands, scores, k=5)
     got = [x["score"] for x in out["items"]]
     model_items = [x for x in out["items"] if not set(x["sources"]) <= {"pop", "new"}]
-    assert [x["score"] for x in model_items] == sorted((x["score"] for x in model_items),
-                                                       reverse=True)
+    assert [x["score"] for x in model_items] == sorted(
+        (x["score"] for x in model_items), reverse=True
+    )
     assert len(got) == 5
     for x in out["items"]:
         if "itemcf" in x["sources"] and x["reason"].startswith("because you interacted with "):
@@ -287,8 +291,9 @@ def test_rank_many_equals_rank(rec, users) -> None:
         assert ((probs > 0) & (probs < 1)).all()
 
 
-def test_candidate_indices_count_only_in_the_catalogue_that_recalled_them(rec, model, log,
-                                                                          users) -> None:
+def test_candidate_indices_count_only_in_the_catalogue_that_recalled_them(
+    rec, model, log, users
+) -> None:
     """Recall hands its catalogue indices on to ranking in the same process; a stage with
     another catalogue (another replica, another version) looks the ids up instead."""
     view = rec.view(users[0])
@@ -298,8 +303,9 @@ def test_candidate_indices_count_only_in_the_catalogue_that_recalled_them(rec, m
     other = Recommender(CONFIG, model)
     other.apply(log)
     assert other.catalog.token != rec.catalog.token
-    np.testing.assert_allclose(other.rank(other.view(users[0]), garbled), rec.rank(view, cands),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        other.rank(other.view(users[0]), garbled), rec.rank(view, cands), rtol=1e-5, atol=1e-6
+    )
     assert not np.allclose(rec.rank(view, garbled), rec.rank(view, cands))
 
 
@@ -315,8 +321,9 @@ def test_features_of_a_newly_posted_item(rec) -> None:
     """Catalogue metadata kept in arrays: an item posted at runtime has its features at once."""
     category = rec.catalog.category(rec.catalog.ids[0])
     for item in ("sibling", "posted"):
-        live(rec, item_record(ItemIn(item_id=item, category=category, tags=["fresh", "x"]),
-                              ts=1.7e9))
+        live(
+            rec, item_record(ItemIn(item_id=item, category=category, tags=["fresh", "x"]), ts=1.7e9)
+        )
     live(rec, ev("someone", "sibling", ts=1.7e9 + 10))
     view = rec.view("someone")
     cands = rec.recall(view)
@@ -342,8 +349,12 @@ def test_similar(rec) -> None:
 
 
 def test_merge_lists_keeps_first_appearance_and_names_every_holder() -> None:
-    lists = [("a", np.asarray([5, 3, 9])), ("b", np.asarray([3, 7])), ("c", np.asarray([], np.int64)),
-             ("d", np.asarray([9, 1, 5, 8]))]
+    lists = [
+        ("a", np.asarray([5, 3, 9])),
+        ("b", np.asarray([3, 7])),
+        ("c", np.asarray([], np.int64)),
+        ("d", np.asarray([9, 1, 5, 8])),
+    ]
     cand, sources = merge_lists(lists, limit=10)
     assert cand.tolist() == [5, 3, 9, 7, 1, 8]
     assert sources == (("a", "d"), ("a", "b"), ("a", "d"), ("b",), ("d",), ("d",))
@@ -361,14 +372,26 @@ def test_merge_lists_keeps_first_appearance_and_names_every_holder() -> None:
 
 def test_apply_skips_records_already_applied(rec, users) -> None:
     user = users[5]
-    batch = live(rec, ev(user, rec.catalog.ids[1], "view"), ev(user, rec.catalog.ids[2]),
-                 ev("x", rec.catalog.ids[1], "purchase"))
-    state = (dict(rec.view(user).counts), rec.pop_counts.tolist(), rec.offset,
-             len(rec.view(user).recent))
+    batch = live(
+        rec,
+        ev(user, rec.catalog.ids[1], "view"),
+        ev(user, rec.catalog.ids[2]),
+        ev("x", rec.catalog.ids[1], "purchase"),
+    )
+    state = (
+        dict(rec.view(user).counts),
+        rec.pop_counts.tolist(),
+        rec.offset,
+        len(rec.view(user).recent),
+    )
     rec.apply(batch)
     rec.apply(batch[1:])
-    assert (dict(rec.view(user).counts), rec.pop_counts.tolist(), rec.offset,
-            len(rec.view(user).recent)) == state
+    assert (
+        dict(rec.view(user).counts),
+        rec.pop_counts.tolist(),
+        rec.offset,
+        len(rec.view(user).recent),
+    ) == state
 
 
 def test_user_delete_forgets_the_profile(rec, users) -> None:
@@ -378,9 +401,9 @@ def test_user_delete_forgets_the_profile(rec, users) -> None:
     view = rec.view(user)
     assert not view.known and view.recent == () and view.seen == frozenset()
     response = rec.recommend(user)
-    assert response["items"] and all(x["reason"] == "trending now"
-                                     or x["reason"].startswith("new ")
-                                     for x in response["items"])
+    assert response["items"] and all(
+        x["reason"] == "trending now" or x["reason"].startswith("new ") for x in response["items"]
+    )
 
 
 def test_a_new_version_replayed_from_the_log_keeps_profiles(rec, model2, log, users) -> None:
@@ -401,8 +424,9 @@ def test_a_new_version_replayed_from_the_log_keeps_profiles(rec, model2, log, us
         items = fresh.profiles.users[user].items
         idx = np.asarray([fresh.catalog.index[i] for i in items])
         w = np.asarray(list(items.values()), np.float32)
-        np.testing.assert_allclose(view.vec, model2.embeddings.fold_in(idx, w), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            view.vec, model2.embeddings.fold_in(idx, w), rtol=1e-5, atol=1e-6
+        )
         response = fresh.recommend(user)
         assert response["model_version"] == "v2"
         assert gone not in ids(response)
@@ -502,12 +526,26 @@ def test_model_bundle_save_load_round_trip(model, log, users, tmp_path: Path) ->
     assert meta["log_offset"] == model.log_offset and meta["version"] == model.version
 
     loaded = ModelBundle.load(path, device="cpu")
-    assert (loaded.version, loaded.item_ids, loaded.user_ids, loaded.item_categories,
-            loaded.log_offset, loaded.equalise_norms) == (
-        model.version, model.item_ids, model.user_ids, model.item_categories, model.log_offset,
-        model.equalise_norms)
+    assert (
+        loaded.version,
+        loaded.item_ids,
+        loaded.user_ids,
+        loaded.item_categories,
+        loaded.log_offset,
+        loaded.equalise_norms,
+    ) == (
+        model.version,
+        model.item_ids,
+        model.user_ids,
+        model.item_categories,
+        model.log_offset,
+        model.equalise_norms,
+    )
     flipped = dataclasses.replace(model, equalise_norms=not model.equalise_norms)
-    assert ModelBundle.load(flipped.save(tmp_path / "flipped")).equalise_norms is flipped.equalise_norms
+    assert (
+        ModelBundle.load(flipped.save(tmp_path / "flipped")).equalise_norms
+        is flipped.equalise_norms
+    )
     hnsw = CONFIG.recall.model_copy(update={"index": "hnsw"})
     assert flipped.build_index(hnsw).shards[0].equalise_norms is flipped.equalise_norms
     assert loaded.ranker is not None
@@ -521,7 +559,8 @@ def test_model_bundle_save_load_round_trip(model, log, users, tmp_path: Path) ->
         ra, rb = a.recommend(user), b.recommend(user)
         assert ids(ra) == ids(rb)
         assert [x["score"] for x in ra["items"]] == pytest.approx(
-            [x["score"] for x in rb["items"]], abs=1e-6)
+            [x["score"] for x in rb["items"]], abs=1e-6
+        )
 
 
 def test_auto_index_is_exact_up_to_brute_max_items(model) -> None:

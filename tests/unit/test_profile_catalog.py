@@ -29,8 +29,9 @@ def doubled(item_id: str) -> np.ndarray | None:
     return None if v is None else 2.0 * v
 
 
-def ev(item: str, type_: str = "view", ts: float = 0.0, value: float | None = None,
-       user: str = "u") -> dict:
+def ev(
+    item: str, type_: str = "view", ts: float = 0.0, value: float | None = None, user: str = "u"
+) -> dict:
     return event_record(user_id=user, item_id=item, type=type_, ts=ts, value=value)
 
 
@@ -38,8 +39,13 @@ def store(**overrides) -> ProfileStore:
     return ProfileStore(ProfileConfig(tag_half_life_s=HALF_LIFE, **overrides))
 
 
-def apply_all(s: ProfileStore, events: list[dict], item_vector=one_hot, version="v1",
-              meta: ItemMeta | None = None) -> None:
+def apply_all(
+    s: ProfileStore,
+    events: list[dict],
+    item_vector=one_hot,
+    version="v1",
+    meta: ItemMeta | None = None,
+) -> None:
     for r in events:
         s.apply_event(r, meta, item_vector, version)
 
@@ -50,8 +56,16 @@ def apply_all(s: ProfileStore, events: list[dict], item_vector=one_hot, version=
 
 @pytest.mark.parametrize(
     ("type_", "weight"),
-    [("view", 1.0), ("click", 2.0), ("add_to_cart", 3.0), ("purchase", 4.0), ("like", 3.0),
-     ("share", 3.0), ("skip", -1.0), ("dislike", -2.0)],
+    [
+        ("view", 1.0),
+        ("click", 2.0),
+        ("add_to_cart", 3.0),
+        ("purchase", 4.0),
+        ("like", 3.0),
+        ("share", 3.0),
+        ("skip", -1.0),
+        ("dislike", -2.0),
+    ],
 )
 def test_event_weight_per_type(type_: str, weight: float) -> None:
     assert event_weight(type_, None, CONFIG) == weight
@@ -59,8 +73,17 @@ def test_event_weight_per_type(type_: str, weight: float) -> None:
 
 @pytest.mark.parametrize(
     ("value", "weight"),
-    [(5, 2.0), (4, 1.0), (3, 0.25), (2, -1.0), (1, -2.0), (10, 2.0), (-4, -2.0), (None, 0.25),
-     (3.5, 0.5)],
+    [
+        (5, 2.0),
+        (4, 1.0),
+        (3, 0.25),
+        (2, -1.0),
+        (1, -2.0),
+        (10, 2.0),
+        (-4, -2.0),
+        (None, 0.25),
+        (3.5, 0.5),
+    ],
 )
 def test_rating_weight_is_centred_and_clipped(value, weight: float) -> None:
     assert event_weight("rating", value, CONFIG) == pytest.approx(weight)
@@ -99,15 +122,17 @@ def test_recent_is_capped_at_max_recent_newest_kept() -> None:
 
 def test_item_weights_accumulate() -> None:
     s = store()
-    apply_all(s, [ev("i0", "view"), ev("i0", "click"), ev("i1", "dislike"),
-                  ev("i1", "rating", value=5)])
+    apply_all(
+        s, [ev("i0", "view"), ev("i0", "click"), ev("i1", "dislike"), ev("i1", "rating", value=5)]
+    )
     assert s.users["u"].items == {"i0": 3.0, "i1": 0.0}
 
 
 def test_counts_per_type() -> None:
     s = store()
-    apply_all(s, [ev("i0", "view"), ev("i1", "view"), ev("i1", "click"),
-                  ev("i2", "rating", value=1)])
+    apply_all(
+        s, [ev("i0", "view"), ev("i1", "view"), ev("i1", "click"), ev("i2", "rating", value=1)]
+    )
     view = s.view("u", one_hot, "v1")
     assert view.counts == {"view": 2, "click": 1, "rating": 1}
     assert view.n_events == 4
@@ -139,8 +164,7 @@ def test_tag_weight_decays_before_adding_new_events() -> None:
     apply_all(s, [ev("i0", "click", ts=0.0), ev("i1", "view", ts=HALF_LIFE)], meta=meta)
     assert s.view("u", one_hot, "v1").tags == pytest.approx({"c": 2.0 / 2 + 1.0}, rel=1e-12)
     apply_all(s, [ev("i2", "dislike", ts=2 * HALF_LIFE)], meta=meta)
-    assert s.view("u", one_hot, "v1").tags == pytest.approx({"c": 2.0 / 4 + 0.5 - 2.0},
-                                                           rel=1e-12)
+    assert s.view("u", one_hot, "v1").tags == pytest.approx({"c": 2.0 / 4 + 0.5 - 2.0}, rel=1e-12)
 
 
 def test_at_most_ten_tags_strongest_first() -> None:
@@ -167,13 +191,22 @@ def test_items_without_meta_or_empty_tags_add_no_tags() -> None:
 
 
 def expected_vec(liked: list[str], disliked: list[str], vec=one_hot) -> np.ndarray:
-    return sum((vec(i) for i in liked), np.zeros(6)) - 0.5 * sum((vec(i) for i in disliked),
-                                                                  np.zeros(6))
+    return sum((vec(i) for i in liked), np.zeros(6)) - 0.5 * sum(
+        (vec(i) for i in disliked), np.zeros(6)
+    )
 
 
-HISTORY = [ev("i0", "view"), ev("i1", "purchase"), ev("i2", "dislike"), ev("i3", "view"),
-           ev("i3", "skip"), ev("i4", "view"), ev("i4", "view"), ev("i5", "rating", value=1),
-           ev("unknown", "click")]
+HISTORY = [
+    ev("i0", "view"),
+    ev("i1", "purchase"),
+    ev("i2", "dislike"),
+    ev("i3", "view"),
+    ev("i3", "skip"),
+    ev("i4", "view"),
+    ev("i4", "view"),
+    ev("i5", "rating", value=1),
+    ev("unknown", "click"),
+]
 # i3 nets 0 (no contribution), i5 rated 1 is disliked, "unknown" has no vector.
 LIKED, DISLIKED = ["i0", "i1", "i4"], ["i2", "i5"]
 
@@ -343,11 +376,12 @@ def test_metadata_arrays_follow_every_change() -> None:
     assert codes[2] == cat.code("hats") and codes[3] == cat.code(None) == cat.code("nope")
     np.testing.assert_array_equal(cat.first_seen(idx), [5.0, 6.0, 7.0, np.nan])
     rebased = cat.rebase(["c", "a"])
-    np.testing.assert_array_equal(rebased.tag_weights(np.asarray([0, 1, 2]), weights),
-                                  [0.0, 2.5, 0.0])
-    np.testing.assert_array_equal(rebased.category_codes(np.asarray([0, 1, 2])),
-                                  [rebased.code("hats"), rebased.code("shoes"),
-                                   rebased.code("bags")])
+    np.testing.assert_array_equal(
+        rebased.tag_weights(np.asarray([0, 1, 2]), weights), [0.0, 2.5, 0.0]
+    )
+    np.testing.assert_array_equal(
+        rebased.category_codes(np.asarray([0, 1, 2])),
+        [rebased.code("hats"), rebased.code("shoes"), rebased.code("bags")],
+    )
     cat.upsert("d", None, ["sale", "x", "y", "z", "red"], None, ts=10.0)  # more tags than any
-    np.testing.assert_array_equal(cat.tag_weights(np.asarray([3, 0, 1]), weights),
-                                  [1.5, 2.5, 0.0])
+    np.testing.assert_array_equal(cat.tag_weights(np.asarray([3, 0, 1]), weights), [1.5, 2.5, 0.0])

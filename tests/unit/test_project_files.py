@@ -21,7 +21,9 @@ def test_rec_yaml_is_the_defaults_with_a_cluster_data_dir() -> None:
 def test_serve_yaml_is_a_valid_serve_config() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "configs/serve.yaml").read_text()))
+    schema = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "configs/serve.yaml").read_text())
+    )
     app = schema.applications[0]
     assert app.import_path == "deployments.app:app_builder"
     assert {d.name for d in app.deployments} == {"Aggregator"}

@@ -169,8 +169,13 @@ def test_predict_requests_equals_predict_on_broadcast_rows(sizes, item_embedding
     """The serving path (one user vector per request, the first layer's user terms folded into
     the weights) scores every candidate as the per-row forward does, for one request, equal
     ones (no padding) and unequal ones (padded), with and without an item-id embedding."""
-    ranker = Ranker(config(item_embedding_dim=item_embedding_dim, epochs=1), N_ITEMS, USER_DIM,
-                    N_DENSE, DENSE_NAMES)
+    ranker = Ranker(
+        config(item_embedding_dim=item_embedding_dim, epochs=1),
+        N_ITEMS,
+        USER_DIM,
+        N_DENSE,
+        DENSE_NAMES,
+    )
     data = make_problem(2_000, seed=5)
     ranker.fit(**data)
     rng = np.random.default_rng(6)
@@ -188,11 +193,13 @@ def test_predict_requests_rejects_sizes_that_do_not_add_up(fitted) -> None:
     ranker, _, _ = fitted
     rows = np.zeros((4, USER_DIM), np.float32)
     with pytest.raises(ValueError, match="add up"):
-        ranker.predict_requests(np.zeros((2, USER_DIM)), [2, 3], np.zeros(4, np.int64), rows,
-                                np.zeros((4, N_DENSE)))
+        ranker.predict_requests(
+            np.zeros((2, USER_DIM)), [2, 3], np.zeros(4, np.int64), rows, np.zeros((4, N_DENSE))
+        )
     with pytest.raises(ValueError, match="user_vecs"):
-        ranker.predict_requests(np.zeros((3, USER_DIM)), [2, 2], np.zeros(4, np.int64), rows,
-                                np.zeros((4, N_DENSE)))
+        ranker.predict_requests(
+            np.zeros((3, USER_DIM)), [2, 2], np.zeros(4, np.int64), rows, np.zeros((4, N_DENSE))
+        )
 
 
 def test_shape_mismatch_is_rejected(fitted) -> None:
@@ -275,8 +282,9 @@ def test_calibration_never_reverses_the_learned_order(problem) -> None:
     lowest scores) must not flip the order through a negative Platt slope."""
     ranker = Ranker(config(epochs=1), N_ITEMS, USER_DIM, N_DENSE, DENSE_NAMES)
     ranker.fit(**{k: v[:4_000] for k, v in problem.items()})
-    arrays = ranker._arrays(*(problem[k][4_000:6_000] for k in ("item_idx", "user_vec",
-                                                                 "item_vec", "dense")))
+    arrays = ranker._arrays(
+        *(problem[k][4_000:6_000] for k in ("item_idx", "user_vec", "item_vec", "dense"))
+    )
     raw = ranker._logits(arrays, calibrated=False)
     reversed_labels = (raw < np.quantile(raw, 0.2)).astype(np.float32)
     metrics = ranker._calibrate(arrays, reversed_labels)
@@ -328,7 +336,10 @@ def test_listwise_groups_learn_to_put_the_picked_candidate_first() -> None:
     scores = ranker.predict(**features(test)).reshape(-1, g)
     truth = test["labels"].reshape(-1, g).argmax(axis=1)
     top1 = float((scores.argmax(axis=1) == truth).mean())
-    best = 2.0 * (test["user_vec"] * test["item_vec"]).sum(axis=1) + 1.5 * (test["dense"][:, 0] - 50) / 100
+    best = (
+        2.0 * (test["user_vec"] * test["item_vec"]).sum(axis=1)
+        + 1.5 * (test["dense"][:, 0] - 50) / 100
+    )
     oracle = float((best.reshape(-1, g).argmax(axis=1) == truth).mean())
     assert top1 > 0.35 and top1 > 0.8 * oracle  # chance is 0.2
 

@@ -64,9 +64,16 @@ SOURCES: dict[str, Callable[[], ScoreSource]] = {
     "graph-filter-sharpened": lambda: _sharpened(GraphFilter.fit(X, dim=2, alpha=0.3, seed=0)),
     "ease": lambda: EASE.fit(X, l2=10.0),
 }
-NAMES = {"itemcf-cosine": "itemcf", "itemcf-pearson": "itemcf", "usercf-cosine": "usercf",
-         "usercf-pearson": "usercf", "embeddings": "ann", "graph-filter": "gf",
-         "graph-filter-sharpened": "gf", "ease": "ease"}
+NAMES = {
+    "itemcf-cosine": "itemcf",
+    "itemcf-pearson": "itemcf",
+    "usercf-cosine": "usercf",
+    "usercf-pearson": "usercf",
+    "embeddings": "ann",
+    "graph-filter": "gf",
+    "graph-filter-sharpened": "gf",
+    "ease": "ease",
+}
 
 
 def history(user: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,12 +163,14 @@ class TestScoreSourceContract:
         with np.load(path, allow_pickle=False) as z:
             loaded = type(src).from_arrays({k: z[k] for k in z.files})
         for user in (0, 15):
-            np.testing.assert_array_equal(loaded.scores(*history(user), N_TOTAL),
-                                          src.scores(*history(user), N_TOTAL))
+            np.testing.assert_array_equal(
+                loaded.scores(*history(user), N_TOTAL), src.scores(*history(user), N_TOTAL)
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # item-CF
+
 
 def ratings(rows: list[tuple[int, int, float]], n_users: int, n_items: int) -> sp.csr_matrix:
     u, i, v = (np.asarray(c) for c in zip(*rows, strict=True))
@@ -170,9 +179,24 @@ def ratings(rows: list[tuple[int, int, float]], n_users: int, n_items: int) -> s
 
 def test_pearson_separates_opposite_ratings_that_cosine_calls_similar() -> None:
     # Users 0-3 rate item 0 high-to-low and item 1 low-to-high; item 2 agrees with item 0.
-    x = ratings([(0, 0, 5), (1, 0, 4), (2, 0, 2), (3, 0, 1),
-                 (0, 1, 1), (1, 1, 2), (2, 1, 4), (3, 1, 5),
-                 (0, 2, 4), (1, 2, 5), (2, 2, 1), (3, 2, 2)], 4, 3)
+    x = ratings(
+        [
+            (0, 0, 5),
+            (1, 0, 4),
+            (2, 0, 2),
+            (3, 0, 1),
+            (0, 1, 1),
+            (1, 1, 2),
+            (2, 1, 4),
+            (3, 1, 5),
+            (0, 2, 4),
+            (1, 2, 5),
+            (2, 2, 1),
+            (3, 2, 2),
+        ],
+        4,
+        3,
+    )
     cosine = item_similarity(x, "cosine", k=5, shrink=0.0).toarray()
     pearson = item_similarity(x, "pearson", k=5, shrink=0.0).toarray()
     assert cosine[0, 1] == pytest.approx((5 + 8 + 8 + 5) / (5**2 + 4**2 + 2**2 + 1), rel=1e-6)
@@ -185,9 +209,15 @@ def test_item_similarity_by_hand() -> None:
     """Cosine over users with shrinkage overlap / (overlap + shrink)."""
     x = ratings([(0, 0, 1), (1, 0, 1), (2, 0, 1), (0, 1, 1), (1, 1, 1), (2, 2, 1)], 3, 3)
     raw = item_similarity(x, "cosine", k=5, shrink=0.0).toarray()
-    np.testing.assert_allclose(raw, [[0, 2 / math.sqrt(6), 1 / math.sqrt(3)],
-                                     [2 / math.sqrt(6), 0, 0],
-                                     [1 / math.sqrt(3), 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(
+        raw,
+        [
+            [0, 2 / math.sqrt(6), 1 / math.sqrt(3)],
+            [2 / math.sqrt(6), 0, 0],
+            [1 / math.sqrt(3), 0, 0],
+        ],
+        rtol=1e-6,
+    )
     shrunk = item_similarity(x, "cosine", k=5, shrink=2.0).toarray()
     np.testing.assert_allclose(shrunk[0, 1], raw[0, 1] * 2 / (2 + 2), rtol=1e-6)
     np.testing.assert_allclose(shrunk[0, 2], raw[0, 2] * 1 / (1 + 2), rtol=1e-6)
@@ -208,8 +238,9 @@ def test_item_similarity_keeps_k_neighbours_and_a_zero_diagonal(k: int, block: i
     for i in range(N_ITEMS):  # the kept neighbours are the k best
         kept = dense[i][dense[i] > 0]
         assert len(kept) == min(k, int((full[i] > 0).sum()))
-        np.testing.assert_allclose(np.sort(kept)[::-1], np.sort(full[i])[::-1][: len(kept)],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            np.sort(kept)[::-1], np.sort(full[i])[::-1][: len(kept)], rtol=1e-6
+        )
 
 
 def test_item_similarity_is_symmetric_when_unpruned() -> None:
@@ -244,10 +275,10 @@ def test_itemcf_neighbors_best_first() -> None:
 # ---------------------------------------------------------------------------------------------
 # user-CF
 
+
 def test_usercf_consults_only_k_neighbours() -> None:
     # The query's nearest user (0) also liked item 1, a farther one (1) liked item 2.
-    x = ratings([(0, 0, 1), (0, 3, 1), (0, 1, 1),
-                 (1, 0, 1), (1, 4, 1), (1, 5, 1), (1, 2, 1)], 2, 6)
+    x = ratings([(0, 0, 1), (0, 3, 1), (0, 1, 1), (1, 0, 1), (1, 4, 1), (1, 5, 1), (1, 2, 1)], 2, 6)
     idx, w = np.asarray([0, 3]), np.ones(2, np.float32)
     one = UserCF.fit(x, "cosine", k=1).scores(idx, w, 6)
     many = UserCF.fit(x, "cosine", k=2).scores(idx, w, 6)
@@ -266,13 +297,18 @@ def test_usercf_pearson_ignores_anti_correlated_users() -> None:
 # ---------------------------------------------------------------------------------------------
 # embeddings
 
+
 def test_fold_in_of_one_item_is_its_query_row() -> None:
     emb = Embeddings.fit(X, dim=2, seed=0)
     np.testing.assert_array_equal(emb.fold_in(np.asarray([7]), np.asarray([3.0])), emb.query[7])
-    np.testing.assert_allclose(emb.fold_in(np.asarray([7]), np.asarray([-1.0])),
-                               -0.5 * emb.query[7])
-    np.testing.assert_allclose(emb.fold_in(np.asarray([1, 7, 9]), np.asarray([1.0, 0.0, -2.0])),
-                               emb.query[1] - 0.5 * emb.query[9], rtol=1e-6)
+    np.testing.assert_allclose(
+        emb.fold_in(np.asarray([7]), np.asarray([-1.0])), -0.5 * emb.query[7]
+    )
+    np.testing.assert_allclose(
+        emb.fold_in(np.asarray([1, 7, 9]), np.asarray([1.0, 0.0, -2.0])),
+        emb.query[1] - 0.5 * emb.query[9],
+        rtol=1e-6,
+    )
     assert emb.fold_in(np.asarray([N_ITEMS]), np.asarray([1.0])) is None
     np.testing.assert_array_equal(emb.query_vector(3), emb.query[3])
     assert emb.query_vector(N_ITEMS) is None and emb.query_vector(-1) is None
@@ -296,20 +332,23 @@ def test_embeddings_are_deterministic_and_fold_in_by_the_ridge_solve() -> None:
     wide = Embeddings.fit(X, dim=40, reg=0.5, seed=0)  # wider than the item count
     assert wide.dim == 40
     y = wide.item.astype(np.float64)
-    np.testing.assert_allclose(wide.query, y @ np.linalg.inv(y.T @ y + 0.5 * np.eye(40)),
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        wide.query, y @ np.linalg.inv(y.T @ y + 0.5 * np.eye(40)), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_embeddings_score_is_item_dot_user() -> None:
     emb = Embeddings.fit(X, dim=4, seed=0)
     idx, w = history(2)
     s = emb.scores(idx, w, N_TOTAL)
-    np.testing.assert_allclose(s[:N_ITEMS], emb.item @ emb.query[idx].sum(axis=0), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        s[:N_ITEMS], emb.item @ emb.query[idx].sum(axis=0), rtol=1e-5, atol=1e-6
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # online co-occurrence
+
 
 def test_graph_filter_matches_the_dense_formula() -> None:
     """GF-CF + BSPM by hand: b = r R̃ᵀR̃ + α r D^-½ Ū Ūᵀ D^½, s = b Σₖ (-T P)ᵏ/k! (k ≤ 4),
@@ -393,7 +432,8 @@ def test_cooccurrence_rows_read_after_every_change() -> None:
     assert dict(zip(js.tolist(), sims.tolist(), strict=True)) == pytest.approx(expect)
     js, sims = c.row(1)
     assert dict(zip(js.tolist(), sims.tolist(), strict=True)) == pytest.approx(
-        {0: 1 / np.sqrt(2), 2: 1 / np.sqrt(2)})
+        {0: 1 / np.sqrt(2), 2: 1 / np.sqrt(2)}
+    )
 
 
 def test_cooccurrence_rows_grow_in_place() -> None:
@@ -435,7 +475,8 @@ def test_cooccurrence_similarity_by_hand() -> None:
         assert c.similarity(j, i) == pytest.approx(expected, rel=1e-6)
     js, sims = c.row(2)
     assert dict(zip(js.tolist(), sims.tolist(), strict=True)) == pytest.approx(
-        {0: 2 / math.sqrt(6), 1: 1 / math.sqrt(3)}, rel=1e-6)
+        {0: 2 / math.sqrt(6), 1: 1 / math.sqrt(3)}, rel=1e-6
+    )
     assert c.similarity(1, 5) == 0.0
     js, sims = c.row(7)
     assert len(js) == len(sims) == 0
@@ -476,11 +517,15 @@ def test_ease_weights_match_the_closed_form() -> None:
 def test_ease_reads_a_binary_history_and_round_trips() -> None:
     model = EASE.fit(X, l2=10.0)
     idx, _ = history(2)
-    np.testing.assert_allclose(model.scores(idx, np.full(len(idx), 3.0, np.float32), N_TOTAL),
-                               model.weights[idx].sum(axis=0).tolist() + [0.0] * 5, rtol=1e-6)
+    np.testing.assert_allclose(
+        model.scores(idx, np.full(len(idx), 3.0, np.float32), N_TOTAL),
+        model.weights[idx].sum(axis=0).tolist() + [0.0] * 5,
+        rtol=1e-6,
+    )
     again = EASE.from_arrays(model.arrays())
-    np.testing.assert_array_equal(again.scores(*history(2), N_TOTAL),
-                                  model.scores(*history(2), N_TOTAL))
+    np.testing.assert_array_equal(
+        again.scores(*history(2), N_TOTAL), model.scores(*history(2), N_TOTAL)
+    )
 
 
 def test_ease_refuses_a_singular_system() -> None:
@@ -565,6 +610,7 @@ def test_trending_vector_aligns_with_the_catalogue() -> None:
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+
 def test_top_n_orders_and_filters() -> None:
     s = np.asarray([0.5, 0.0, -1.0, 0.7, 2.0, 0.1])
     idx, vals = top_n(s, 10)
@@ -591,8 +637,11 @@ def test_top_n_rows_is_top_n_of_each_row() -> None:
             if r == 2:  # ties: the same choice as one row alone
                 want = top_n(scores[r], n, exclude)[0].tolist()
             else:  # best first, above 0, not excluded
-                want = [j for j in np.argsort(-scores[r], kind="stable").tolist()
-                        if scores[r, j] > 0 and j not in exclude][:n]
+                want = [
+                    j
+                    for j in np.argsort(-scores[r], kind="stable").tolist()
+                    if scores[r, j] > 0 and j not in exclude
+                ][:n]
             assert idx.tolist() == want
             np.testing.assert_array_equal(vals, scores[r, want])
     assert top_n_rows(scores, 3)[1][0].size == 0
@@ -605,8 +654,9 @@ def test_top_n_does_not_modify_its_input() -> None:
 
 
 def test_interaction_matrix_sums_duplicates() -> None:
-    m = interaction_matrix(np.asarray([0, 0, 1, 0]), np.asarray([1, 1, 2, 0]),
-                           np.asarray([1.0, 2.5, -1.0, 4.0]), 3, 4)
+    m = interaction_matrix(
+        np.asarray([0, 0, 1, 0]), np.asarray([1, 1, 2, 0]), np.asarray([1.0, 2.5, -1.0, 4.0]), 3, 4
+    )
     assert m.shape == (3, 4) and m.dtype == np.float32 and m.nnz == 3
     np.testing.assert_array_equal(m.toarray(), [[4, 3.5, 0, 0], [0, 0, -1, 0], [0, 0, 0, 0]])
 
@@ -623,9 +673,16 @@ def test_weighted_rows_is_the_scipy_product_exactly() -> None:
 
 
 def test_center_rows_over_stored_entries() -> None:
-    m = sp.csr_matrix(np.asarray([[5.0, 0.0, 1.0, 3.0],  # mean over stored 3 -> [2, -2, 0]
-                                  [2.0, 2.0, 0.0, 0.0],  # no variance: kept as is
-                                  [0.0, 0.0, 0.0, 0.0]], np.float32))
+    m = sp.csr_matrix(
+        np.asarray(
+            [
+                [5.0, 0.0, 1.0, 3.0],  # mean over stored 3 -> [2, -2, 0]
+                [2.0, 2.0, 0.0, 0.0],  # no variance: kept as is
+                [0.0, 0.0, 0.0, 0.0],
+            ],
+            np.float32,
+        )
+    )
     c = center_rows(m)
     np.testing.assert_allclose(c.toarray(), [[2, 0, -2, 0], [2, 2, 0, 0], [0, 0, 0, 0]])
     assert c.nnz == m.nnz  # a centred 0 stays a stored entry

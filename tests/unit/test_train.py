@@ -26,10 +26,18 @@ from rec.train import (
     train,
 )
 
-CONFIG = RecConfig.model_validate({
-    "recall": {"embedding_dim": 16, "index": "brute", "per_source": 50},
-    "ranker": {"epochs": 2, "batch_size": 128, "hidden": [16], "item_embedding_dim": 8, "device": "cpu"},
-})
+CONFIG = RecConfig.model_validate(
+    {
+        "recall": {"embedding_dim": 16, "index": "brute", "per_source": 50},
+        "ranker": {
+            "epochs": 2,
+            "batch_size": 128,
+            "hidden": [16],
+            "item_embedding_dim": 8,
+            "device": "cpu",
+        },
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +53,9 @@ def model(records):
 
 def split(records: list[dict], config: RecConfig = CONFIG):
     """What `train` derives from a snapshot: sorted events, id orders and the 80% time cut."""
-    events = sorted((r for r in records if r["kind"] == "event"),
-                    key=lambda r: (r["ts"], r["offset"]))
+    events = sorted(
+        (r for r in records if r["kind"] == "event"), key=lambda r: (r["ts"], r["offset"])
+    )
     item_ids, categories = _item_order(records)
     user_ids = list(dict.fromkeys(r["user_id"] for r in events))
     index = ({i: n for n, i in enumerate(item_ids)}, {u: n for n, u in enumerate(user_ids)})
@@ -59,11 +68,18 @@ def fit(events, item_ids, categories, user_ids, index, config=CONFIG):
 
 def tiny_log(n_events: int, n_items: int = 6, n_users: int = 4) -> list[dict]:
     rng = np.random.default_rng(3)
-    recs = [item_record(ItemIn(item_id=f"i{n}", category=f"c{n % 2}"), ts=0.0)
-            for n in range(n_items)]
+    recs = [
+        item_record(ItemIn(item_id=f"i{n}", category=f"c{n % 2}"), ts=0.0) for n in range(n_items)
+    ]
     for n in range(n_events):
-        recs.append(event_record(user_id=f"u{rng.integers(n_users)}",
-                                 item_id=f"i{rng.integers(n_items)}", type="click", ts=float(n)))
+        recs.append(
+            event_record(
+                user_id=f"u{rng.integers(n_users)}",
+                item_id=f"i{rng.integers(n_items)}",
+                type="click",
+                ts=float(n),
+            )
+        )
     return snapshot_table(recs).to_pylist()
 
 
@@ -81,8 +97,9 @@ def test_no_events_is_an_error() -> None:
 def test_model_ids_and_categories(model, records) -> None:
     assert model.version == "t1"
     assert model.item_ids == [f"i{n}" for n in range(100)]  # items first in the snapshot
-    payloads = {r["item_id"]: json.loads(r["payload"])["category"] for r in records
-                if r["kind"] == "item"}
+    payloads = {
+        r["item_id"]: json.loads(r["payload"])["category"] for r in records if r["kind"] == "item"
+    }
     assert model.item_categories == [payloads[i] for i in model.item_ids]
     assert set(model.user_ids) == {r["user_id"] for r in records if r["kind"] == "event"}
     assert model.metrics["events"] == 5000 and model.metrics["items"] == 100
@@ -90,10 +107,12 @@ def test_model_ids_and_categories(model, records) -> None:
 
 
 def test_item_order_is_first_appearance_with_the_latest_category() -> None:
-    recs = [event_record(user_id="u", item_id="b", type="view", ts=0.0),
-            item_record(ItemIn(item_id="a", category="x"), ts=1.0),
-            item_record(ItemIn(item_id="b", category="y"), ts=2.0),
-            item_record(ItemIn(item_id="a", category="z"), ts=3.0)]
+    recs = [
+        event_record(user_id="u", item_id="b", type="view", ts=0.0),
+        item_record(ItemIn(item_id="a", category="x"), ts=1.0),
+        item_record(ItemIn(item_id="b", category="y"), ts=2.0),
+        item_record(ItemIn(item_id="a", category="z"), ts=3.0),
+    ]
     assert _item_order(recs) == (["b", "a"], {"a": "z", "b": "y"})
 
 
@@ -125,8 +144,11 @@ def test_no_ranker_when_not_asked(records) -> None:
 
 def test_no_ranker_below_fifty_events() -> None:
     calls = []
-    m = train(snapshot_table(tiny_log(49)), CONFIG,
-              fit_ranker=lambda ranker, ex: calls.append(len(ex)) or {})
+    m = train(
+        snapshot_table(tiny_log(49)),
+        CONFIG,
+        fit_ranker=lambda ranker, ex: calls.append(len(ex)) or {},
+    )
     assert m.ranker is None and calls == []
     assert m.embeddings.item.shape == (6, 16)
 
@@ -152,10 +174,17 @@ def test_rotation_keeps_the_final_fit_inner_products(model, records) -> None:
     """Procrustes turns the embeddings onto the ranker's basis without changing any score."""
     events, item_ids, categories, user_ids, index, _ = split(records)
     unrotated = fit(events, item_ids, categories, user_ids, index).embeddings
-    np.testing.assert_allclose(model.embeddings.item @ model.embeddings.query.T,
-                               unrotated.item @ unrotated.query.T, atol=1e-5)
-    np.testing.assert_allclose(model.embeddings.item @ model.embeddings.item.T,
-                               unrotated.item @ unrotated.item.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.embeddings.item @ model.embeddings.query.T,
+        unrotated.item @ unrotated.query.T,
+        atol=1e-5,
+    )
+    np.testing.assert_allclose(
+        model.embeddings.item @ model.embeddings.item.T,
+        unrotated.item @ unrotated.item.T,
+        rtol=1e-4,
+        atol=1e-4,
+    )
     assert not np.allclose(model.embeddings.item, unrotated.item, atol=1e-3)  # it did rotate
 
 
@@ -163,8 +192,9 @@ def test_rotation_moves_towards_the_ranker_basis(model, records) -> None:
     events, item_ids, categories, user_ids, index, (head, _) = split(records)
     basis = fit(head, item_ids, categories, user_ids, index).embeddings
     unrotated = fit(events, item_ids, categories, user_ids, index).embeddings
-    assert (np.linalg.norm(model.embeddings.item - basis.item)
-            < np.linalg.norm(unrotated.item - basis.item))
+    assert np.linalg.norm(model.embeddings.item - basis.item) < np.linalg.norm(
+        unrotated.item - basis.item
+    )
 
 
 def test_recall_models_fit_the_whole_log(model, records) -> None:
@@ -195,7 +225,9 @@ def replayed(records):
 
 
 def positive_events(tail: list[dict]) -> list[int]:
-    return [n for n, r in enumerate(tail) if event_weight(r["type"], r["value"], CONFIG.profile) > 0]
+    return [
+        n for n, r in enumerate(tail) if event_weight(r["type"], r["value"], CONFIG.profile) > 0
+    ]
 
 
 def training_events(tail: list[dict], config: RecConfig = CONFIG) -> list[int]:
@@ -245,8 +277,11 @@ def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed
     of the candidates serving's recall returned for that event (features as served)."""
     prefix, ex, cases, head, tail = replayed
     first = groups(ex)[0]
-    n = next(n for n in training_events(tail)
-             if tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
+    n = next(
+        n
+        for n in training_events(tail)
+        if tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids
+    )
     cands = candidates_of(prefix, records, head, tail, n)
     group = [prefix.item_ids[i] for i in ex.item_idx[first]]
     assert group[0] == tail[n]["item_id"]
@@ -258,7 +293,9 @@ def test_example_groups_are_the_events_item_among_its_recall_candidates(replayed
 def test_validation_cases_are_disjoint_from_training_and_whole(replayed) -> None:
     prefix, ex, cases, head, tail = replayed
     assert len(cases) == len(_validation_cases(tail, CONFIG)) > 0
-    assert all(len(c.inputs.item_idx) > 0 and c.n_relevant == 1 and len(c.positives) <= 1 for c in cases)
+    assert all(
+        len(c.inputs.item_idx) > 0 and c.n_relevant == 1 and len(c.positives) <= 1 for c in cases
+    )
     assert all(0 <= p < len(c.inputs.item_idx) for c in cases for p in c.positives)
     assert sum(len(c.positives) for c in cases) > len(cases) / 5
     assert 0 < len(groups(ex)) <= len(training_events(tail))
@@ -298,8 +335,11 @@ def test_a_random_holdout_is_not_replayed_as_a_sequence(records) -> None:
     users = list(dict.fromkeys(tail[n]["user_id"] for n in sorted(validation)))
     assert len(cases) == len(users)
     for case, user in zip(cases, users, strict=True):
-        liked = {r["item_id"] for r in tail if r["user_id"] == user
-                 and event_weight(r["type"], r["value"], config.profile) > 0}
+        liked = {
+            r["item_id"]
+            for r in tail
+            if r["user_id"] == user and event_weight(r["type"], r["value"], config.profile) > 0
+        }
         cands = base.recall(base.view(user)).item_ids
         assert case.n_relevant == len(liked)
         assert [cands[p] for p in case.positives] == [i for i in cands if i in liked]
@@ -328,13 +368,17 @@ def test_shown_but_not_picked_items_are_the_first_negatives(replayed, records) -
     from rec.train import _impressions
 
     prefix, ex, _, head, tail = replayed
-    n = next(n for n in training_events(tail)
-             if tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids)
+    n = next(
+        n
+        for n in training_events(tail)
+        if tail[n]["item_id"] in candidates_of(prefix, records, head, tail, n).item_ids
+    )
     cands = candidates_of(prefix, records, head, tail, n)
     shown_items = [i for i in cands.item_ids if i != tail[n]["item_id"]][-3:]
-    tail = [*tail[:n], dict(tail[n], request_id="req-1"), *tail[n + 1:]]
-    impression = impression_record(tail[n]["user_id"], "req-1", [tail[n]["item_id"], *shown_items],
-                                   "v0", tail[n]["ts"])
+    tail = [*tail[:n], dict(tail[n], request_id="req-1"), *tail[n + 1 :]]
+    impression = impression_record(
+        tail[n]["user_id"], "req-1", [tail[n]["item_id"], *shown_items], "v0", tail[n]["ts"]
+    )
     shown = _impressions(snapshot_table([impression]).to_pylist())
     assert shown == {"req-1": [tail[n]["item_id"], *shown_items]}
     got, _ = replay_holdout(prefix, records, head, tail, CONFIG, shown)
@@ -375,8 +419,12 @@ def test_an_ordering_wins_only_beyond_two_standard_errors() -> None:
     base = np.random.default_rng(0).random(400)
     s1, s2 = np.tile([1.0, -1.0], 200), np.tile([1.0, 1.0, -1.0, -1.0], 100)
     # gf's mean is highest, by 0.002 with a paired spread of 0.05 (2 SE = 0.005): noise
-    within = {"ranker": base + 0.05 * s2, "gf": base + 0.05 * s1 + 0.002,
-              "ease": base - 0.05 * s1, "blend": base}
+    within = {
+        "ranker": base + 0.05 * s2,
+        "gf": base + 0.05 * s1 + 0.002,
+        "ease": base - 0.05 * s1,
+        "blend": base,
+    }
     assert pick_ordering(within) == ("blend", "blend")
     gf_wins = {**within, "gf": base + 0.05}
     assert pick_ordering(gf_wins) == ("gf", "gf")
@@ -388,8 +436,10 @@ def test_an_ordering_wins_only_beyond_two_standard_errors() -> None:
 
 def test_holdout_keeps_one_event_of_a_user_with_few() -> None:
     """A sparse log (two or three events per user) still holds out one event of each user."""
-    events = [event_record(user_id=f"u{n % 20}", item_id=f"i{n}", type="purchase", ts=float(n))
-              for n in range(50)]  # users with 2 or 3 events each
+    events = [
+        event_record(user_id=f"u{n % 20}", item_id=f"i{n}", type="purchase", ts=float(n))
+        for n in range(50)
+    ]  # users with 2 or 3 events each
     _, tail = holdout_split(events, CONFIG)
     last = {r["user_id"]: r["ts"] for r in events}
     assert sorted((r["user_id"], r["ts"]) for r in tail) == sorted(last.items())
@@ -410,7 +460,7 @@ def test_holdout_takes_a_fifth_of_each_users_events_and_at_least_one(records, mo
         mine = [r for r in rows if (user, r["offset"]) in held]
         assert len(mine) == max(int(len(rows) * 0.2), int(len(rows) >= 2))
         if mode == "last" and mine:
-            assert mine == rows[-len(mine):]
+            assert mine == rows[-len(mine) :]
     assert holdout_split(events[:49], config) == (events[:49], [])
 
 
@@ -426,7 +476,15 @@ def test_training_chooses_the_index_graph_that_finds_more(records, monkeypatch) 
 
     monkeypatch.setattr("rec.train.choose_equalise_norms", fake)
     m = train(snapshot_table(records), hnsw, fit_ranker=None, version="t-hnsw")
-    assert m.equalise_norms is False and m.metrics["index_recall@100"] == {"equalised": 0.5, "raw": 0.9}
-    (shape, qshape, degree), = seen
-    assert shape == (100, 16) and qshape[1] == 16 and 0 < qshape[0] <= 200 and degree == CONFIG.recall.hnsw_m
+    assert m.equalise_norms is False and m.metrics["index_recall@100"] == {
+        "equalised": 0.5,
+        "raw": 0.9,
+    }
+    ((shape, qshape, degree),) = seen
+    assert (
+        shape == (100, 16)
+        and qshape[1] == 16
+        and 0 < qshape[0] <= 200
+        and degree == CONFIG.recall.hnsw_m
+    )
     assert train(snapshot_table(records), CONFIG, fit_ranker=None).metrics["index_recall@100"] == {}

@@ -31,8 +31,14 @@ def fresh_ingress_afterwards():
 @pytest.fixture(scope="session")
 def dataset():
     days = 30.0  # the data ends now, as live events will be stamped with the wall clock
-    return generate(n_users=300, n_items=200, n_events=8000, seed=1, days=days,
-                    start_ts=time.time() - days * 86400)
+    return generate(
+        n_users=300,
+        n_items=200,
+        n_events=8000,
+        seed=1,
+        days=days,
+        start_ts=time.time() - days * 86400,
+    )
 
 
 @pytest.fixture(scope="session")

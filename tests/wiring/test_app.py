@@ -26,8 +26,11 @@ def app(request, tmp_path, trained):
     # module gives each app its own (on a cluster the driver never runs it).
     importlib.reload(deployments.ingress)
     importlib.reload(deployments.app)
-    handle = serve.run(deployments.app.build_app(config, log=log), _local_testing_mode=True,
-                       name=f"rec-{request.param}")
+    handle = serve.run(
+        deployments.app.build_app(config, log=log),
+        _local_testing_mode=True,
+        name=f"rec-{request.param}",
+    )
     yield handle, model
     log.close()
 
@@ -49,7 +52,8 @@ def test_recommend_shape_and_version(app):
         assert 0.0 <= item["score"] <= 1.0
     assert out["request_id"]
     assert scores == sorted(scores, reverse=True) or any(
-        set(i["sources"]) <= {"pop", "new"} for i in out["items"])
+        set(i["sources"]) <= {"pop", "new"} for i in out["items"]
+    )
 
 
 def test_read_your_writes(app):
@@ -71,25 +75,37 @@ def test_unknown_user_gets_cold_start(app):
 def test_new_user_first_click_changes_answer(app):
     handle, _ = app
     cold = call(handle, "recommend", {"user_id": "fresh", "k": 10})
-    call(handle, "ingest_events", {"events": [
-        {"user_id": "fresh", "item_id": "i3", "type": "click"},
-        {"user_id": "fresh", "item_id": "i4", "type": "click"}]})
+    call(
+        handle,
+        "ingest_events",
+        {
+            "events": [
+                {"user_id": "fresh", "item_id": "i3", "type": "click"},
+                {"user_id": "fresh", "item_id": "i4", "type": "click"},
+            ]
+        },
+    )
     warm = call(handle, "recommend", {"user_id": "fresh", "k": 10})
     assert {"i3", "i4"}.isdisjoint(i["item_id"] for i in warm["items"])
     assert any("itemcf" in i["sources"] or "ann" in i["sources"] for i in warm["items"])
     assert [i["item_id"] for i in warm["items"]] != [i["item_id"] for i in cold["items"]]
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"item_id": "i1", "type": "click"}, "user_id"),
-    ({"user_id": "u1", "item_id": "i1", "type": "teleport"}, "type"),
-    ({"user_id": "u1", "item_id": "i1", "type": "rating"}, "value"),
-    ({"user_id": "u1", "item_id": "i1", "type": "click", "value": "high"}, "value"),
-    ({"user_id": "u1", "item_id": "i1", "type": "click", "extra": 1}, "extra"),
-    ({"events": [{"user_id": "u1", "item_id": "i1", "type": "click"}, {"user_id": "u1"}]},
-     "events.1.item_id"),
-    ([1, 2, 3], "body"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"item_id": "i1", "type": "click"}, "user_id"),
+        ({"user_id": "u1", "item_id": "i1", "type": "teleport"}, "type"),
+        ({"user_id": "u1", "item_id": "i1", "type": "rating"}, "value"),
+        ({"user_id": "u1", "item_id": "i1", "type": "click", "value": "high"}, "value"),
+        ({"user_id": "u1", "item_id": "i1", "type": "click", "extra": 1}, "extra"),
+        (
+            {"events": [{"user_id": "u1", "item_id": "i1", "type": "click"}, {"user_id": "u1"}]},
+            "events.1.item_id",
+        ),
+        ([1, 2, 3], "body"),
+    ],
+)
 def test_bad_events_are_rejected_with_the_field(app, body, field):
     handle, _ = app
     with pytest.raises(HTTPException) as err:
@@ -101,8 +117,12 @@ def test_bad_events_are_rejected_with_the_field(app, body, field):
 
 def test_bad_recommend_requests(app):
     handle, _ = app
-    for body in ({"k": 3}, {"user_id": "u1", "k": 0}, {"user_id": "u1", "k": 10_000},
-                 {"user_id": "u1", "bogus": True}):
+    for body in (
+        {"k": 3},
+        {"user_id": "u1", "k": 0},
+        {"user_id": "u1", "k": 10_000},
+        {"user_id": "u1", "bogus": True},
+    ):
         with pytest.raises(HTTPException) as err:
             call(handle, "recommend", body)
         assert err.value.status_code == 422
@@ -125,9 +145,16 @@ def test_new_item_is_recommendable_without_retrain(app):
     call(handle, "upsert_items", {"item_id": "brand-new", "category": "c01", "tags": ["c01-t1"]})
     assert call(handle, "item", "brand-new")["category"] == "c01"
     for user in ("a", "b", "c"):
-        call(handle, "ingest_events", {"events": [
-            {"user_id": f"nu-{user}", "item_id": "i7", "type": "click"},
-            {"user_id": f"nu-{user}", "item_id": "brand-new", "type": "click"}]})
+        call(
+            handle,
+            "ingest_events",
+            {
+                "events": [
+                    {"user_id": f"nu-{user}", "item_id": "i7", "type": "click"},
+                    {"user_id": f"nu-{user}", "item_id": "brand-new", "type": "click"},
+                ]
+            },
+        )
     call(handle, "ingest_events", {"user_id": "probe", "item_id": "i7", "type": "click"})
     items = call(handle, "recommend", {"user_id": "probe", "k": 20})["items"]
     fresh = [i for i in items if i["item_id"] == "brand-new"]

@@ -57,8 +57,10 @@ def test_closed_loop_clients_that_fit_are_admitted() -> None:
 def test_processes_started_during_a_retrain_run_at_the_lowest_priority() -> None:
     """What the Trainer wraps a Train job in: children of the given parent (there the raylet,
     here this test) that appear meanwhile are demoted, every thread; earlier ones are not."""
-    code = ("import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
-            "time.sleep(30)")
+    code = (
+        "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
+        "time.sleep(30)"
+    )
     before = subprocess.Popen([sys.executable, "-c", code])
     try:
         with BackgroundStarts(os.getpid(), interval_s=0.01) as guard:
