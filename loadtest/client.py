@@ -113,9 +113,8 @@ class Population:
         return "active", rng.choice(self.active)
 
     def event(self, rng: random.Random, user: str | None = None) -> dict:
-        kind = rng.choices(("view", "click", "add_to_cart", "purchase", "like"), (60, 25, 8, 4, 3))[
-            0
-        ]
+        types, weights = ("view", "click", "add_to_cart", "purchase", "like"), (60, 25, 8, 4, 3)
+        kind = rng.choices(types, weights)[0]
         return {"user_id": user or self.known_user(rng), "item_id": self.item(rng), "type": kind}
 
 
