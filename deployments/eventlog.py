@@ -60,13 +60,14 @@ class EventLogService:
                     for _, fut in batch:
                         fut.set_exception(exc)
                     continue
-                offset = first
+                stored = [{**r, "offset": first + i} for i, r in enumerate(records)]
+                self.recent.extend(stored)
                 acks = []
+                offset = first
                 for recs, fut in batch:
-                    for r in recs:
-                        self.recent.append({**r, "offset": offset})
-                        offset += 1
+                    offset += len(recs)
                     acks.append((fut, (offset - len(recs), offset - 1)))
+                self.head.remember(stored)
                 self.head.mark(first, [owner(r) for r in records])
                 if any(r["kind"] != KIND_IMPRESSION for r in records):
                     # readable before any of it is acknowledged; impressions alone (training's
@@ -127,6 +128,7 @@ class EventLogService:
         for i, r in enumerate(self.recent):  # placeholders keep offsets dense in memory
             if r["kind"] == "event" and r["user_id"] == user_id:
                 self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
+        self.head.forget_recent()  # followers on this machine read the placeholders from here
         return removed
 
     def recovery(self) -> dict:

@@ -3,9 +3,10 @@ event log (followed by offset) and with the newest published model version (hot 
 
 Read-your-writes: before serving a request, a strict replica makes sure it has applied every
 record committed before the request arrived that concerns the request's user or the catalogue.
-On the log's machine it first reads the log's head offset, and whom the newest records concern,
-from shared memory (`deployments.beacon`), and calls the log only when there is something new
-for it; concurrent requests share one log read, so the cost is one actor call per burst.
+On the log's machine it reads the log's head offset, whom the newest records concern and the
+records themselves from shared memory (`deployments.beacon`), and calls the log actor only when
+those cannot serve it (another machine, a replica far behind); concurrent requests share one
+log read, so the cost there is one actor call per burst.
 """
 
 from __future__ import annotations
@@ -144,7 +145,15 @@ class Live:
         return model, load_saved_index(path)
 
     async def _pages(self, start: int):
-        """Committed records from `start` on, in pages of at most READ_LIMIT."""
+        """Committed records from `start` on, in pages of at most READ_LIMIT: from the log's
+        shared records ring when it holds them all (this machine, recent), else from the log."""
+        head = self._head.head() if self._head is not None else None
+        if head is not None and head - start <= READ_LIMIT:
+            records = self._head.recent(start, head)
+            if records is not None:
+                if records:
+                    yield records
+                return
         while True:
             records = await self.log.read.remote(start, READ_LIMIT)
             if records:

@@ -4,10 +4,21 @@ fast path of a replica's live state built on it."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import numpy as np
 
-from deployments.beacon import EVERYONE, NOBODY, RING, HeadReader, HeadWriter, owner, user_key
+from deployments.beacon import (
+    EVERYONE,
+    NOBODY,
+    RECENT_BYTES,
+    RECENT_FILE,
+    RING,
+    HeadReader,
+    HeadWriter,
+    owner,
+    user_key,
+)
 from deployments.eventlog import EventLogService, LocalHandle
 from deployments.live import Live
 from rec.config import RecConfig
@@ -62,18 +73,104 @@ def test_owners_of_records() -> None:
     assert user_key("u") == user_key("u") != user_key("v") and user_key("") > 0
 
 
-def _counted_log(config: RecConfig) -> tuple[LocalHandle, list[int]]:
-    """An in-process EventLog actor whose reads are recorded (their start offsets)."""
+def _stored(first: int, n: int, user: str = "u", size: int = 0) -> list[dict]:
+    """n committed event records from offset `first`, as the actor stores them."""
+    return [
+        {
+            **event_record(user_id=user, item_id="i" * max(size, 1), type="click", ts=1.0),
+            "offset": first + k,
+        }
+        for k in range(n)
+    ]
+
+
+def test_the_records_ring_serves_any_committed_range(tmp_path) -> None:
+    writer = HeadWriter(tmp_path)
+    reader = HeadReader.open(writer.info())
+    batches = [_stored(0, 3), _stored(3, 1), _stored(4, 5, user="v")]
+    for batch in batches:
+        writer.remember(batch)
+    everything = [r for batch in batches for r in batch]
+    assert reader.recent(0, 9) == everything
+    assert reader.recent(4, 9) == everything[4:]
+    assert reader.recent(1, 4) == everything[1:4]  # from inside a batch
+    assert reader.recent(9, 9) == []
+    assert reader.recent(0, 10) is None  # offset 9 was never written here
+
+
+def test_the_records_ring_wraps_and_refuses_what_it_no_longer_holds(tmp_path) -> None:
+    writer = HeadWriter(tmp_path)
+    reader = HeadReader.open(writer.info())
+    size = RECENT_BYTES // 40  # each batch's entry is a bit over 1/40 of the ring
+    offset = 0
+    for _ in range(100):  # 2.5 laps: entries straddle the end of the ring more than once
+        writer.remember(_stored(offset, 1, size=size))
+        offset += 1
+    assert reader.recent(offset - 30, offset) == [
+        r for k in range(offset - 30, offset) for r in _stored(k, 1, size=size)
+    ]
+    assert reader.recent(offset - 50, offset) is None  # lapped: ask the actor
+    writer.remember(_stored(offset, 1, size=RECENT_BYTES // 2 + 1))  # too big for the ring
+    assert reader.recent(offset - 1, offset + 1) is None
+    assert reader.recent(offset - 1, offset) is not None
+
+
+def test_a_read_overtaken_by_the_writer_is_refused(tmp_path, monkeypatch) -> None:
+    writer = HeadWriter(tmp_path)
+    reader = HeadReader.open(writer.info())
+    writer.remember(_stored(0, 2))
+    maps = reader._recent
+    real_get = type(maps).get
+
+    def get_then_lapped(self, pos, n):  # the writer laps the ring while this copy runs
+        out = real_get(self, pos, n)
+        if n > 24:
+            for k in range(2, 5):  # three thirds of the ring: the first bytes are reused
+                writer.remember(_stored(k, 1, size=RECENT_BYTES // 3))
+        return out
+
+    monkeypatch.setattr(type(maps), "get", get_then_lapped)
+    assert reader.recent(0, 2) is None
+
+
+def test_forgetting_wipes_the_ring_and_a_restart_invalidates_it(tmp_path) -> None:
+    writer = HeadWriter(tmp_path)
+    reader = HeadReader.open(writer.info())
+    writer.remember(_stored(0, 2, user="gone-user"))
+    assert b"gone-user" in (tmp_path / RECENT_FILE).read_bytes()
+    writer.forget_recent()
+    assert b"gone-user" not in (tmp_path / RECENT_FILE).read_bytes()
+    assert reader.recent(0, 2) is None
+    writer.remember(_stored(2, 1))  # new batches are served again
+    assert reader.recent(2, 3) == _stored(2, 1)
+    HeadWriter(tmp_path)  # the actor restarted: what the old one wrote is not served
+    assert reader.recent(2, 3) is None
+
+
+def _counted_log(config: RecConfig) -> tuple[LocalHandle, Counter]:
+    """An in-process EventLog actor whose reads are counted ("log"); `_count_ring` adds a
+    replica's reads of the records ring ("ring")."""
     log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
-    reads: list[int] = []
+    reads: Counter = Counter()
     real_read = log._obj.read
 
     async def counted(start, limit=10_000):
-        reads.append(start)
+        reads["log"] += 1
         return await real_read(start, limit)
 
     log._obj.read = counted
     return log, reads
+
+
+def _count_ring(live: Live, reads: Counter) -> None:
+    real_recent = live._head.recent
+
+    def counted(start, head):
+        out = real_recent(start, head)
+        reads["ring" if out is not None else "ring refused"] += 1
+        return out
+
+    live._head.recent = counted
 
 
 def _run(scenario, log: LocalHandle) -> None:
@@ -83,7 +180,7 @@ def _run(scenario, log: LocalHandle) -> None:
         log.close()
 
 
-def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
+def test_live_reads_only_when_the_head_moved_and_then_from_the_ring(tmp_path) -> None:
     config = RecConfig(data_dir=tmp_path)
     log, reads = _counted_log(config)
 
@@ -91,18 +188,40 @@ def test_live_reads_the_log_only_when_the_head_moved(tmp_path) -> None:
         live = Live(config, log)
         await live.start()
         assert live._head is not None  # same machine: the fast path is on
-        before = len(reads)
+        _count_ring(live, reads)
+        reads.clear()
         for _ in range(5):
             await live.sync()
-        assert len(reads) == before  # nothing appended: no log call
+        assert not reads  # nothing appended: nothing read
         await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=1.0)])
         await live.sync()  # acknowledged before this request: it must be applied
-        assert len(reads) == before + 1 and live.rec.offset == 1
+        assert reads == {"ring": 1} and live.rec.offset == 1
         assert "u" in live.rec.profiles.users
         live.stop()
 
     _run(scenario, log)
     assert np.fromfile(config.log_dir / "HEAD", np.int64)[0] == 1
+
+
+def test_what_the_ring_cannot_serve_is_read_from_the_log(tmp_path) -> None:
+    config = RecConfig(data_dir=tmp_path)
+    log, reads = _counted_log(config)
+
+    async def scenario() -> None:
+        live = Live(config, log)
+        await live.start()
+        _count_ring(live, reads)
+        reads.clear()
+        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=1.0)])
+        await log.append.remote([event_record(user_id="x", item_id="i", type="click", ts=1.0)])
+        await log.forget_user.remote("x")  # wipes the ring (x's event was in it)
+        await log.append.remote([event_record(user_id="v", item_id="j", type="click", ts=2.0)])
+        await live.sync()  # offsets 0 and 1 are gone from the ring: one log read brings all
+        assert reads == {"ring refused": 1, "log": 1} and live.rec.offset == 3
+        assert {"u", "v"} <= set(live.rec.profiles.users) and "x" not in live.rec.profiles.users
+        live.stop()
+
+    _run(scenario, log)
 
 
 def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
@@ -113,13 +232,14 @@ def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
     async def scenario() -> None:
         live = Live(config, log)
         await live.start()
-        before = len(reads)
+        _count_ring(live, reads)
+        reads.clear()
         await log.append.remote([shown, shown])  # offsets 0 and 1: training's, not serving's
         await live.sync()
-        assert len(reads) == before and live.rec.offset == 0
+        assert not reads and live.rec.offset == 0
         await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=2.0)])
         await live.sync()  # the event moves the head: one read brings both impressions and it
-        assert len(reads) == before + 1 and live.rec.offset == 3
+        assert reads == {"ring": 1} and live.rec.offset == 3
         assert "u" in live.rec.profiles.users
         assert await log.next_offset.remote() == 3  # every record is in the log all the same
         live.stop()
@@ -136,17 +256,18 @@ def test_a_replica_applies_its_own_acknowledged_events_without_reading_them(tmp_
     async def scenario() -> None:
         live = Live(config, log)
         await live.start()
-        before = len(reads)
+        _count_ring(live, reads)
+        reads.clear()
         first, _ = await log.append.remote(mine)
         assert live.apply_own(mine, first)
         await live.sync()  # the head is where this replica is: no read
-        assert len(reads) == before and live.rec.offset == 1 and "u" in live.rec.profiles.users
+        assert not reads and live.rec.offset == 1 and "u" in live.rec.profiles.users
         await log.append.remote(theirs)  # another replica's event: this one has not read it
         first, _ = await log.append.remote(mine)
         assert not live.apply_own(mine, first)  # offset 1 is missing here: nothing applied
         assert live.rec.offset == 1
         await live.sync()  # one read brings both, in order
-        assert len(reads) == before + 1 and live.rec.offset == 3
+        assert reads == {"ring": 1} and live.rec.offset == 3
         assert live.rec.profiles.users["u"].counts == {"click": 2}
         assert "v" in live.rec.profiles.users
         live.stop()
@@ -163,20 +284,21 @@ def test_only_records_that_concern_a_request_make_it_wait(tmp_path) -> None:
     async def scenario() -> None:
         live = Live(config, log)
         await live.start()
-        before = len(reads)
+        _count_ring(live, reads)
+        reads.clear()
         await log.append.remote([event_record(user_id="v", item_id="j", type="click", ts=1.0)])
         await live.sync(user="u")  # served at once: nothing of u's is unapplied
         assert live.rec.offset == 0 and "v" not in live.rec.profiles.users
         await live._catching_up  # ... and the catch-up applies it meanwhile
         assert live.rec.offset == 1 and "v" in live.rec.profiles.users
-        assert len(reads) == before + 1
+        assert reads == {"ring": 1}
         await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=2.0)])
         await live.sync(user="u")
         assert live.rec.offset == 2 and "u" in live.rec.profiles.users
         await log.append.remote([item_record(ItemIn(item_id="new", category="c"), 3.0)])
         await live.sync(user="w")  # a catalogue change concerns everyone
         assert live.rec.offset == 3 and "new" in live.rec.catalog.index
-        assert len(reads) == before + 3
+        assert reads == {"ring": 3}
         live.stop()
 
     _run(scenario, log)
