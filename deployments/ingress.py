@@ -230,6 +230,9 @@ class Aggregator:
         }
 
     # ---- HTTP --------------------------------------------------------------------------------
+    # Routes answer with a JSONResponse: a returned dict would go through FastAPI's
+    # jsonable_encoder and a response model inferred from the annotation (~150 µs per
+    # /recommend answer here, against ~17 µs for the json.dumps the JSONResponse does).
 
     async def _json(self, request: Request) -> object:
         raw = await request.body()
@@ -241,8 +244,8 @@ class Aggregator:
             raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
 
     @api.post("/events", summary="Record one event or a batch {'events': [...]}")
-    async def http_post_events(self, request: Request) -> dict:
-        return await self.ingest_events(await self._json(request))
+    async def http_post_events(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self.ingest_events(await self._json(request)))
 
     @api.get("/recommend", summary="Top-k items for a user")
     async def http_get_recommend(
@@ -250,41 +253,41 @@ class Aggregator:
         user_id: str = Query(min_length=1, max_length=ID_MAX, description="User id."),
         k: int | None = Query(None, ge=1, description="How many items."),
         exclude: str | None = Query(None, description="Comma-separated item ids to leave out."),
-    ) -> dict:
+    ) -> JSONResponse:
         ex = [x for x in (exclude or "").split(",") if x]
-        return await self.recommend({"user_id": user_id, "k": k, "exclude": ex})
+        return JSONResponse(await self.recommend({"user_id": user_id, "k": k, "exclude": ex}))
 
     @api.post("/recommend", summary="Top-k items with exclusions and context")
-    async def http_post_recommend(self, request: Request) -> dict:
-        return await self.recommend(await self._json(request))
+    async def http_post_recommend(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self.recommend(await self._json(request)))
 
     @api.get("/similar", summary="Items similar to an item")
     async def http_similar(
         self,
         item_id: str = Query(min_length=1, max_length=ID_MAX, description="Item id."),
         k: int = Query(10, ge=1, le=200, description="How many items."),
-    ) -> dict:
-        return await self.similar_items(item_id, k)
+    ) -> JSONResponse:
+        return JSONResponse(await self.similar_items(item_id, k))
 
     @api.post("/items", summary="Add or update catalogue items (one, or {'items': [...]})")
-    async def http_post_items(self, request: Request) -> dict:
-        return await self.upsert_items(await self._json(request))
+    async def http_post_items(self, request: Request) -> JSONResponse:
+        return JSONResponse(await self.upsert_items(await self._json(request)))
 
     @api.get("/items/{item_id}", summary="One catalogue item")
-    async def http_get_item(self, item_id: str) -> dict:
-        return await self.item(item_id)
+    async def http_get_item(self, item_id: str) -> JSONResponse:
+        return JSONResponse(await self.item(item_id))
 
     @api.delete("/items/{item_id}", summary="Remove an item from recommendations for good")
-    async def http_delete_item(self, item_id: str) -> dict:
-        return await self.remove_item(item_id)
+    async def http_delete_item(self, item_id: str) -> JSONResponse:
+        return JSONResponse(await self.remove_item(item_id))
 
     @api.delete("/users/{user_id}", summary="Forget a user: profile and events")
-    async def http_delete_user(self, user_id: str) -> dict:
-        return await self.forget_user(user_id)
+    async def http_delete_user(self, user_id: str) -> JSONResponse:
+        return JSONResponse(await self.forget_user(user_id))
 
     @api.get("/healthz", summary="The process is up")
-    async def http_healthz(self) -> dict:
-        return {"status": "ok"}
+    async def http_healthz(self) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
 
     @api.get("/readyz", summary="200 only when a recommendation can be served")
     async def http_readyz(self) -> JSONResponse:
@@ -292,8 +295,8 @@ class Aggregator:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @api.get("/models", summary="Model versions: served, published, available")
-    async def http_models(self) -> dict:
-        return self.model_info()
+    async def http_models(self) -> JSONResponse:
+        return JSONResponse(self.model_info())
 
     @api.post("/admin/retrain", summary="Retrain from the log now (needs X-API-Key)")
     async def http_retrain(
