@@ -156,13 +156,21 @@ class Aggregator:
                 IMPRESSION_FLUSH_S, self._flush_impressions
             )
 
-    def _flush_impressions(self) -> None:
+    def _flush_impressions(self):
+        """Append the gathered impressions (not awaited); returns the append's reference."""
         if self._impression_timer is not None:
             self._impression_timer.cancel()
             self._impression_timer = None
         batch, self._impressions = self._impressions, []
-        if batch:
-            self.log.append.remote(batch)
+        return self.log.append.remote(batch) if batch else None
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown, once the last request has drained: the impressions still
+        gathered reach the log before the replica goes, and the live state's tasks stop."""
+        appended = self._flush_impressions()
+        if appended is not None:
+            await appended
+        self.live.stop()
 
     async def similar_items(self, item_id: str, k: int) -> dict:
         await self._started

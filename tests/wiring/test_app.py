@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import shutil
 import time
@@ -189,3 +190,30 @@ def test_ready_and_models(app):
     assert body["model_version"] == model.version
     info = call(handle, "model_info")
     assert info["serving"] == info["published"] == model.version
+
+
+@pytest.mark.filterwarnings("ignore:coroutine 'Aggregator.__del__' was never awaited")
+def test_shutdown_appends_the_impressions_still_gathered(tmp_path, trained):
+    """Serve calls `__del__` once the last request has drained: the impressions waiting for
+    their timed flush reach the log then instead of being lost with the replica."""
+    src, _ = trained
+    shutil.copytree(src, tmp_path / "data")
+    config = small_config(tmp_path / "data")
+    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
+    user_class = deployments.ingress.Aggregator.func_or_class.__mro__[1]  # under serve.ingress
+
+    async def scenario() -> None:
+        aggregator = user_class(config.model_dump(mode="json"), log)
+        before = await log.next_offset.remote()
+        out = await aggregator.recommend({"user_id": "u1", "k": 3})
+        assert await log.next_offset.remote() == before  # gathered, its flush not due yet
+        await aggregator.__del__()
+        records = await log.read.remote(before, 10)
+        assert [(r["kind"], r["request_id"]) for r in records] == [
+            ("impression", out["request_id"])
+        ]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()
