@@ -3,11 +3,11 @@ whom each recent record concerns.
 
 Read-your-writes makes every request ask "is there a committed record I have not applied?".
 Asking the EventLog actor costs an actor call (milliseconds of CPU on both ends); replicas on
-the log's machine read the answer from this file instead, in nanoseconds, and call the actor
-only when the head has moved past what they applied.
+the log's machine read the answer from this file instead, in nanoseconds, and read records
+only when the head has moved past what they applied (from the records ring below).
 
 The head published is the offset just past the newest record serving applies: a commit of
-impressions alone (what answers showed, appended for training every 0.1 s by each replica)
+impressions alone (what answers showed, appended for training every 0.5 s by each replica)
 does not move it, so it costs the followers no read; they read those records with the next
 event's.
 

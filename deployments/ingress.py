@@ -30,7 +30,7 @@ from rec.events import (
 from rec.model import current_version
 
 READYZ_USER = "__readyz__"
-IMPRESSION_FLUSH_S = 0.1  # impressions wait at most this long to be appended, in one batch
+IMPRESSION_FLUSH_S = 0.5  # impressions wait at most this long to be appended, in one batch
 IMPRESSION_BATCH = 1000
 api = FastAPI(title="rec", description="Real-time recommendations: post events, get items.")
 
