@@ -93,7 +93,8 @@ class HeadWriter:
         self.nonce = secrets.randbits(62)
         self._recent = _RecentMaps(Path(log_dir) / RECENT_FILE, "r+")
         self._recent.index[:] = -1
-        self._recent.data[:] = 0  # nothing of an earlier incarnation's records stays readable
+        if not self._recent.created:  # nothing of an earlier incarnation's records stays
+            self._recent.data[:] = 0
         self._recent.header[:] = (self.nonce, 0)
         self._map[1] = self.nonce
 
@@ -214,7 +215,8 @@ class _RecentMaps:
     def __init__(self, path: Path, mode: str) -> None:
         words = RECENT_HEADER + RING
         size = 8 * words + RECENT_BYTES
-        if mode == "r+" and (not path.exists() or path.stat().st_size != size):
+        self.created = mode == "r+" and (not path.exists() or path.stat().st_size != size)
+        if self.created:  # zeros, and sparse until written
             with open(path, "wb") as fh:  # never replaced afterwards: readers map this inode
                 fh.truncate(size)
         words_map = np.memmap(path, np.int64, mode=mode, shape=(words,))

@@ -143,8 +143,10 @@ def test_forgetting_wipes_the_ring_and_a_restart_invalidates_it(tmp_path) -> Non
     assert reader.recent(0, 2) is None
     writer.remember(_stored(2, 1))  # new batches are served again
     assert reader.recent(2, 3) == _stored(2, 1)
-    HeadWriter(tmp_path)  # the actor restarted: what the old one wrote is not served
-    assert reader.recent(2, 3) is None
+    writer.remember(_stored(3, 1, user="earlier-user"))
+    HeadWriter(tmp_path)  # the actor restarted: what the old one wrote is neither served nor kept
+    assert reader.recent(2, 4) is None
+    assert b"earlier-user" not in (tmp_path / RECENT_FILE).read_bytes()
 
 
 def _counted_log(config: RecConfig) -> tuple[LocalHandle, Counter]:
