@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,21 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def live_dataset(seed: int, days: float = 30.0):
+    """The small generated data set the served tiers load: it ends now, as the events the tests
+    post are stamped with the wall clock."""
+    from rec.data import generate
+
+    return generate(
+        n_users=300,
+        n_items=200,
+        n_events=8000,
+        seed=seed,
+        days=days,
+        start_ts=time.time() - days * 86400,
+    )
 
 
 def small_config(data_dir, topology: str = "fused") -> RecConfig:

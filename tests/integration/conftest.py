@@ -11,10 +11,9 @@ import httpx
 import pytest
 
 from deployments.runtime import set_process_env
-from rec.data import generate
 from rec.model import publish
 from rec.train import snapshot_table, train
-from tests.conftest import small_config
+from tests.conftest import live_dataset, small_config
 
 pytestmark = pytest.mark.ray
 
@@ -70,15 +69,7 @@ def stack(request, ray_cluster, tmp_path_factory):
     topology = request.param
     root = tmp_path_factory.mktemp(f"stack-{topology}")
     config = small_config(root, topology)
-    days = 30.0
-    ds = generate(
-        n_users=300,
-        n_items=200,
-        n_events=8000,
-        seed=3,
-        days=days,
-        start_ts=time.time() - days * 86400,
-    )
+    ds = live_dataset(seed=3)
     records = ds.item_records() + ds.event_records()
     log = get_or_create_log(config.log_dir, config.eventlog)
     ray.get(log.append.remote(records))

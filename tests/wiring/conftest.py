@@ -4,14 +4,12 @@ on a small generated data set with a model trained by the pure training code."""
 from __future__ import annotations
 
 import importlib
-import time
 
 import pytest
 
-from rec.data import generate
 from rec.model import publish
 from rec.train import train
-from tests.conftest import small_config
+from tests.conftest import live_dataset, small_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,15 +28,7 @@ def fresh_ingress_afterwards():
 
 @pytest.fixture(scope="session")
 def dataset():
-    days = 30.0  # the data ends now, as live events will be stamped with the wall clock
-    return generate(
-        n_users=300,
-        n_items=200,
-        n_events=8000,
-        seed=1,
-        days=days,
-        start_ts=time.time() - days * 86400,
-    )
+    return live_dataset(seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -149,122 +149,101 @@ def test_forgetting_wipes_the_ring_and_a_restart_invalidates_it(tmp_path) -> Non
     assert b"earlier-user" not in (tmp_path / RECENT_FILE).read_bytes()
 
 
-def _counted_log(config: RecConfig) -> tuple[LocalHandle, Counter]:
-    """An in-process EventLog actor whose reads are counted ("log"); `_count_ring` adds a
-    replica's reads of the records ring ("ring")."""
+def _live(tmp_path, body) -> None:
+    """Run `await body(live, log, reads)`: a started Live following an in-process EventLog
+    actor, with its reads counted from here on ("log": actor calls; "ring": ranges served by
+    the records ring; "ring refused": ranges it could not serve)."""
+    config = RecConfig(data_dir=tmp_path)
     log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
     reads: Counter = Counter()
-    real_read = log._obj.read
+    actor_read = log._obj.read
 
-    async def counted(start, limit=10_000):
+    async def counted_read(start, limit=10_000):
         reads["log"] += 1
-        return await real_read(start, limit)
+        return await actor_read(start, limit)
 
-    log._obj.read = counted
-    return log, reads
+    log._obj.read = counted_read
 
+    async def scenario() -> None:
+        live = Live(config, log)
+        await live.start()
+        assert live._head is not None  # same machine: the fast path is on
+        ring_read = live._head.recent
 
-def _count_ring(live: Live, reads: Counter) -> None:
-    real_recent = live._head.recent
+        def counted_recent(start, head):
+            out = ring_read(start, head)
+            reads["ring" if out is not None else "ring refused"] += 1
+            return out
 
-    def counted(start, head):
-        out = real_recent(start, head)
-        reads["ring" if out is not None else "ring refused"] += 1
-        return out
+        live._head.recent = counted_recent
+        reads.clear()
+        try:
+            await body(live, log, reads)
+        finally:
+            live.stop()
 
-    live._head.recent = counted
-
-
-def _run(scenario, log: LocalHandle) -> None:
     try:
         asyncio.run(scenario())
     finally:
         log.close()
 
 
-def test_live_reads_only_when_the_head_moved_and_then_from_the_ring(tmp_path) -> None:
-    config = RecConfig(data_dir=tmp_path)
-    log, reads = _counted_log(config)
+def _click(user: str, item: str = "i", ts: float = 1.0) -> list[dict]:
+    return [event_record(user_id=user, item_id=item, type="click", ts=ts)]
 
-    async def scenario() -> None:
-        live = Live(config, log)
-        await live.start()
-        assert live._head is not None  # same machine: the fast path is on
-        _count_ring(live, reads)
-        reads.clear()
+
+def test_live_reads_only_when_the_head_moved_and_then_from_the_ring(tmp_path) -> None:
+    async def body(live, log, reads) -> None:
         for _ in range(5):
             await live.sync()
         assert not reads  # nothing appended: nothing read
-        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=1.0)])
+        await log.append.remote(_click("u"))
         await live.sync()  # acknowledged before this request: it must be applied
         assert reads == {"ring": 1} and live.rec.offset == 1
         assert "u" in live.rec.profiles.users
-        live.stop()
 
-    _run(scenario, log)
-    assert np.fromfile(config.log_dir / "HEAD", np.int64)[0] == 1
+    _live(tmp_path, body)
+    assert np.fromfile(tmp_path / "log" / "HEAD", np.int64)[0] == 1
 
 
 def test_what_the_ring_cannot_serve_is_read_from_the_log(tmp_path) -> None:
-    config = RecConfig(data_dir=tmp_path)
-    log, reads = _counted_log(config)
-
-    async def scenario() -> None:
-        live = Live(config, log)
-        await live.start()
-        _count_ring(live, reads)
-        reads.clear()
-        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=1.0)])
-        await log.append.remote([event_record(user_id="x", item_id="i", type="click", ts=1.0)])
+    async def body(live, log, reads) -> None:
+        await log.append.remote(_click("u"))
+        await log.append.remote(_click("x"))
         await log.forget_user.remote("x")  # wipes the ring (x's event was in it)
-        await log.append.remote([event_record(user_id="v", item_id="j", type="click", ts=2.0)])
+        await log.append.remote(_click("v", "j", 2.0))
         await live.sync()  # offsets 0 and 1 are gone from the ring: one log read brings all
         assert reads == {"ring refused": 1, "log": 1} and live.rec.offset == 3
         assert {"u", "v"} <= set(live.rec.profiles.users) and "x" not in live.rec.profiles.users
-        live.stop()
 
-    _run(scenario, log)
+    _live(tmp_path, body)
 
 
 def test_impressions_alone_cost_followers_no_read(tmp_path) -> None:
-    config = RecConfig(data_dir=tmp_path)
-    log, reads = _counted_log(config)
     shown = impression_record("u", "r1", ["i"], None, 1.0)
 
-    async def scenario() -> None:
-        live = Live(config, log)
-        await live.start()
-        _count_ring(live, reads)
-        reads.clear()
+    async def body(live, log, reads) -> None:
         await log.append.remote([shown, shown])  # offsets 0 and 1: training's, not serving's
         await live.sync()
         assert not reads and live.rec.offset == 0
-        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=2.0)])
+        await log.append.remote(_click("u", ts=2.0))
         await live.sync()  # the event moves the head: one read brings both impressions and it
         assert reads == {"ring": 1} and live.rec.offset == 3
         assert "u" in live.rec.profiles.users
         assert await log.next_offset.remote() == 3  # every record is in the log all the same
-        live.stop()
 
-    _run(scenario, log)
+    _live(tmp_path, body)
 
 
 def test_a_replica_applies_its_own_acknowledged_events_without_reading_them(tmp_path) -> None:
-    config = RecConfig(data_dir=tmp_path)
-    log, reads = _counted_log(config)
-    mine = [event_record(user_id="u", item_id="i", type="click", ts=1.0)]
-    theirs = [event_record(user_id="v", item_id="j", type="click", ts=2.0)]
+    mine = _click("u")
 
-    async def scenario() -> None:
-        live = Live(config, log)
-        await live.start()
-        _count_ring(live, reads)
-        reads.clear()
+    async def body(live, log, reads) -> None:
         first, _ = await log.append.remote(mine)
         assert live.apply_own(mine, first)
         await live.sync()  # the head is where this replica is: no read
         assert not reads and live.rec.offset == 1 and "u" in live.rec.profiles.users
-        await log.append.remote(theirs)  # another replica's event: this one has not read it
+        await log.append.remote(_click("v", "j", 2.0))  # another replica's event: not read here
         first, _ = await log.append.remote(mine)
         assert not live.apply_own(mine, first)  # offset 1 is missing here: nothing applied
         assert live.rec.offset == 1
@@ -272,35 +251,27 @@ def test_a_replica_applies_its_own_acknowledged_events_without_reading_them(tmp_
         assert reads == {"ring": 1} and live.rec.offset == 3
         assert live.rec.profiles.users["u"].counts == {"click": 2}
         assert "v" in live.rec.profiles.users
-        live.stop()
 
-    _run(scenario, log)
+    _live(tmp_path, body)
 
 
 def test_only_records_that_concern_a_request_make_it_wait(tmp_path) -> None:
     """Another user's click is applied in the background; the user's own events and catalogue
     changes are applied before the request is served."""
-    config = RecConfig(data_dir=tmp_path)
-    log, reads = _counted_log(config)
 
-    async def scenario() -> None:
-        live = Live(config, log)
-        await live.start()
-        _count_ring(live, reads)
-        reads.clear()
-        await log.append.remote([event_record(user_id="v", item_id="j", type="click", ts=1.0)])
+    async def body(live, log, reads) -> None:
+        await log.append.remote(_click("v", "j"))
         await live.sync(user="u")  # served at once: nothing of u's is unapplied
         assert live.rec.offset == 0 and "v" not in live.rec.profiles.users
         await live._catching_up  # ... and the catch-up applies it meanwhile
         assert live.rec.offset == 1 and "v" in live.rec.profiles.users
         assert reads == {"ring": 1}
-        await log.append.remote([event_record(user_id="u", item_id="i", type="click", ts=2.0)])
+        await log.append.remote(_click("u", ts=2.0))
         await live.sync(user="u")
         assert live.rec.offset == 2 and "u" in live.rec.profiles.users
         await log.append.remote([item_record(ItemIn(item_id="new", category="c"), 3.0)])
         await live.sync(user="w")  # a catalogue change concerns everyone
         assert live.rec.offset == 3 and "new" in live.rec.catalog.index
         assert reads == {"ring": 3}
-        live.stop()
 
-    _run(scenario, log)
+    _live(tmp_path, body)
