@@ -352,9 +352,12 @@ def to_markdown(results: dict) -> str:
     over = find(results, "overload")
     if over:
         rej, lag = over.get("rejected", {}), over.get("client_send_lag", {})
+        earlier = over.get("capacity_earlier_rps")
+        earlier = f"; {earlier} earlier in the run" if earlier else ""
         lines += [
-            f"Overload: offered {over.get('offered_rps')} req/s (3 × {over.get('capacity_rps')})"
-            f" for {over['seconds']} s; accepted {over.get('accepted', 0)} "
+            f"Overload: offered {over.get('offered_rps')} req/s (3 × {over.get('capacity_rps')}"
+            f", recommend@8 measured just before{earlier}) for {over['seconds']} s; accepted "
+            f"{over.get('accepted', 0)} "
             f"({over['rps']} req/s answered in all), rejected {rej.get('count', 0)} "
             f"with 503 (p50 {_fmt(rej.get('p50_ms'))} ms, p99 {_fmt(rej.get('p99_ms'))} ms)"
             f", other errors {over['errors']}. Latencies count from the scheduled send; the "
