@@ -20,7 +20,7 @@ a request whose user has nothing among the unapplied records does not wait for t
 The records themselves are shared too (`RECENT`, a byte ring of the newest committed batches,
 pickled as the actor's `read` returns them): a replica on the log's machine applies what it has
 not applied from there, with no actor call. With a call per follower per event, the log actor's
-CPU grew with the number of replicas (about 1.5 ms per call here); a follower falls back to the
+CPU grew with the number of replicas (about 1.4 ms per call here); a follower falls back to the
 call only when the ring cannot serve the range (lapped, scrubbed by `forget_user`, another
 machine, or a batch too large for it).
 
