@@ -24,11 +24,12 @@ CPU grew with the number of replicas (about 1.4 ms per call here); a follower fa
 call only when the ring cannot serve the range (lapped, scrubbed by `forget_user`, another
 machine, or a batch too large for it).
 
-The actor writes a batch into the ring, marks its owners and then publishes the new head, before
-acknowledging it, so a write that a client saw acknowledged is always visible here. The file holds [head, nonce,
-marked, ring...]: the nonce changes with every actor incarnation and comes back over RPC too,
-so a replica maps the file only if it is the very file its log writes (same machine), and
-falls back to the actor call when the nonce stops matching (the actor restarted)."""
+The actor writes a batch into the ring, marks its owners and then publishes the new head,
+before acknowledging it, so a write that a client saw acknowledged is always visible here. The
+head file holds [head, nonce, marked, ring...]: the nonce changes with every actor incarnation
+and comes back over RPC too, so a replica maps the files only if they are the very files its
+log writes (same machine), and falls back to the actor call when the nonce stops matching (the
+actor restarted)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_USER_DELETE
 HEAD_FILE = "HEAD"
 RECENT_FILE = "RECENT"
 RECENT_BYTES = 16 << 20  # the records ring's data: about 100k events of ~150 bytes
-RECENT_HEADER = 2  # nonce, written (bytes ever reserved: the end of the newest batch's entry)
+RECENT_HEADER = 1  # written: bytes ever reserved, the end of the newest batch's entry
 _ENTRY = struct.Struct("<qqq")  # a batch's first offset, its record count, its payload's bytes
 RING = 1 << 16  # offsets whose owners are kept; a replica further behind than this just reads
 HEADER = 3  # head, nonce, marked (the end of the newest batch whose owners are written)
@@ -92,10 +93,10 @@ class HeadWriter:
         self._ring = self._map[HEADER:]
         self.nonce = secrets.randbits(62)
         self._recent = _RecentMaps(Path(log_dir) / RECENT_FILE, "r+")
-        self._recent.index[:] = -1
-        if not self._recent.created:  # nothing of an earlier incarnation's records stays
-            self._recent.data[:] = 0
-        self._recent.header[:] = (self.nonce, 0)
+        if self._recent.created:  # all zeros: no entry written yet
+            self._recent.index[:] = -1
+        else:  # nothing an earlier incarnation wrote stays readable, or in the file
+            self.forget_recent()
         self._map[1] = self.nonce
 
     def remember(self, records: list[dict]) -> None:
@@ -110,17 +111,17 @@ class HeadWriter:
         if size > RECENT_BYTES // 2 or count > RING:
             recent.index[slots] = -1
             return
-        pos = int(recent.header[1])
-        recent.header[1] = pos + size  # reserved first: a reader of older bytes sees them gone
+        pos = int(recent.header[0])
+        recent.header[0] = pos + size  # reserved first: a reader of older bytes sees them gone
         recent.put(pos, _ENTRY.pack(first, count, len(payload)) + payload)
         recent.index[slots] = pos
 
     def forget_recent(self) -> None:
-        """Make every record in the ring unreadable and wipe it (a user was forgotten: their
-        events must not stay in this file); followers read from the actor until new batches
-        come."""
+        """Make every record in the ring unreadable and wipe it (a user was forgotten, or the
+        actor restarted: their events must not stay in this file); followers read from the
+        actor until new batches come."""
         recent = self._recent
-        recent.header[1] = int(recent.header[1]) + RECENT_BYTES  # every entry counts as lapped
+        recent.header[0] = int(recent.header[0]) + RECENT_BYTES  # every entry counts as lapped
         recent.index[:] = -1
         recent.data[:] = 0
 
@@ -184,7 +185,7 @@ class HeadReader:
     def recent(self, start: int, head: int) -> list[dict] | None:
         """The committed records at offsets [start, head) from the records ring, as the actor's
         `read` returns them; None when the ring cannot serve them all (lapped, even while
-        being copied here; left out; scrubbed; the actor restarted): then ask the actor."""
+        being copied here; left out; wiped): then ask the actor."""
         if head <= start:
             return []
         if head - start > RING:
@@ -200,7 +201,7 @@ class HeadReader:
             if not first <= offset < first + count or not 0 < nbytes <= RECENT_BYTES // 2:
                 return None  # the slot belongs to another lap of the index
             payload = recent.get(pos + _ENTRY.size, nbytes)
-            if int(recent.header[1]) - RECENT_BYTES > pos or int(recent.header[0]) != self.nonce:
+            if int(recent.header[0]) - RECENT_BYTES > pos:
                 return None  # overwritten (or wiped) while it was being copied
             out.extend(pickle.loads(payload)[offset - first :])
             offset = first + count
@@ -208,7 +209,7 @@ class HeadReader:
 
 
 class _RecentMaps:
-    """The records ring's file: [nonce, written] and, per offset slot, the position of the
+    """The records ring's file: [written] and, per offset slot, the position of the
     entry holding it (int64), then RECENT_BYTES of entries `first | count | nbytes | payload`
     at position % RECENT_BYTES, wrapping around the end."""
 

@@ -68,11 +68,7 @@ def lower_own_priority(nice: int = TRAIN_NICE) -> None:
     takes only the CPU that serving leaves. Ray starts workers at nice 15, so nice 19 alone
     still took a sixth of a contended core from 2 replicas (CFS weights 15 vs 36 each), and
     recommend@8's p99 went 2.7 x during a retrain; SCHED_IDLE (weight 3) leaves it ~1/25."""
-    with contextlib.suppress(OSError):
-        os.nice(max(0, nice - os.nice(0)))
-    if hasattr(os, "SCHED_IDLE"):  # Linux
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    _demote(0, nice)
 
 
 def lower_priority_of(pid: int, done: set[int], nice: int = TRAIN_NICE) -> None:
@@ -80,12 +76,19 @@ def lower_priority_of(pid: int, done: set[int], nice: int = TRAIN_NICE) -> None:
     the threads in `done` (which it adds to)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
         tid = int(task.name)
-        if tid in done:
-            continue
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        if tid not in done:
+            _demote(tid, nice)
             done.add(tid)
+
+
+def _demote(tid: int, nice: int) -> None:
+    """Thread `tid` (0: the calling one) to at least `nice` and SCHED_IDLE where it exists (on
+    Linux both are per thread, and threads started later inherit them)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, max(nice, os.getpriority(os.PRIO_PROCESS, tid)))
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
 
 
 class BackgroundStarts:

@@ -497,18 +497,6 @@ class Run:
             row["error_examples"] = t.error_examples
         self.add(row)
 
-    async def capacity_now(self) -> float:
-        """recommend@8 req/s over CAPACITY_PROBE_S, just before the overload: the capacity the
-        overload is 3× of. The recommend scenarios ran minutes before, and this VM's speed drifts
-        by a third within minutes (the floor through the proxy: 189–343 req/s across runs);
-        3× a capacity measured in a faster phase offered 4–5× the capacity at the time, and
-        the load client itself, on the same 2 cores, then sent late by p99 222 ms."""
-        tallies: dict[str, lc.Tally] = {}
-        _, wall = await lc.closed_loop(
-            8, CAPACITY_PROBE_S, self.args.warmup, lc.recommend_step(self.c, self.pop, tallies)
-        )
-        return round(len(tallies.get("all", lc.Tally()).latencies_ms) / wall, 1)
-
     async def overload(self) -> None:
         rows = [
             r
@@ -521,7 +509,14 @@ class Run:
         import random
 
         earlier = max((r["rps"] for r in rows), default=None)
-        capacity = self.args.capacity or await self.capacity_now()
+        # 3× the capacity now (a scenario row of its own): the recommend scenarios ran minutes
+        # before, and this VM's speed drifts by a third within minutes (the floor through the
+        # proxy: 189–343 req/s across runs); 3× a faster phase's rate offered 4–5× the capacity
+        # at the time, and the load client itself, on the same cores, sent late by p99 222 ms.
+        capacity = (
+            self.args.capacity
+            or (await self.recommend("overload-capacity", 8, seconds=CAPACITY_PROBE_S))["rps"]
+        )
         rate = 3 * capacity
         rng = random.Random(3)
         accepted, rejected, other, lag = [], [], lc.Tally(), []
