@@ -45,6 +45,7 @@ VALIDATION_EVENTS = 1000  # at most this many validation users (and events) choo
 VALIDATION_K = 20
 GF_VALIDATION_EVENTS = 2000  # the graph filter's grid is cheap to score in batches
 GF_BATCH = 250
+ORDERING_BATCH = 128  # validation requests the ranker scores in one call
 SHARPEN_GRID = (0.0, 1.0, 2.0, 2.5, 3.0)  # BSPM sharpening times T
 POP_GRID = (0.0, 0.1, 0.2)
 PROBE_USERS = 300  # fold-ins that measure the HNSW graph's recall for the index choice
@@ -495,17 +496,20 @@ def choose_ordering(
         return "ranker", "blend", {}
     names = [o for o in ORDERINGS if o != "ease" or prefix.ease is not None]
     gains: dict[str, list[float]] = {name: [] for name in names}
-    for case in cases:
-        for name in names:
-            if not len(case.positives):
-                gains[name].append(0.0)
-                continue
-            if name == "ranker":
-                scores = rank_probabilities(prefix.ranker, [case.inputs])[0]
-            else:
-                scores = recall_order(case.inputs.dense, name)
-            order = np.argsort(-scores, kind="stable")
-            gains[name].append(_gain(order, case.positives, case.n_relevant))
+    for start in range(0, len(cases), ORDERING_BATCH):
+        batch = cases[start : start + ORDERING_BATCH]
+        ranked = rank_probabilities(prefix.ranker, [c.inputs for c in batch])
+        for case, ranker_scores in zip(batch, ranked, strict=True):
+            for name in names:
+                if not len(case.positives):
+                    gains[name].append(0.0)
+                    continue
+                if name == "ranker":
+                    scores = ranker_scores
+                else:
+                    scores = recall_order(case.inputs.dense, name)
+                order = np.argsort(-scores, kind="stable")
+                gains[name].append(_gain(order, case.positives, case.n_relevant))
     served, recall = pick_ordering(gains)
     return served, recall, {name: round(float(np.mean(g)), 5) for name, g in gains.items()}
 
