@@ -83,6 +83,13 @@ class RecallConfig(_Config):
         ge=0,
         description="Graph filter (BSPM) sharpening time T when training cannot choose it on held-out data.",
     )
+    gf_dense_max_items: int = Field(
+        4096,
+        ge=0,
+        description="Largest catalogue whose graph filter training tabulates as a dense "
+        "items² matrix (4096 items: 64 MB per model), so a request sums rows instead of "
+        "filtering over the whole graph; 0 turns it off.",
+    )
     ease_l2: float = Field(500.0, gt=0, description="EASE ridge regulariser λ.")
     ease_max_items: int = Field(
         20_000,

@@ -8,8 +8,11 @@ the linear low-pass filter plus an ideal low-pass filter on the top singular vec
 heat equation ds/dt = -s R̃ᵀR̃ for a time T, here one fourth-order Runge-Kutta step:
     s = b (I - T P + (T P)²/2 - (T P)³/6 + (T P)⁴/24),   P = R̃ᵀR̃
 and finally re-weighs by item degree, s · (d_i + 1)^γ; T and γ are chosen on held-out data at
-training time. Everything is computed per request from the live history (sparse products and
-one small dense one), so a new event changes the next answer."""
+training time. The filter is linear in the history, so for a catalogue of a few thousand items
+training tabulates it (`tune(dense=True)`): row j of an items × items matrix holds what item j
+alone contributes, and a request sums its history's rows. Larger catalogues compute it per
+request from the live history (sparse products and one small dense one). Either way a new event
+changes the next answer."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import svds
 
 from rec.recall.base import ScoreSource, load_csr, save_csr, weighted_rows
+
+DENSE_BLOCK = 512  # items filtered per batch while `tune` tabulates the filter
 
 
 class GraphFilter(ScoreSource):
@@ -32,11 +37,13 @@ class GraphFilter(ScoreSource):
         alpha: float,
         sharpen: float = 0.0,
         pop: float = 0.0,
+        dense: np.ndarray | None = None,
     ) -> None:
         self.by_item = by_item.tocsr()  # R̃ᵀ: items × users
         self.by_user = self.by_item.T.tocsr()  # R̃: users × items
-        self.sharpen = float(sharpen)
-        self.pop = float(pop)
+        self._sharpen = float(sharpen)
+        self._pop = float(pop)
+        self.dense = dense  # items × items, row j: item j's contribution (see `tune`)
         self.basis = np.ascontiguousarray(basis, np.float32)  # Ū: items × k (row-major: a
         # column-major basis is copied whole by every sparse @ dense product)
         self.item_degree = item_degree.astype(np.float32)
@@ -73,15 +80,50 @@ class GraphFilter(ScoreSource):
     def n_items(self) -> int:
         return self.by_item.shape[0]
 
+    @property
+    def sharpen(self) -> float:
+        return self._sharpen
+
+    @property
+    def pop(self) -> float:
+        return self._pop
+
+    def tune(self, sharpen: float, pop: float, dense: bool = False) -> None:
+        """Set the sharpening time T and degree exponent γ (training chooses them), and tabulate
+        the filter when `dense`: row j of an items × items float32 matrix becomes the scores of
+        a history of item j alone, so a request costs a sum of its history's rows instead of
+        eight sparse products over the whole graph (ml-100k, T chosen: 0.88 ms per request).
+        Building it costs the batched filter of every item, O(nnz · items)."""
+        self._sharpen, self._pop = float(sharpen), float(pop)
+        self.dense = None
+        if not dense:
+            return
+        n = self.n_items
+        table = np.empty((n, n), np.float32)
+        for start in range(0, n, DENSE_BLOCK):
+            rows = np.arange(start, min(start + DENSE_BLOCK, n))
+            x = sp.csr_matrix(
+                (np.ones(len(rows), np.float32), (rows - start, rows)), shape=(len(rows), n)
+            )
+            table[rows] = self._filtered(self.blurred(x)).T
+        self.dense = table
+
     def scores(self, idx: np.ndarray, weights: np.ndarray, n_total: int) -> np.ndarray:
         out = np.zeros(n_total, np.float32)
         liked = idx[(weights > 0) & (idx >= 0) & (idx < self.n_items)]
         if len(liked) == 0:
             return out
-        blurred = self.blurred_one(np.unique(liked))
-        terms = self.sharpening_terms(blurred) if self.sharpen else [blurred]
-        out[: self.n_items] = self.combine(terms, self.sharpen, self.pop)[:, 0]
+        liked = np.unique(liked)
+        if self.dense is not None:
+            out[: self.n_items] = self.dense[liked].sum(axis=0)
+        else:
+            out[: self.n_items] = self._filtered(self.blurred_one(liked))[:, 0]
         return out
+
+    def _filtered(self, blurred: np.ndarray) -> np.ndarray:
+        """Sharpened and degree-weighed with this filter's T and γ (items × n)."""
+        terms = self.sharpening_terms(blurred) if self.sharpen else [blurred]
+        return self.combine(terms, self.sharpen, self.pop)
 
     def blurred_one(self, liked: np.ndarray) -> np.ndarray:
         """`blurred` of one history (sorted distinct item indices), items × 1: the same numbers,
@@ -129,6 +171,7 @@ class GraphFilter(ScoreSource):
             "gf_alpha": np.asarray(self.alpha),
             "gf_sharpen": np.asarray(self.sharpen),
             "gf_pop": np.asarray(self.pop),
+            **({"gf_dense": self.dense} if self.dense is not None else {}),
         }
 
     @classmethod
@@ -140,6 +183,7 @@ class GraphFilter(ScoreSource):
             float(arrays["gf_alpha"]),
             float(arrays["gf_sharpen"]),
             float(arrays["gf_pop"]),
+            arrays.get("gf_dense"),
         )
 
 

@@ -82,7 +82,7 @@ def history(user: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sharpened(graph: GraphFilter) -> GraphFilter:
-    graph.sharpen, graph.pop = 2.5, 0.1
+    graph.tune(2.5, 0.1)
     return graph
 
 
@@ -354,7 +354,7 @@ def test_graph_filter_matches_the_dense_formula() -> None:
     """GF-CF + BSPM by hand: b = r R̃ᵀR̃ + α r D^-½ Ū Ūᵀ D^½, s = b Σₖ (-T P)ᵏ/k! (k ≤ 4),
     then the degree re-weighing; the batched path gives the same rows as one request."""
     graph = GraphFilter.fit(X, dim=3, alpha=0.3, seed=0)
-    graph.sharpen, graph.pop = 1.5, 0.2
+    graph.tune(1.5, 0.2)
     x = X.toarray()
     du, di = x.sum(axis=1), x.sum(axis=0)
     r_norm = x / np.sqrt(du)[:, None] / np.sqrt(di)[None, :]
@@ -371,6 +371,34 @@ def test_graph_filter_matches_the_dense_formula() -> None:
     assert not got[N_ITEMS:].any()
     batch = graph.combine(graph.sharpening_terms(graph.blurred(X[[3, 7]].tocsr())), 1.5, 0.2)
     np.testing.assert_allclose(batch[:, 0], got[:N_ITEMS], rtol=1e-5, atol=1e-6)
+
+
+def test_graph_filter_tabulated_scores_as_the_per_request_filter(monkeypatch) -> None:
+    """`tune(dense=True)` tabulates the filter row by item: a history's scores are the sum of its
+    rows, the same as filtering it (every user of X, with and without sharpening; tabulated in
+    blocks smaller than the catalogue); the table is saved with the model and retuning drops
+    or rebuilds it."""
+    monkeypatch.setattr("rec.recall.graph_filter.DENSE_BLOCK", 3)
+    graph = GraphFilter.fit(X, dim=3, alpha=0.3, seed=0)
+    for sharpen, pop in ((0.0, 0.0), (1.5, 0.2)):
+        graph.tune(sharpen, pop)
+        assert graph.dense is None
+        exact = [
+            graph.scores(np.flatnonzero(r), np.ones(r.sum(), np.float32), N_TOTAL)
+            for r in X.toarray() > 0
+        ]
+        graph.tune(sharpen, pop, dense=True)
+        assert graph.dense.shape == (N_ITEMS, N_ITEMS)
+        for r, want in zip(X.toarray() > 0, exact, strict=True):
+            idx = np.flatnonzero(r)
+            weights = np.ones(len(idx), np.float32)
+            got = graph.scores(np.concatenate([idx, idx[:1]]), np.append(weights, 1.0), N_TOTAL)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # a repeat counts once
+    loaded = GraphFilter.from_arrays(graph.arrays())
+    np.testing.assert_array_equal(loaded.dense, graph.dense)
+    assert (loaded.sharpen, loaded.pop) == (1.5, 0.2)
+    loaded.tune(0.0, 0.0)
+    assert loaded.dense is None and "gf_dense" not in loaded.arrays()
 
 
 def test_graph_filter_ideal_filter_is_fitted_on_the_largest_component() -> None:
