@@ -29,7 +29,7 @@ def _train_worker(loop_config: dict) -> None:
     from rec.train import train
 
     config = RecConfig.model_validate(loop_config["config"])
-    torch.set_num_threads(config.train.torch_threads)
+    torch.set_num_threads(config.train.worker_threads)
     ctx = ray.train.get_context()
 
     def fit_ranker(ranker, ex):
@@ -51,6 +51,7 @@ def _train_worker(loop_config: dict) -> None:
         log_offset=loop_config["offset"],
         fit_ranker=fit_ranker,
         version=loop_config["version"],
+        threads=config.train.worker_threads,
     )
     if ctx.get_world_rank() == 0:
         index = bundle.build_index(config.recall, shards=max(config.serving.ann_shards, 1))

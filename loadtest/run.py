@@ -659,7 +659,7 @@ def ray_settings(config_path: str | None, replicas: int) -> tuple[dict, str]:
         "index": config.recall.index,
         "access_log": ENV["RAY_SERVE_ENABLE_ACCESS_LOG"] == "1",
         "train_cpus_per_worker": t.cpus_per_worker,
-        "train_torch_threads": t.torch_threads,
+        "train_worker_threads": t.worker_threads,
         "dashboard": True,
     }
     return settings, s.api_key

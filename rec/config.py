@@ -183,7 +183,12 @@ class TrainConfig(_Config):
         description="CPUs reserved per Train worker; keep the sum below what Serve leaves.",
     )
     use_gpu: bool = Field(False, description="Train on GPUs (Ray Train workers ask for one each).")
-    torch_threads: int = Field(1, gt=0, description="torch/BLAS threads inside a Train worker.")
+    worker_threads: int = Field(
+        1,
+        gt=0,
+        description="Threads a Train worker computes with: torch's, and the embeddings' ALS "
+        "(which would otherwise take every core of the node, next to the replicas).",
+    )
     min_events: int = Field(10, ge=0, description="Retrain refuses to run on fewer events.")
     holdout: Literal["last", "random"] = Field(
         "last",

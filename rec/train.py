@@ -80,8 +80,10 @@ def train(
     log_offset: int | None = None,
     fit_ranker: FitRanker | None = fit_ranker_locally,
     version: str | None = None,
+    threads: int = 0,
 ) -> ModelBundle:
-    """A new model version from a log snapshot (`rec.eventlog.SCHEMA` columns)."""
+    """A new model version from a log snapshot (`rec.eventlog.SCHEMA` columns); the embeddings'
+    ALS runs on `threads` threads (0: every core)."""
     t0 = time.perf_counter()
     records = table.to_pylist()
     events = [r for r in records if r["kind"] == KIND_EVENT]
@@ -102,7 +104,7 @@ def train(
     dense_gf = len(item_ids) <= config.recall.gf_dense_max_items
     if fit_ranker is not None and prefix_events and suffix_events:
         prefix = _fit_recall(
-            prefix_events, item_index, user_index, config, categories, item_ids, user_ids
+            prefix_events, item_index, user_index, config, categories, item_ids, user_ids, threads
         )
         (sharpen, pop), metrics["gf_validation_ndcg"] = choose_graph_filter(
             prefix, prefix_events, suffix_events, config
@@ -129,7 +131,9 @@ def train(
                 prefix, cases
             )
 
-    final = _fit_recall(events, item_index, user_index, config, categories, item_ids, user_ids)
+    final = _fit_recall(
+        events, item_index, user_index, config, categories, item_ids, user_ids, threads
+    )
     final.graph.tune(sharpen, pop, dense_gf)
     final.ordering = ordering
     if basis is not None:
@@ -332,6 +336,7 @@ def _fit_recall(
     categories: dict[str, str | None],
     item_ids: list[str],
     user_ids: list[str],
+    threads: int = 0,
 ) -> ModelBundle:
     rc = config.recall
     users = np.asarray([user_index[r["user_id"]] for r in events], np.int64)
@@ -351,7 +356,9 @@ def _fit_recall(
         version="",
         item_ids=item_ids,
         user_ids=user_ids,
-        embeddings=Embeddings.fit(positive, rc.embedding_dim, rc.embedding_reg, seed=config.seed),
+        embeddings=Embeddings.fit(
+            positive, rc.embedding_dim, rc.embedding_reg, seed=config.seed, threads=threads
+        ),
         itemcf=ItemCF.fit(cf_input, rc.similarity, rc.itemcf_neighbors, rc.shrinkage),
         usercf=UserCF.fit(cf_input, rc.similarity, rc.usercf_neighbors),
         graph=GraphFilter.fit(positive, rc.gf_dim, rc.gf_alpha, seed=config.seed),

@@ -488,3 +488,23 @@ def test_training_chooses_the_index_graph_that_finds_more(records, monkeypatch) 
         and degree == CONFIG.recall.hnsw_m
     )
     assert train(snapshot_table(records), CONFIG, fit_ranker=None).metrics["index_recall@100"] == {}
+
+
+def test_training_runs_als_on_the_threads_it_is_given(records, monkeypatch) -> None:
+    """A Train worker passes its thread budget down: ALS (implicit) would otherwise take every
+    core of the node; offline training keeps the default, every core (0)."""
+    import rec.recall.embedding as embedding
+
+    seen = []
+    real = embedding.als_factors
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["threads"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "als_factors", spy)
+    train(snapshot_table(records), CONFIG, threads=1)
+    assert seen == [1, 1]  # the prefix's recall and the final one
+    seen.clear()
+    train(snapshot_table(records), CONFIG, fit_ranker=None)
+    assert seen == [0]
