@@ -193,9 +193,10 @@ def test_ready_and_models(app):
 
 
 @pytest.mark.filterwarnings("ignore:coroutine 'Aggregator.__del__' was never awaited")
-def test_shutdown_appends_the_impressions_still_gathered(tmp_path, trained):
+def test_shutdown_appends_the_impressions_still_gathered(tmp_path, trained, monkeypatch):
     """Serve calls `__del__` once the last request has drained: the impressions waiting for
     their timed flush reach the log then instead of being lost with the replica."""
+    monkeypatch.setattr(deployments.ingress, "IMPRESSION_FLUSH_S", 600.0)  # only __del__ flushes
     src, _ = trained
     shutil.copytree(src, tmp_path / "data")
     config = small_config(tmp_path / "data")
