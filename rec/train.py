@@ -512,10 +512,9 @@ def choose_ordering(
                 if not len(case.positives):
                     gains[name].append(0.0)
                     continue
-                if name == "ranker":
-                    scores = ranker_scores
-                else:
-                    scores = recall_order(case.inputs.dense, name)
+                scores = (
+                    ranker_scores if name == "ranker" else recall_order(case.inputs.dense, name)
+                )
                 order = np.argsort(-scores, kind="stable")
                 gains[name].append(_gain(order, case.positives, case.n_relevant))
     served, recall = pick_ordering(gains)

@@ -101,11 +101,9 @@ class GraphFilter(ScoreSource):
         n = self.n_items
         table = np.empty((n, n), np.float32)
         for start in range(0, n, DENSE_BLOCK):
-            rows = np.arange(start, min(start + DENSE_BLOCK, n))
-            x = sp.csr_matrix(
-                (np.ones(len(rows), np.float32), (rows - start, rows)), shape=(len(rows), n)
-            )
-            table[rows] = self._filtered(self.blurred(x)).T
+            stop = min(start + DENSE_BLOCK, n)
+            x = sp.eye(stop - start, n, k=start, dtype=np.float32, format="csr")  # one item a row
+            table[start:stop] = self._filtered(self.blurred(x)).T
         self.dense = table
 
     def scores(self, idx: np.ndarray, weights: np.ndarray, n_total: int) -> np.ndarray:
@@ -114,8 +112,13 @@ class GraphFilter(ScoreSource):
         if len(liked) == 0:
             return out
         liked = np.unique(liked)
-        if self.dense is not None:
+        if self.dense is not None and 4 * len(liked) < self.n_items:
             out[: self.n_items] = self.dense[liked].sum(axis=0)
+        elif self.dense is not None:  # a long history: one product with the whole table is
+            # cheaper than gathering its rows (1k items, 1k liked: 0.07 against 0.39 ms)
+            history = np.zeros(self.n_items, np.float32)
+            history[liked] = 1.0
+            out[: self.n_items] = history @ self.dense
         else:
             out[: self.n_items] = self._filtered(self.blurred_one(liked))[:, 0]
         return out

@@ -375,22 +375,20 @@ def test_graph_filter_matches_the_dense_formula() -> None:
 
 def test_graph_filter_tabulated_scores_as_the_per_request_filter(monkeypatch) -> None:
     """`tune(dense=True)` tabulates the filter row by item: a history's scores are the sum of its
-    rows, the same as filtering it (every user of X, with and without sharpening; tabulated in
-    blocks smaller than the catalogue); the table is saved with the model and retuning drops
-    or rebuilds it."""
+    rows, the same as filtering it (every user of X and the first two items of each: a short
+    history sums its rows, a long one, 6 of 20 items, multiplies the table; with and without
+    sharpening; tabulated in blocks smaller than the catalogue); the table is saved with the
+    model and retuning drops or rebuilds it."""
     monkeypatch.setattr("rec.recall.graph_filter.DENSE_BLOCK", 3)
     graph = GraphFilter.fit(X, dim=3, alpha=0.3, seed=0)
+    histories = [np.flatnonzero(r)[:n] for r in X.toarray() > 0 for n in (2, N_ITEMS)]
     for sharpen, pop in ((0.0, 0.0), (1.5, 0.2)):
         graph.tune(sharpen, pop)
         assert graph.dense is None
-        exact = [
-            graph.scores(np.flatnonzero(r), np.ones(r.sum(), np.float32), N_TOTAL)
-            for r in X.toarray() > 0
-        ]
+        exact = [graph.scores(h, np.ones(len(h), np.float32), N_TOTAL) for h in histories]
         graph.tune(sharpen, pop, dense=True)
         assert graph.dense.shape == (N_ITEMS, N_ITEMS)
-        for r, want in zip(X.toarray() > 0, exact, strict=True):
-            idx = np.flatnonzero(r)
+        for idx, want in zip(histories, exact, strict=True):
             weights = np.ones(len(idx), np.float32)
             got = graph.scores(np.concatenate([idx, idx[:1]]), np.append(weights, 1.0), N_TOTAL)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # a repeat counts once
