@@ -14,8 +14,8 @@ from deployments.live import Live
 from deployments.runtime import pin_threads
 from deployments.shards import RemoteIndex, shard_actors
 from rec.config import RecConfig
-from rec.pipeline import CandidateSet
 from rec.profile import ProfileView
+from rec.recall.stage import CandidateSet
 
 STAGE_STALENESS_S = 0.05  # recall/rank replicas may lag the log this much (profiles never do)
 

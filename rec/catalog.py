@@ -42,6 +42,7 @@ class Catalog:
     # tags an item has) and first-seen time (NaN: unknown). One vocabulary codes categories and
     # tags alike (a profile's interest tags hold both).
     _codes: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    _names: list[str] = field(default_factory=list, repr=False, compare=False)  # by code
     _category: np.ndarray = field(
         default_factory=lambda: np.zeros(0, np.int64), repr=False, compare=False
     )
@@ -125,6 +126,11 @@ class Catalog:
         """Each item's category code (NO_CODE: no category, or not in the catalogue)."""
         return gathered(self._category, idx, NO_CODE, np.int64)
 
+    def categories(self, idx: np.ndarray) -> list[str | None]:
+        """Each item's category name (None: no category, or not in the catalogue)."""
+        names = self._names
+        return [None if c == NO_CODE else names[c] for c in self.category_codes(idx).tolist()]
+
     def code(self, name: str | None) -> int:
         """The code of a category or tag name (NO_CODE for None or a name no item carries)."""
         return NO_CODE if name is None else self._codes.get(name, NO_CODE)
@@ -153,7 +159,14 @@ class Catalog:
         return out
 
     def _tags_of(self, names) -> np.ndarray:
-        return np.asarray([self._codes.setdefault(t, len(self._codes)) for t in names], np.int64)
+        codes = []
+        for name in names:
+            code = self._codes.get(name)
+            if code is None:
+                code = self._codes[name] = len(self._names)
+                self._names.append(name)
+            codes.append(code)
+        return np.asarray(codes, np.int64)
 
     def _store(self, idx: int) -> None:
         """Copy item idx's metadata into the per-index arrays (growing them for a new index)."""

@@ -1,7 +1,7 @@
 """A model version: everything training produces, saved as a directory of safe formats.
 
 models/<version>/meta.json     version, log offset it was trained up to, metrics, config
-models/<version>/arrays.npz    item ids, embeddings, item-CF, user-CF, graph filter, EASE (no pickle)
+models/<version>/arrays.npz    item ids, embeddings, every recall model's arrays (no pickle)
 models/<version>/ranker/       safetensors weights + JSON
 models/<version>/index/        the HNSW (or brute-force) shards over the item vectors
 models/CURRENT                 name of the live version (written atomically)
@@ -21,7 +21,9 @@ import numpy as np
 from rec.config import RecallConfig
 from rec.index import Index, ShardedIndex, load_index, make_index
 from rec.ranker import Ranker
-from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF
+from rec.recall import Embeddings, GraphFilter, ItemCF
+from rec.recall.base import RecallModel
+from rec.recall.registry import MODELS
 
 
 @dataclass
@@ -30,11 +32,10 @@ class ModelBundle:
     item_ids: list[str]
     user_ids: list[str]
     embeddings: Embeddings
-    itemcf: ItemCF
-    usercf: UserCF
-    graph: GraphFilter
+    # the fitted `rec.recall.registry.MODELS`, in its order (a model that does not apply to this
+    # catalogue, such as EASE for a large one, is absent)
+    sources: dict[str, RecallModel]
     item_categories: list[str | None]
-    ease: EASE | None = None  # fitted for catalogues that fit a dense item × item matrix
     ranker: Ranker | None = None
     ordering: str = "ranker"  # how the final list is ordered: one of pipeline.ORDERINGS (fit picks)
     equalise_norms: bool = True  # HNSWIndex's norm equalisation (fit measures which recalls more)
@@ -45,6 +46,15 @@ class ModelBundle:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def itemcf(self) -> ItemCF:
+        """Item-CF, which also explains candidates and answers /similar."""
+        return self.sources["itemcf"]
+
+    @property
+    def graph(self) -> GraphFilter:
+        return self.sources["gf"]
 
     def build_index(self, config: RecallConfig, shards: int = 1) -> Index:
         """An index over the item vectors, `shards` ways (item index i goes to shard i % shards)."""
@@ -81,11 +91,9 @@ class ModelBundle:
             "user_ids": np.asarray(self.user_ids, dtype=str),
             "item_categories": np.asarray([c or "" for c in self.item_categories], dtype=str),
             **self.embeddings.arrays(),
-            **self.itemcf.arrays(),
-            **self.usercf.arrays(),
-            **self.graph.arrays(),
-            **(self.ease.arrays() if self.ease is not None else {}),
         }
+        for source in self.sources.values():
+            arrays.update(source.arrays())
         np.savez(tmp / "arrays.npz", **arrays)
         if self.ranker is not None:
             self.ranker.save(tmp / "ranker")
@@ -115,11 +123,12 @@ class ModelBundle:
             version=meta["version"],
             item_ids=arrays["item_ids"].tolist(),
             user_ids=arrays["user_ids"].tolist(),
-            embeddings=Embeddings.from_arrays(arrays),
-            itemcf=ItemCF.from_arrays(arrays),
-            usercf=UserCF.from_arrays(arrays),
-            graph=GraphFilter.from_arrays(arrays),
-            ease=EASE.from_arrays(arrays) if "ease_weights" in arrays else None,
+            embeddings=Embeddings.load(arrays),
+            sources={
+                name: source
+                for name, model in MODELS.items()
+                if (source := model.load(arrays)) is not None
+            },
             item_categories=[c or None for c in arrays["item_categories"].tolist()],
             ranker=ranker,
             ordering=meta.get("ordering", "ranker"),

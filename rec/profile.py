@@ -1,23 +1,19 @@
-"""Per-user state, updated on every event: the recent sequence, interest tags with time decay,
-counts per type, and a user vector folded in against the current item factors.
+"""Per-user state, updated on every event: the recent sequence, every item touched with its
+summed weight, interest tags with time decay and counts per type.
 
-A profile is a pure view of the log: replaying the same records gives the same profiles.
+A profile is a pure view of the log: replaying the same records gives the same profiles. It
+holds nothing of a model: the user vector is folded in by the recall stage against the item
+factors of the model version the request is served with.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from rec.catalog import ItemMeta
 from rec.config import ProfileConfig
-
-# item id -> its current factor row, or None when the model does not know it
-ItemVector = Callable[[str], np.ndarray | None]
 
 
 def event_weight(type_: str, value: float | None, config: ProfileConfig) -> float:
@@ -28,13 +24,6 @@ def event_weight(type_: str, value: float | None, config: ProfileConfig) -> floa
     return config.type_weights.get(type_, 1.0)
 
 
-def _contribution(weight: float) -> float:
-    """How much an item's accumulated weight moves the user vector (implicit fold-in)."""
-    if weight > 0:
-        return 1.0
-    return -0.5 if weight < 0 else 0.0
-
-
 @dataclass
 class UserProfile:
     user_id: str
@@ -42,8 +31,6 @@ class UserProfile:
     items: dict[str, float] = field(default_factory=dict)  # every item touched -> summed weight
     tags: dict[str, tuple[float, float]] = field(default_factory=dict)  # tag -> (weight, at ts)
     counts: dict[str, int] = field(default_factory=dict)
-    vec: np.ndarray | None = None
-    vec_version: str | None = None
     last_ts: float = 0.0
 
 
@@ -56,7 +43,7 @@ class ProfileView:
     recent: tuple[tuple[str, float, float], ...]
     seen: frozenset[str]
     liked: frozenset[str]  # items whose summed weight is positive
-    vec: np.ndarray | None
+    disliked: frozenset[str]  # items whose summed weight is negative
     tags: dict[str, float]
     counts: dict[str, int]
     last_ts: float
@@ -76,9 +63,7 @@ class ProfileStore:
     def __len__(self) -> int:
         return len(self.users)
 
-    def apply_event(
-        self, record: dict, meta: ItemMeta | None, item_vector: ItemVector, version: str | None
-    ) -> None:
+    def apply_event(self, record: dict, meta: ItemMeta | None) -> None:
         """Fold one behaviour record into its user's profile."""
         user_id, item_id, ts = record["user_id"], record["item_id"], float(record["ts"])
         p = self.users.get(user_id)
@@ -88,8 +73,7 @@ class ProfileStore:
             )
         w = event_weight(record["type"], record.get("value"), self.config)
         p.recent.append((item_id, w, ts))
-        old = p.items.get(item_id, 0.0)
-        new = p.items[item_id] = old + w
+        p.items[item_id] = p.items.get(item_id, 0.0) + w
         p.counts[record["type"]] = p.counts.get(record["type"], 0) + 1
         p.last_ts = max(p.last_ts, ts)
         if meta is not None:
@@ -97,48 +81,33 @@ class ProfileStore:
                 if tag:
                     prev_w, prev_ts = p.tags.get(tag, (0.0, ts))
                     p.tags[tag] = (self._decay(prev_w, ts - prev_ts) + w, max(ts, prev_ts))
-        if p.vec is not None and p.vec_version == version:
-            delta = _contribution(new) - _contribution(old)
-            vec = item_vector(item_id) if delta else None
-            if vec is not None:
-                p.vec = p.vec + delta * vec
 
     def forget(self, user_id: str) -> bool:
         return self.users.pop(user_id, None) is not None
 
-    def view(
-        self,
-        user_id: str,
-        item_vector: ItemVector,
-        version: str | None,
-        now: float | None = None,
-        n_recent: int = 50,
-    ) -> ProfileView:
-        """A snapshot of the user's profile; the user vector is (re)folded when stale."""
+    def view(self, user_id: str, now: float | None = None, n_recent: int = 50) -> ProfileView:
+        """A snapshot of the user's profile."""
         p = self.users.get(user_id)
         if p is None:
-            return ProfileView(user_id, False, (), frozenset(), frozenset(), None, {}, {}, 0.0)
-        if p.vec is None or p.vec_version != version:
-            p.vec = self._fold_in(p, item_vector)
-            p.vec_version = version
+            empty = frozenset()
+            return ProfileView(user_id, False, (), empty, empty, empty, {}, {}, 0.0)
         at = p.last_ts if now is None else now
         tags = {t: self._decay(w, at - ts) for t, (w, ts) in p.tags.items()}
         top = dict(sorted(tags.items(), key=lambda kv: -kv[1])[:10])
         recent = tuple(list(p.recent)[-n_recent:])
-        vec = None if p.vec is None else p.vec.copy()
         liked = frozenset(i for i, w in p.items.items() if w > 0)
+        disliked = frozenset(i for i, w in p.items.items() if w < 0)
         return ProfileView(
-            user_id, True, recent, frozenset(p.items), liked, vec, top, dict(p.counts), p.last_ts
+            user_id,
+            True,
+            recent,
+            frozenset(p.items),
+            liked,
+            disliked,
+            top,
+            dict(p.counts),
+            p.last_ts,
         )
-
-    def _fold_in(self, p: UserProfile, item_vector: ItemVector) -> np.ndarray | None:
-        total = None
-        for item_id, weight in p.items.items():
-            c = _contribution(weight)
-            vec = item_vector(item_id) if c else None
-            if vec is not None:
-                total = c * vec if total is None else total + c * vec
-        return total
 
     def _decay(self, weight: float, dt: float) -> float:
         return weight * math.pow(0.5, max(dt, 0.0) / self.config.tag_half_life_s)

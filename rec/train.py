@@ -26,19 +26,21 @@ from scipy.linalg import orthogonal_procrustes
 from rec.config import RecConfig
 from rec.eventlog import SCHEMA
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, parse_context
-from rec.index import choose_equalise_norms
-from rec.model import ModelBundle, new_version_name
-from rec.pipeline import (
+from rec.features import (
     DENSE_FEATURES,
     ORDERINGS,
     RankInputs,
-    Recommender,
     rank_probabilities,
     recall_order,
 )
+from rec.index import choose_equalise_norms
+from rec.model import ModelBundle, new_version_name
+from rec.pipeline import Recommender
 from rec.profile import event_weight
 from rec.ranker import Ranker
-from rec.recall import EASE, Embeddings, GraphFilter, ItemCF, UserCF, interaction_matrix
+from rec.recall import Embeddings, interaction_matrix
+from rec.recall.base import TrainingData
+from rec.recall.registry import MODELS
 
 log = logging.getLogger(__name__)
 VALIDATION_EVENTS = 1000  # at most this many validation users (and events) choose the ordering
@@ -352,6 +354,7 @@ def _fit_recall(
     cf_input = x if rc.similarity == "pearson" else positive
     cf_input = cf_input.copy()
     cf_input.eliminate_zeros()
+    data = TrainingData(positive, cf_input, rc, config.seed, threads)
     return ModelBundle(
         version="",
         item_ids=item_ids,
@@ -359,10 +362,11 @@ def _fit_recall(
         embeddings=Embeddings.fit(
             positive, rc.embedding_dim, rc.embedding_reg, seed=config.seed, threads=threads
         ),
-        itemcf=ItemCF.fit(cf_input, rc.similarity, rc.itemcf_neighbors, rc.shrinkage),
-        usercf=UserCF.fit(cf_input, rc.similarity, rc.usercf_neighbors),
-        graph=GraphFilter.fit(positive, rc.gf_dim, rc.gf_alpha, seed=config.seed),
-        ease=EASE.fit(positive, rc.ease_l2) if len(item_ids) <= rc.ease_max_items else None,
+        sources={
+            name: source
+            for name, model in MODELS.items()
+            if (source := model.from_training(data)) is not None
+        },
         item_categories=[categories.get(i) for i in item_ids],
     )
 
@@ -502,7 +506,7 @@ def choose_ordering(
     misses counting 0 for all; `pick_ordering` decides."""
     if not cases:
         return "ranker", "blend", {}
-    names = [o for o in ORDERINGS if o != "ease" or prefix.ease is not None]
+    names = [o for o in ORDERINGS if o not in MODELS or o in prefix.sources]
     gains: dict[str, list[float]] = {name: [] for name in names}
     for start in range(0, len(cases), ORDERING_BATCH):
         batch = cases[start : start + ORDERING_BATCH]

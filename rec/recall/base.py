@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Self
 
 import numpy as np
 import scipy.sparse as sp
+
+from rec.config import RecallConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,60 @@ class ScoreSource:
     ) -> Candidates:
         ids, vals = top_n(self.scores(idx, weights, n_total), n, exclude)
         return Candidates(self.name, ids, vals)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What every recall model is fitted from: the users × items matrices of one log snapshot."""
+
+    positive: sp.csr_matrix  # binary: the user's summed weight on the item is positive
+    cf: sp.csr_matrix  # the neighbourhood models' input (signed weights for Pearson)
+    config: RecallConfig
+    seed: int = 0
+    threads: int = 0  # 0: every core
+
+
+@dataclass(frozen=True)
+class RecallQuery:
+    """One request's history, in the forms the recall models read (catalogue indices): the
+    most recent positive items weighted by recency (`seeds`), every recent item with its summed
+    weight (`history`) and the items the user likes on balance (`liked`)."""
+
+    seeds: np.ndarray
+    seed_weights: np.ndarray
+    history: np.ndarray
+    history_weights: np.ndarray
+    liked: np.ndarray
+
+
+class RecallModel(ScoreSource):
+    """A trained recall source served from the user's live history: fitted from a snapshot,
+    saved in the model version's arrays, scoring every catalogue item per request. Registered
+    by name in `rec.recall.registry.MODELS`; the ranker reads its score of every candidate as
+    the features `s_<name>` and `r_<name>`."""
+
+    orderable: ClassVar[bool] = False  # its scores alone may be served as the final order
+    blended: ClassVar[bool] = False  # part of the "blend" order
+    reason: ClassVar[str] = "recommended for you"  # why an item it recalled is shown
+    # the reason when the user's history item most similar to the candidate is known
+    anchored_reason: ClassVar[str | None] = None
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> Self | None:
+        """The model of a snapshot, or None where it does not apply (e.g. too many items)."""
+        raise NotImplementedError
+
+    def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
+        """This request's score of every catalogue index (length n_total)."""
+        raise NotImplementedError
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, arrays) -> Self | None:
+        """The model saved in a version's arrays, None when that version has none."""
+        raise NotImplementedError
 
 
 def top_n(

@@ -11,7 +11,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rec.recall.base import ScoreSource
+from rec.recall.base import RecallModel, RecallQuery, TrainingData
 
 
 def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
@@ -36,8 +36,12 @@ def ease_weights(x: sp.csr_matrix, l2: float) -> np.ndarray:
     return p.astype(np.float32)
 
 
-class EASE(ScoreSource):
+class EASE(RecallModel):
     name = "ease"
+    orderable = True
+    blended = True
+    reason = "liked by people who like what you like"
+    anchored_reason = "because you liked {anchor}"
 
     def __init__(self, weights: np.ndarray) -> None:
         self.weights = np.ascontiguousarray(weights, np.float32)  # B: items × items
@@ -45,6 +49,15 @@ class EASE(ScoreSource):
     @classmethod
     def fit(cls, x: sp.csr_matrix, l2: float = 500.0) -> EASE:
         return cls(ease_weights(x, l2))
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> EASE | None:
+        if data.positive.shape[1] > data.config.ease_max_items:
+            return None  # B would not fit: the graph filter covers the same ground
+        return cls.fit(data.positive, data.config.ease_l2)
+
+    def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
+        return self.scores(q.liked, np.ones(len(q.liked), np.float32), n_total)
 
     @property
     def n_items(self) -> int:
@@ -62,5 +75,5 @@ class EASE(ScoreSource):
         return {"ease_weights": self.weights}
 
     @classmethod
-    def from_arrays(cls, arrays) -> EASE:
-        return cls(arrays["ease_weights"])
+    def load(cls, arrays) -> EASE | None:
+        return cls(arrays["ease_weights"]) if "ease_weights" in arrays else None

@@ -74,7 +74,7 @@ class Embeddings(ScoreSource):
         return {"emb_query": self.query, "emb_item": self.item}
 
     @classmethod
-    def from_arrays(cls, arrays) -> Embeddings:
+    def load(cls, arrays) -> Embeddings:
         return cls(arrays["emb_query"], arrays["emb_item"])
 
 

@@ -21,13 +21,24 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import svds
 
-from rec.recall.base import ScoreSource, load_csr, save_csr, weighted_rows
+from rec.recall.base import (
+    RecallModel,
+    RecallQuery,
+    TrainingData,
+    load_csr,
+    save_csr,
+    weighted_rows,
+)
 
 DENSE_BLOCK = 512  # items filtered per batch while `tune` tabulates the filter
 
 
-class GraphFilter(ScoreSource):
+class GraphFilter(RecallModel):
     name = "gf"
+    orderable = True
+    blended = True
+    reason = "related to items you liked"
+    anchored_reason = "because you liked {anchor}"
 
     def __init__(
         self,
@@ -75,6 +86,15 @@ class GraphFilter(ScoreSource):
         basis = np.zeros((xb.shape[1], k), np.float32)
         basis[items] = vt[np.argsort(-s)].T
         return cls(norm.T.tocsr(), basis, di, alpha)
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> GraphFilter:
+        """The filter unsharpened; training chooses T and γ and sets them with `tune`."""
+        rc = data.config
+        return cls.fit(data.positive, rc.gf_dim, rc.gf_alpha, seed=data.seed)
+
+    def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
+        return self.scores(q.liked, np.ones(len(q.liked), np.float32), n_total)
 
     @property
     def n_items(self) -> int:
@@ -178,7 +198,9 @@ class GraphFilter(ScoreSource):
         }
 
     @classmethod
-    def from_arrays(cls, arrays) -> GraphFilter:
+    def load(cls, arrays) -> GraphFilter | None:
+        if "gf_shape" not in arrays:
+            return None
         return cls(
             load_csr("gf", arrays),
             arrays["gf_basis"],

@@ -10,7 +10,9 @@ import scipy.sparse as sp
 
 from rec.arrays import grown
 from rec.recall.base import (
-    ScoreSource,
+    RecallModel,
+    RecallQuery,
+    TrainingData,
     center_rows,
     load_csr,
     normalize_rows,
@@ -144,8 +146,10 @@ class Cooccurrence:
         )
 
 
-class ItemCF(ScoreSource):
+class ItemCF(RecallModel):
     name = "itemcf"
+    reason = "similar to items you interacted with"
+    anchored_reason = "because you interacted with {anchor}"
 
     def __init__(self, sim: sp.csr_matrix) -> None:
         self.sim = sim.tocsr()
@@ -155,6 +159,14 @@ class ItemCF(ScoreSource):
         cls, x: sp.csr_matrix, similarity: str = "cosine", k: int = 50, shrink: float = 10.0
     ) -> ItemCF:
         return cls(item_similarity(x, similarity, k, shrink))
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> ItemCF:
+        rc = data.config
+        return cls.fit(data.cf, rc.similarity, rc.itemcf_neighbors, rc.shrinkage)
+
+    def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
+        return self.scores(q.seeds, q.seed_weights, n_total)
 
     @property
     def n_items(self) -> int:
@@ -186,5 +198,5 @@ class ItemCF(ScoreSource):
         return save_csr("itemcf", self.sim)
 
     @classmethod
-    def from_arrays(cls, arrays) -> ItemCF:
-        return cls(load_csr("itemcf", arrays))
+    def load(cls, arrays) -> ItemCF | None:
+        return cls(load_csr("itemcf", arrays)) if "itemcf_shape" in arrays else None

@@ -7,7 +7,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from rec.recall.base import (
-    ScoreSource,
+    RecallModel,
+    RecallQuery,
+    TrainingData,
     center_rows,
     load_csr,
     normalize_rows,
@@ -16,8 +18,9 @@ from rec.recall.base import (
 )
 
 
-class UserCF(ScoreSource):
+class UserCF(RecallModel):
     name = "usercf"
+    reason = "popular with users like you"
 
     def __init__(self, users: sp.csr_matrix, similarity: str, k: int) -> None:
         self.users = users.tocsr()  # users × items, rows normalised (and centred for Pearson)
@@ -29,6 +32,13 @@ class UserCF(ScoreSource):
     def fit(cls, x: sp.csr_matrix, similarity: str = "cosine", k: int = 50) -> UserCF:
         m = center_rows(x) if similarity == "pearson" else x.astype(np.float32)
         return cls(normalize_rows(m).tocsr(), similarity, k)
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> UserCF:
+        return cls.fit(data.cf, data.config.similarity, data.config.usercf_neighbors)
+
+    def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
+        return self.scores(q.history, q.history_weights, n_total)
 
     @property
     def n_items(self) -> int:
@@ -63,7 +73,9 @@ class UserCF(ScoreSource):
         }
 
     @classmethod
-    def from_arrays(cls, arrays) -> UserCF:
+    def load(cls, arrays) -> UserCF | None:
+        if "usercf_shape" not in arrays:
+            return None
         return cls(
             load_csr("usercf", arrays), str(arrays["usercf_similarity"]), int(arrays["usercf_k"])
         )

@@ -14,9 +14,9 @@ from deployments.cli import eval_main
 from rec import evaluation
 from rec.config import RecConfig
 from rec.data import generate
+from rec.features import ORDERINGS
 from rec.index import BruteForceIndex, HNSWIndex
 from rec.offline import RecModel
-from rec.pipeline import ORDERINGS
 from rec.splits import split_leave_last_out, split_prequential
 
 

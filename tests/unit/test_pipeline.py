@@ -16,8 +16,12 @@ import pytest
 from rec.config import RecConfig
 from rec.data import generate
 from rec.events import ItemIn, event_record, item_delete_record, item_record, user_delete_record
+from rec.features import DENSE_FEATURES
+from rec.finalize import reason
 from rec.model import ModelBundle, current_version, load_saved_index, new_version_name, publish
-from rec.pipeline import DENSE_FEATURES, SOURCES, Recommender, merge_lists
+from rec.pipeline import Recommender
+from rec.recall import EASE
+from rec.recall.stage import SOURCES, merge_lists
 from rec.train import snapshot_table, train
 
 MODEL_RECORDS = 4000
@@ -153,7 +157,7 @@ def test_reposting_a_deleted_item_makes_it_searchable_again(rec) -> None:
     assert len(rec.index) == 99
     live(rec, item_record(ItemIn(item_id=item, category="c01"), ts=1.7e9))
     assert len(rec.index) == 100
-    found, _ = rec.index.search(rec._item_vecs[5], 100)
+    found, _ = rec.index.search(rec.recaller.item_vecs[5], 100)
     assert 5 in found[0].tolist()
 
 
@@ -177,8 +181,10 @@ def test_new_item_becomes_reachable_through_cooccurrence(rec) -> None:
     row = after.item_ids.index("new1")
     assert after.scores[row, 0] > 0  # its item-CF score is a ranker feature too
     i = rec.catalog.index[anchor]
-    expected = 2 / np.sqrt(rec.cooc.item_users[i] * 2)  # 2 shared users, 2 users of new1
-    assert rec.cooc.similarity(i, 100) == pytest.approx(expected, rel=1e-6)
+    expected = 2 / np.sqrt(
+        rec.state.stats.cooc.item_users[i] * 2
+    )  # 2 shared users, 2 users of new1
+    assert rec.state.stats.cooc.similarity(i, 100) == pytest.approx(expected, rel=1e-6)
     similar = {x["item_id"]: x["score"] for x in rec.similar(anchor, k=100)}
     assert similar["new1"] == pytest.approx(expected, abs=1e-6)
     assert anchor in {x["item_id"] for x in rec.similar("new1")}
@@ -189,10 +195,10 @@ def test_new_item_gets_its_category_mean_vector(rec, model) -> None:
     live(rec, item_record(ItemIn(item_id="new2", category=category), ts=1.7e9))
     members = [i for i, c in enumerate(model.item_categories) if c == category]
     np.testing.assert_allclose(
-        rec._item_vecs[100], model.embeddings.item[members].mean(axis=0), rtol=1e-5
+        rec.recaller.item_vecs[100], model.embeddings.item[members].mean(axis=0), rtol=1e-5
     )
     live(rec, item_record(ItemIn(item_id="new3", category="no-such-category"), ts=1.7e9))
-    np.testing.assert_array_equal(rec._item_vecs[101], 0.0)
+    np.testing.assert_array_equal(rec.recaller.item_vecs[101], 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +342,7 @@ def test_features_of_a_newly_posted_item(rec) -> None:
     assert f[row, col["cat_affinity"]] == np.float32(tags[category] / total)
     assert f[row, col["tag_affinity"]] == np.float32((tags["fresh"] + tags["x"]) / total)
     assert f[row, col["last_cat_match"]] == 1.0
-    age = np.log1p(max(rec.pop_trend.latest - 1.7e9, 0.0) / 86400.0)
+    age = np.log1p(max(rec.state.stats.trend.latest - 1.7e9, 0.0) / 86400.0)
     assert f[row, col["log_age_days"]] == np.float32(age)
 
 
@@ -380,7 +386,7 @@ def test_apply_skips_records_already_applied(rec, users) -> None:
     )
     state = (
         dict(rec.view(user).counts),
-        rec.pop_counts.tolist(),
+        rec.state.stats.pop_counts.tolist(),
         rec.offset,
         len(rec.view(user).recent),
     )
@@ -388,7 +394,7 @@ def test_apply_skips_records_already_applied(rec, users) -> None:
     rec.apply(batch[1:])
     assert (
         dict(rec.view(user).counts),
-        rec.pop_counts.tolist(),
+        rec.state.stats.pop_counts.tolist(),
         rec.offset,
         len(rec.view(user).recent),
     ) == state
@@ -425,7 +431,10 @@ def test_a_new_version_replayed_from_the_log_keeps_profiles(rec, model2, log, us
         idx = np.asarray([fresh.catalog.index[i] for i in items])
         w = np.asarray(list(items.values()), np.float32)
         np.testing.assert_allclose(
-            view.vec, model2.embeddings.fold_in(idx, w), rtol=1e-5, atol=1e-6
+            fresh.recaller.user_vector(view),
+            model2.embeddings.fold_in(idx, w),
+            rtol=1e-5,
+            atol=1e-6,
         )
         response = fresh.recommend(user)
         assert response["model_version"] == "v2"
@@ -440,19 +449,21 @@ def test_records_in_the_model_do_not_count_cooccurrence_twice(model, log) -> Non
     r = Recommender(CONFIG, held)
     events = [x for x in log[:MODEL_RECORDS] if x["kind"] == "event"]
     r.apply(events, in_model=True)
-    assert r.cooc.partners == {} and r.cooc.item_users.sum() == 0
+    assert r.state.stats.cooc.partners == {} and r.state.stats.cooc.item_users.sum() == 0
     assert r.profiles.users  # profiles and popularity still follow every record
     after = [x for x in log[MODEL_RECORDS:] if x["kind"] == "event"]
     r.apply(after)
-    assert r.cooc.item_users.sum() > 0
+    assert r.state.stats.cooc.item_users.sum() > 0
 
 
 def test_events_before_the_model_offset_are_not_counted_twice(model, log) -> None:
     r = Recommender(CONFIG, model)
     r.apply(log[:MODEL_RECORDS])
-    assert not any(r.cooc.partners.values())  # those pairs are in the model's item-CF already
+    assert not any(
+        r.state.stats.cooc.partners.values()
+    )  # those pairs are in the model's item-CF already
     r.apply(log[MODEL_RECORDS:])
-    assert any(r.cooc.partners.values())
+    assert any(r.state.stats.cooc.partners.values())
 
 
 def test_live_event_by_an_existing_user_on_a_new_version(model, log, users) -> None:
@@ -472,7 +483,7 @@ def test_cooccurrence_counts_each_user_once() -> None:
     r = Recommender(CONFIG)
     live(r, ev("u", "a", "view"), ev("u", "a", "view"), ev("u", "a", "view"), ev("u", "b"))
     i, j = r.catalog.index["a"], r.catalog.index["b"]
-    assert r.cooc.similarity(i, j) == pytest.approx(1.0)
+    assert r.state.stats.cooc.similarity(i, j) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,7 +501,7 @@ def test_recommender_without_a_model(log, users) -> None:
         for item in response["items"]:
             assert set(item["sources"]) <= {"itemcf", "pop", "new"} and item["reason"]
             assert 0 < item["score"] < 1
-    assert r.view(users[0]).vec is None
+    assert r.recaller.user_vector(r.view(users[0])) is None
     top = ids(r.recommend(users[0]))[0]
     live(r, ev(users[0], top))
     assert top not in ids(r.recommend(users[0], k=50))
@@ -594,3 +605,44 @@ def test_version_names_sort_by_time() -> None:
     assert new_version_name(0.0) == "v19700101-000000-000000"
     assert new_version_name(1.5) == "v19700101-000001-500000"
     assert new_version_name(100.25) < new_version_name(1000.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages apart: what the split topology builds
+
+
+def test_stage_parts_hold_what_the_whole_pipeline_holds(model, log, users) -> None:
+    """The profile stage's part (profiles only) and the recall stage's (catalogue, item counts,
+    the model) answer as the fused pipeline does, and neither holds the other's state."""
+    whole = Recommender(CONFIG, model)
+    profiles = Recommender(CONFIG, profiles=True, recall=False)
+    recall = Recommender(CONFIG, model, profiles=False)
+    for r in (whole, profiles, recall):
+        r.apply(log)
+    assert profiles.state.stats is None and profiles.recaller is None and profiles.model is None
+    assert recall.profiles is None
+    for user in [*users[:15], "nobody"]:
+        view = profiles.view(user)
+        assert view == whole.view(user)
+        a, b = whole.recalled(view), recall.recalled(view)
+        assert a.cands.item_ids == b.cands.item_ids and a.cands.anchors == b.cands.anchors
+        np.testing.assert_array_equal(a.cands.scores, b.cands.scores)
+        assert a.version == b.version == "v1"
+
+
+def test_a_reason_names_the_source_that_recalled_the_item() -> None:
+    assert reason(("gf",), None, None) == "related to items you liked"
+    assert reason(("gf", "pop"), None, "i3") == "because you liked i3"
+    assert reason(("ease", "ann", "pop"), "c1", None) == EASE.reason
+    assert reason(("itemcf", "usercf"), None, "i2") == "because you interacted with i2"
+    assert reason(("usercf", "pop"), None, "i2") == "popular with users like you"
+    assert reason(("ann", "pop"), "c1", None) == "matches your taste for c1"
+    assert reason(("pop",), "c1", "i2") == "trending now"
+    assert reason(("gf", "new"), "c1", "i2") == "new in c1"
+
+
+def test_no_personalised_item_is_explained_as_trending(rec, users) -> None:
+    for user in users[:30]:
+        for item in rec.recommend(user, k=30)["items"]:
+            if set(item["sources"]) & {"itemcf", "usercf", "gf", "ease", "ann"}:
+                assert item["reason"] != "trending now", item

@@ -1,4 +1,4 @@
-"""User profiles (weights, sequence, decayed tags, folded-in vector) and the item catalogue."""
+"""User profiles (weights, sequence, decayed tags) and the item catalogue."""
 
 from __future__ import annotations
 
@@ -15,20 +15,6 @@ HALF_LIFE = 1000.0
 ITEMS = [f"i{n}" for n in range(6)]
 
 
-def one_hot(item_id: str) -> np.ndarray | None:
-    """Item i<n> -> the n-th unit vector of R^6; unknown items have no vector."""
-    if item_id not in ITEMS:
-        return None
-    v = np.zeros(len(ITEMS), np.float32)
-    v[ITEMS.index(item_id)] = 1.0
-    return v
-
-
-def doubled(item_id: str) -> np.ndarray | None:
-    v = one_hot(item_id)
-    return None if v is None else 2.0 * v
-
-
 def ev(
     item: str, type_: str = "view", ts: float = 0.0, value: float | None = None, user: str = "u"
 ) -> dict:
@@ -42,12 +28,10 @@ def store(**overrides) -> ProfileStore:
 def apply_all(
     s: ProfileStore,
     events: list[dict],
-    item_vector=one_hot,
-    version="v1",
     meta: ItemMeta | None = None,
 ) -> None:
     for r in events:
-        s.apply_event(r, meta, item_vector, version)
+        s.apply_event(r, meta)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +88,7 @@ def test_unknown_type_weighs_one_and_config_overrides_apply() -> None:
 def test_recent_sequence_keeps_order_and_weights() -> None:
     s = store()
     apply_all(s, [ev("i0", "view", 1), ev("i1", "purchase", 2), ev("i0", "skip", 3)])
-    view = s.view("u", one_hot, "v1")
+    view = s.view("u")
     assert view.known
     assert view.recent == (("i0", 1.0, 1.0), ("i1", 4.0, 2.0), ("i0", -1.0, 3.0))
     assert view.seen == frozenset({"i0", "i1"})
@@ -114,10 +98,10 @@ def test_recent_sequence_keeps_order_and_weights() -> None:
 def test_recent_is_capped_at_max_recent_newest_kept() -> None:
     s = store(max_recent=3)
     apply_all(s, [ev(f"x{n}", ts=n) for n in range(5)])
-    view = s.view("u", one_hot, "v1")
+    view = s.view("u")
     assert [r[0] for r in view.recent] == ["x2", "x3", "x4"]
     assert view.seen == frozenset(f"x{n}" for n in range(5))  # every touched item stays seen
-    assert [r[0] for r in s.view("u", one_hot, "v1", n_recent=2).recent] == ["x3", "x4"]
+    assert [r[0] for r in s.view("u", n_recent=2).recent] == ["x3", "x4"]
 
 
 def test_item_weights_accumulate() -> None:
@@ -133,7 +117,7 @@ def test_counts_per_type() -> None:
     apply_all(
         s, [ev("i0", "view"), ev("i1", "view"), ev("i1", "click"), ev("i2", "rating", value=1)]
     )
-    view = s.view("u", one_hot, "v1")
+    view = s.view("u")
     assert view.counts == {"view": 2, "click": 1, "rating": 1}
     assert view.n_events == 4
 
@@ -141,7 +125,7 @@ def test_counts_per_type() -> None:
 def test_last_ts_is_the_newest_even_out_of_order() -> None:
     s = store()
     apply_all(s, [ev("i0", ts=10), ev("i1", ts=5)])
-    assert s.view("u", one_hot, "v1").last_ts == 10.0
+    assert s.view("u").last_ts == 10.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,10 +135,10 @@ def test_last_ts_is_the_newest_even_out_of_order() -> None:
 def test_tag_weight_halves_after_one_half_life() -> None:
     s = store()
     apply_all(s, [ev("i0", "click", ts=100.0)], meta=ItemMeta(category="c", tags=("t",)))
-    assert s.view("u", one_hot, "v1").tags == {"c": 2.0, "t": 2.0}  # read at the last event
-    at = s.view("u", one_hot, "v1", now=100.0 + HALF_LIFE).tags
+    assert s.view("u").tags == {"c": 2.0, "t": 2.0}  # read at the last event
+    at = s.view("u", now=100.0 + HALF_LIFE).tags
     assert at == pytest.approx({"c": 1.0, "t": 1.0}, rel=1e-12)
-    at = s.view("u", one_hot, "v1", now=100.0 + 3 * HALF_LIFE).tags
+    at = s.view("u", now=100.0 + 3 * HALF_LIFE).tags
     assert at == pytest.approx({"c": 0.25, "t": 0.25}, rel=1e-12)
 
 
@@ -162,38 +146,32 @@ def test_tag_weight_decays_before_adding_new_events() -> None:
     s = store()
     meta = ItemMeta(category="c")
     apply_all(s, [ev("i0", "click", ts=0.0), ev("i1", "view", ts=HALF_LIFE)], meta=meta)
-    assert s.view("u", one_hot, "v1").tags == pytest.approx({"c": 2.0 / 2 + 1.0}, rel=1e-12)
+    assert s.view("u").tags == pytest.approx({"c": 2.0 / 2 + 1.0}, rel=1e-12)
     apply_all(s, [ev("i2", "dislike", ts=2 * HALF_LIFE)], meta=meta)
-    assert s.view("u", one_hot, "v1").tags == pytest.approx({"c": 2.0 / 4 + 0.5 - 2.0}, rel=1e-12)
+    assert s.view("u").tags == pytest.approx({"c": 2.0 / 4 + 0.5 - 2.0}, rel=1e-12)
 
 
 def test_at_most_ten_tags_strongest_first() -> None:
     s = store()
     for n in range(12):
         meta = ItemMeta(category=f"c{n}")
-        s.apply_event(ev(f"x{n}", "view", ts=0.0), meta, one_hot, "v1")
+        s.apply_event(ev(f"x{n}", "view", ts=0.0), meta)
         for _ in range(n):  # c<n> gets weight n + 1
-            s.apply_event(ev(f"x{n}", "view", ts=0.0), meta, one_hot, "v1")
-    tags = s.view("u", one_hot, "v1").tags
+            s.apply_event(ev(f"x{n}", "view", ts=0.0), meta)
+    tags = s.view("u").tags
     assert list(tags) == [f"c{n}" for n in range(11, 1, -1)]
     assert tags["c11"] == 12.0
 
 
 def test_items_without_meta_or_empty_tags_add_no_tags() -> None:
     s = store()
-    s.apply_event(ev("i0"), None, one_hot, "v1")
-    s.apply_event(ev("i1"), ItemMeta(category=None, tags=("", "t")), one_hot, "v1")
-    assert s.view("u", one_hot, "v1").tags == {"t": 1.0}
+    s.apply_event(ev("i0"), None)
+    s.apply_event(ev("i1"), ItemMeta(category=None, tags=("", "t")))
+    assert s.view("u").tags == {"t": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------
 # user vector
-
-
-def expected_vec(liked: list[str], disliked: list[str], vec=one_hot) -> np.ndarray:
-    return sum((vec(i) for i in liked), np.zeros(6)) - 0.5 * sum(
-        (vec(i) for i in disliked), np.zeros(6)
-    )
 
 
 HISTORY = [
@@ -207,71 +185,23 @@ HISTORY = [
     ev("i5", "rating", value=1),
     ev("unknown", "click"),
 ]
-# i3 nets 0 (no contribution), i5 rated 1 is disliked, "unknown" has no vector.
-LIKED, DISLIKED = ["i0", "i1", "i4"], ["i2", "i5"]
+# i3 nets 0 (neither), i5 rated 1 is disliked.
+LIKED, DISLIKED = {"i0", "i1", "i4", "unknown"}, {"i2", "i5"}
 
 
-def test_fold_in_sums_liked_minus_half_disliked() -> None:
+def test_view_splits_items_into_liked_and_disliked() -> None:
+    """The recall stage folds the user vector in from these (+1 liked, -0.5 disliked)."""
     s = store()
     apply_all(s, HISTORY)
-    np.testing.assert_allclose(s.view("u", one_hot, "v1").vec, expected_vec(LIKED, DISLIKED))
-
-
-def test_incremental_updates_equal_a_fresh_fold_in() -> None:
-    live = store()
-    for n, r in enumerate(HISTORY):
-        live.apply_event(r, None, one_hot, "v1")
-        got = live.view("u", one_hot, "v1").vec  # folded on first view, updated incrementally after
-        fresh = store()
-        apply_all(fresh, HISTORY[: n + 1])
-        want = fresh.view("u", one_hot, "v1").vec
-        if want is None:
-            assert got is None
-        else:
-            np.testing.assert_allclose(got, want, err_msg=f"after event {n}")
-    assert live.users["u"].vec_version == "v1"
-
-
-def test_sign_flips_move_the_vector_incrementally() -> None:
-    s = store()
-    apply_all(s, [ev("i0", "view")])
-    s.view("u", one_hot, "v1")
-    apply_all(s, [ev("i0", "dislike")])  # 1 - 2 = -1: from +1 to -0.5
-    np.testing.assert_allclose(s.users["u"].vec, expected_vec([], ["i0"]))
-    apply_all(s, [ev("i0", "rating", value=4)])  # -1 + 1 = 0: no contribution
-    np.testing.assert_allclose(s.users["u"].vec, np.zeros(6))
-
-
-def test_version_change_refolds_the_vector() -> None:
-    s = store()
-    apply_all(s, HISTORY)
-    s.view("u", one_hot, "v1")
-    # Events under a stale version do not touch the vector; the next view refolds it.
-    s.apply_event(ev("i3", "purchase"), None, doubled, "v2")
-    view = s.view("u", doubled, "v2")
-    np.testing.assert_allclose(view.vec, expected_vec(LIKED + ["i3"], DISLIKED, doubled))
-    assert s.users["u"].vec_version == "v2"
-
-
-def test_view_returns_a_copy_of_the_vector() -> None:
-    s = store()
-    apply_all(s, [ev("i0")])
-    s.view("u", one_hot, "v1").vec[:] = 99.0
-    np.testing.assert_allclose(s.view("u", one_hot, "v1").vec, one_hot("i0"))
-
-
-def test_user_without_known_items_has_no_vector() -> None:
-    s = store()
-    apply_all(s, [ev("unknown")])
-    assert s.view("u", one_hot, "v1").vec is None
-    apply_all(s, [ev("i2")])
-    np.testing.assert_allclose(s.view("u", one_hot, "v1").vec, one_hot("i2"))
+    view = s.view("u")
+    assert view.liked == LIKED and view.disliked == DISLIKED
+    assert view.seen == LIKED | DISLIKED | {"i3"}
 
 
 def test_unknown_user_view() -> None:
-    view = store().view("nobody", one_hot, "v1")
+    view = store().view("nobody")
     assert not view.known
-    assert view.recent == () and view.seen == frozenset() and view.vec is None
+    assert view.recent == () and view.seen == frozenset() and not view.liked
     assert view.tags == {} and view.counts == {} and view.n_events == 0
 
 
@@ -281,17 +211,16 @@ def test_forget_removes_only_that_user() -> None:
     assert len(s) == 2
     assert s.forget("a") is True
     assert s.forget("a") is False
-    assert not s.view("a", one_hot, "v1").known
-    assert s.view("b", one_hot, "v1").known and len(s) == 1
+    assert not s.view("a").known
+    assert s.view("b").known and len(s) == 1
 
 
 def test_profiles_are_a_pure_function_of_the_records() -> None:
     a, b = store(), store()
     apply_all(a, HISTORY, meta=ItemMeta(category="c"))
     apply_all(b, HISTORY, meta=ItemMeta(category="c"))
-    va, vb = a.view("u", one_hot, "v1"), b.view("u", one_hot, "v1")
-    assert (va.recent, va.tags, va.counts) == (vb.recent, vb.tags, vb.counts)
-    np.testing.assert_array_equal(va.vec, vb.vec)
+    va, vb = a.view("u"), b.view("u")
+    assert va == vb
 
 
 # ---------------------------------------------------------------------------------------------

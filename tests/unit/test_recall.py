@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from rec.arrays import grown
 from rec.catalog import Catalog
+from rec.config import RecallConfig
 from rec.recall import (
     EASE,
     Candidates,
@@ -28,9 +29,10 @@ from rec.recall import (
     top_n,
     top_n_rows,
 )
-from rec.recall.base import center_rows, weighted_rows
+from rec.recall.base import RecallModel, RecallQuery, TrainingData, center_rows, weighted_rows
 from rec.recall.graph_filter import largest_component
 from rec.recall.itemcf import item_similarity
+from rec.recall.registry import MODELS
 
 BLOCK = 10  # users 0-9 like items 0-9, users 10-19 like items 10-19
 N_USERS = N_ITEMS = 2 * BLOCK
@@ -161,11 +163,61 @@ class TestScoreSourceContract:
         path = tmp_path / "arrays.npz"
         np.savez(path, **src.arrays())
         with np.load(path, allow_pickle=False) as z:
-            loaded = type(src).from_arrays({k: z[k] for k in z.files})
+            loaded = type(src).load({k: z[k] for k in z.files})
         for user in (0, 15):
             np.testing.assert_array_equal(
                 loaded.scores(*history(user), N_TOTAL), src.scores(*history(user), N_TOTAL)
             )
+
+
+class TestRecallModelContract:
+    """Every model of the registry: fitted from a snapshot, scored from a request's query,
+    saved and loaded on its own."""
+
+    CONFIG = RecallConfig(gf_dim=2, ease_l2=10.0)
+
+    @pytest.fixture(params=list(MODELS), scope="class")
+    def fitted(self, request) -> RecallModel:
+        data = TrainingData(X, X, self.CONFIG, seed=0)
+        return MODELS[request.param].from_training(data)
+
+    def test_the_registry_is_covered_by_the_score_contract(self) -> None:
+        assert set(MODELS) <= set(NAMES.values())
+        assert all(name == model.name for name, model in MODELS.items())
+
+    @pytest.mark.parametrize("user", [0, 12])
+    def test_query_scores_rank_the_users_block_first(self, fitted, user) -> None:
+        idx, w = history(user)
+        q = RecallQuery(idx[:3], np.ones(3, np.float32), idx, w, idx)
+        s = fitted.query_scores(q, N_TOTAL)
+        assert s.shape == (N_TOTAL,) and np.all(s[N_ITEMS:] == 0.0)
+        block = user // BLOCK
+        unseen = np.setdiff1d(np.arange(block * BLOCK, (block + 1) * BLOCK), idx)
+        other = np.arange((1 - block) * BLOCK, (2 - block) * BLOCK)
+        assert s[unseen].min() > s[other].max()
+
+    def test_saved_and_loaded_alone(self, fitted, tmp_path: Path) -> None:
+        path = tmp_path / "arrays.npz"
+        np.savez(path, **fitted.arrays())
+        with np.load(path, allow_pickle=False) as z:
+            loaded = type(fitted).load({k: z[k] for k in z.files})
+        idx, w = history(3)
+        q = RecallQuery(idx, w, idx, w, idx)
+        np.testing.assert_array_equal(
+            loaded.query_scores(q, N_TOTAL), fitted.query_scores(q, N_TOTAL)
+        )
+        others = {
+            k: v for m in MODELS.values() if m is not type(fitted) for k, v in _arrays(m).items()
+        }
+        assert type(fitted).load(others) is None  # a version without this model
+
+    def test_a_model_that_does_not_apply_is_left_out(self) -> None:
+        small = self.CONFIG.model_copy(update={"ease_max_items": N_ITEMS - 1})
+        assert EASE.from_training(TrainingData(X, X, small)) is None
+
+
+def _arrays(model: type[RecallModel]) -> dict[str, np.ndarray]:
+    return model.from_training(TrainingData(X, X, TestRecallModelContract.CONFIG)).arrays()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +444,7 @@ def test_graph_filter_tabulated_scores_as_the_per_request_filter(monkeypatch) ->
             weights = np.ones(len(idx), np.float32)
             got = graph.scores(np.concatenate([idx, idx[:1]]), np.append(weights, 1.0), N_TOTAL)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # a repeat counts once
-    loaded = GraphFilter.from_arrays(graph.arrays())
+    loaded = GraphFilter.load(graph.arrays())
     np.testing.assert_array_equal(loaded.dense, graph.dense)
     assert (loaded.sharpen, loaded.pop) == (1.5, 0.2)
     loaded.tune(0.0, 0.0)
@@ -548,7 +600,7 @@ def test_ease_reads_a_binary_history_and_round_trips() -> None:
         model.weights[idx].sum(axis=0).tolist() + [0.0] * 5,
         rtol=1e-6,
     )
-    again = EASE.from_arrays(model.arrays())
+    again = EASE.load(model.arrays())
     np.testing.assert_array_equal(
         again.scores(*history(2), N_TOTAL), model.scores(*history(2), N_TOTAL)
     )

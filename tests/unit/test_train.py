@@ -10,7 +10,8 @@ import pytest
 from rec.config import RecConfig
 from rec.data import generate
 from rec.events import ItemIn, event_record, item_record
-from rec.pipeline import DENSE_FEATURES, ORDERINGS, Recommender
+from rec.features import DENSE_FEATURES, ORDERINGS
+from rec.pipeline import Recommender
 from rec.profile import event_weight
 from rec.ranker import Ranker
 from rec.train import (
@@ -201,15 +202,15 @@ def test_recall_models_fit_the_whole_log(model, records) -> None:
     events, item_ids, categories, user_ids, index, _ = split(records)
     again = fit(events, item_ids, categories, user_ids, index)
     assert (model.itemcf.sim != again.itemcf.sim).nnz == 0
-    assert (model.usercf.users != again.usercf.users).nnz == 0
-    assert model.usercf.users.shape == (len(user_ids), 100)
+    assert (model.sources["usercf"].users != again.sources["usercf"].users).nnz == 0
+    assert model.sources["usercf"].users.shape == (len(user_ids), 100)
 
 
 def test_pearson_config_trains() -> None:
     config = CONFIG.model_copy(deep=True)
     config.recall.similarity = "pearson"
     m = train(snapshot_table(tiny_log(30)), config, fit_ranker=None)
-    assert m.usercf.similarity == "pearson"
+    assert m.sources["usercf"].similarity == "pearson"
 
 
 # ---------------------------------------------------------------------------------------------
