@@ -40,7 +40,7 @@ def build_app(config: RecConfig, log=None, trainer=None, replicas: int = 1) -> A
         return ingress.bind(cfg, log, trainer=trainer)
     profile = ProfileStage.options(**opts()).bind(cfg, log)
     recall = RecallStage.options(**opts()).bind(cfg, log)
-    ranker = RankerStage.options(**opts(s.ranker_num_gpus)).bind(cfg, log)
+    ranker = RankerStage.options(**opts(s.ranker_num_gpus)).bind(cfg)
     return ingress.bind(cfg, log, profile, recall, ranker, trainer=trainer)
 
 

@@ -1,5 +1,6 @@
 """The Aggregator: the HTTP ingress (FastAPI). It validates input, appends to the event log,
-drives the stages (in process or over handles) and mixes, filters and explains the result.
+drives the stages (in process or over handles) and mixes, filters and explains the result. In
+the split topology it holds no pipeline state: the candidates carry what finalize reads.
 
 Each route is a thin HTTP shell over a plain async method taking parsed JSON (`ingest_events`,
 `recommend`, ...), so the same logic is reachable through a DeploymentHandle in tests."""
@@ -27,6 +28,7 @@ from rec.events import (
     item_record,
     user_delete_record,
 )
+from rec.finalize import finalize
 from rec.model import current_version
 
 READYZ_USER = "__readyz__"
@@ -83,11 +85,15 @@ class Aggregator:
         pin_threads()
         self.config = RecConfig.model_validate(config)
         self.log = log
-        self.live = make_live(self.config, log)
-        split = profile is not None
-        self.stages = RemoteStages(profile, recall, ranker) if split else LocalStages(self.live)
+        self.live = None if profile is not None else make_live(self.config, log)
+        if self.live is None:
+            self.stages = RemoteStages(profile, recall, ranker)
+            self._started = asyncio.get_event_loop().create_future()
+            self._started.set_result(None)
+        else:
+            self.stages = LocalStages(self.live)
+            self._started = asyncio.get_event_loop().create_task(self.live.start())
         self.trainer = trainer
-        self._started = asyncio.get_event_loop().create_task(self.live.start())
         self._impressions: list[dict] = []
         self._impression_timer: asyncio.TimerHandle | None = None
 
@@ -103,8 +109,8 @@ class Aggregator:
         else:
             events = [_parse(EventIn, body)]
         if not self.config.serving.accept_unknown_items:
-            await self.live.sync()
-            unknown = sorted({e.item_id for e in events} - set(self.live.rec.catalog.index))
+            await self._started
+            unknown = await self.stages.unknown_items(sorted({e.item_id for e in events}))
             if unknown:
                 raise InvalidInput(f"unknown items {unknown[:5]}", "item_id")
         now = time.time()
@@ -116,7 +122,7 @@ class Aggregator:
         this replica, and then finds its writes applied without reading the log (another
         replica reads them as before)."""
         first, last = await self.log.append.remote(records)
-        self.live.apply_own(records, first)
+        self.stages.applied(records, first)
         return first, last
 
     async def recommend(self, body: object) -> dict:
@@ -126,11 +132,17 @@ class Aggregator:
         if k > self.config.aggregate.max_k:
             raise InvalidInput(f"at most {self.config.aggregate.max_k}", "k")
         view = await self.stages.view(req.user_id)
-        cands = await self.stages.recall(view)
-        scores = await self.stages.rank(view, cands, req.context)
-        await self.live.sync(0.05, user=req.user_id)  # deletions, categories: the final filter
-        out = self.live.rec.finalize(
-            view, cands, scores, k, frozenset(req.exclude), req.request_id or uuid.uuid4().hex
+        recalled = await self.stages.recall(view, req.context)
+        scores = await self.stages.rank(recalled)
+        out = finalize(
+            self.config.aggregate,
+            view,
+            recalled.cands,
+            scores,
+            k,
+            frozenset(req.exclude),
+            recalled.version,
+            req.request_id or uuid.uuid4().hex,
         )
         if self.config.serving.log_impressions and req.user_id != READYZ_USER:
             self._log_impression(
@@ -170,15 +182,15 @@ class Aggregator:
         appended = self._flush_impressions()
         if appended is not None:
             await appended
-        self.live.stop()
+        if self.live is not None:
+            self.live.stop()
 
     async def similar_items(self, item_id: str, k: int) -> dict:
         await self._started
-        await self.live.sync(0.05)
-        items = self.live.rec.similar(item_id, k)
-        if items is None:
+        out = await self.stages.similar(item_id, k)
+        if out is None:
             raise HTTPException(404, f"item_id: unknown item {item_id!r}")
-        return {"item_id": item_id, "items": items, "model_version": self.live.rec.version}
+        return out
 
     async def upsert_items(self, body: object) -> dict:
         if isinstance(body, dict) and "items" in body:
@@ -191,16 +203,13 @@ class Aggregator:
 
     async def item(self, item_id: str) -> dict:
         await self._started
-        await self.live.sync()
-        info = self.live.rec.item_info(item_id)
+        info = await self.stages.item(item_id)
         if info is None:
             raise HTTPException(404, f"item_id: unknown item {item_id!r}")
         return info
 
     async def remove_item(self, item_id: str) -> dict:
         first, _ = await self._append([item_delete_record(item_id, time.time())])
-        await self.live.sync()  # this replica filters it from the next answer on (no read when
-        # `_append` applied it already)
         return {"item_id": item_id, "deleted": True, "offset": first}
 
     async def forget_user(self, user_id: str) -> dict:
@@ -211,7 +220,7 @@ class Aggregator:
     async def readiness(self) -> tuple[bool, dict]:
         if not self._started.done():
             return False, {"ready": False, "why": "loading"}
-        if self.live.rec.model is None:
+        if (await self.stages.model_info())["serving"] is None:
             return False, {"ready": False, "why": "no model published yet"}
         try:
             out = await self.recommend({"user_id": READYZ_USER, "k": 1})
@@ -221,20 +230,18 @@ class Aggregator:
             return False, {"ready": False, "why": "no items to recommend"}
         return True, {"ready": True, "model_version": out["model_version"]}
 
-    def model_info(self) -> dict:
+    async def model_info(self) -> dict:
         root = self.config.model_dir
         available = (
             sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
             if root.exists()
             else []
         )
-        model = self.live.rec.model
+        await self._started
         return {
-            "serving": self.live.rec.version,
             "published": current_version(root),
             "available": available,
-            "reloads": self.live.reloads,
-            "metrics": model.metrics if model else None,
+            **(await self.stages.model_info()),
         }
 
     # ---- HTTP --------------------------------------------------------------------------------
@@ -304,7 +311,7 @@ class Aggregator:
 
     @api.get("/models", summary="Model versions: served, published, available")
     async def http_models(self) -> JSONResponse:
-        return JSONResponse(self.model_info())
+        return JSONResponse(await self.model_info())
 
     @api.post("/admin/retrain", summary="Retrain from the log now (needs X-API-Key)")
     async def http_retrain(

@@ -1,5 +1,6 @@
-"""A replica's live view of the system: a `rec.pipeline.Recommender` kept up to date with the
-event log (followed by offset) and with the newest published model version (hot reload).
+"""A replica's live view of the system: its part of a `rec.pipeline.Recommender` (the whole
+pipeline, profiles only or recall only: `PARTS`) kept up to date with the event log (followed by
+offset) and, where the part holds models, with the newest published version (hot reload).
 
 Read-your-writes: before serving a request, a strict replica makes sure it has applied every
 record committed before the request arrived that concerns the request's user or the catalogue.
@@ -26,13 +27,21 @@ from rec.pipeline import Recommender
 log = logging.getLogger("rec.live")
 READ_LIMIT = 20_000
 APPLY_SLICE = 250  # log records applied to a warming model version between yields to requests
+# What a replica holds of the pipeline: everything (fused), profiles only (the profile stage,
+# which no model version touches) or the catalogue, item counts and models (the recall stage).
+PARTS = {
+    "all": {"profiles": True, "recall": True},
+    "profiles": {"profiles": True, "recall": False},
+    "recall": {"profiles": False, "recall": True},
+}
 
 
 class Live:
-    def __init__(self, config: RecConfig, log_actor, index_factory=None) -> None:
+    def __init__(self, config: RecConfig, log_actor, index_factory=None, part: str = "all") -> None:
         self.config = config
         self.log = log_actor
-        self.rec = Recommender(config)
+        self.parts = PARTS[part]
+        self.rec = Recommender(config, **self.parts)
         self.index_factory = index_factory  # version dir -> Index; None: load the saved index
         self._lock = asyncio.Lock()
         self._synced_at = 0.0  # perf_counter when the newest completed sync started
@@ -111,6 +120,8 @@ class Live:
                 log.exception("model reload failed; still serving %s", self.rec.version)
 
     async def reload_if_changed(self) -> bool:
+        if not self.parts["recall"]:
+            return False  # profiles do not depend on a model version
         version = current_version(self.config.model_dir)
         if version is None or version == self.rec.version:
             return False
@@ -119,7 +130,9 @@ class Live:
         # The new version's state is built as a fresh replica would build it, beside the one
         # serving: the log is replayed in slices, yielding to requests between them, and only
         # the records that arrived meanwhile are applied under the lock before the switch.
-        fresh = await asyncio.to_thread(Recommender, self.config, model, index)
+        fresh = await asyncio.to_thread(
+            Recommender, self.config, model, index, profiles=self.parts["profiles"]
+        )
         async for records in self._pages(0):
             for i in range(0, len(records), APPLY_SLICE):
                 fresh.apply(records[i : i + APPLY_SLICE])

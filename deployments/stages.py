@@ -1,10 +1,20 @@
-"""The pipeline stages as Serve deployments (split topology) and the one-process equivalent
-(fused topology). Both expose the same async calls, so the ingress does not care which it has.
+"""The pipeline's stages as Serve deployments (split topology) and the one-process equivalent
+(fused topology). Both answer the same async calls (`LocalStages`, `RemoteStages`), so the
+ingress does not care which it has.
+
+In the split topology each deployment holds only its stage's state: the Profile deployment the
+profiles, the Recall deployment the catalogue, item counts, recall models and index (or the
+handles of the index shard actors), the Ranker deployment only ranking networks. A request's
+model version is the one its recall replica served it with; it travels with the candidates, and
+the ranker scores them with that version's network, whichever it has loaded since.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 from ray import serve
@@ -14,39 +24,53 @@ from deployments.live import Live
 from deployments.runtime import pin_threads
 from deployments.shards import RemoteIndex, shard_actors
 from rec.config import RecConfig
+from rec.features import RankInputs, rank_probabilities
+from rec.model import current_version
+from rec.pipeline import Recalled, Recommender
 from rec.profile import ProfileView
-from rec.recall.stage import CandidateSet
+from rec.ranker import Ranker
 
-STAGE_STALENESS_S = 0.05  # recall/rank replicas may lag the log this much (profiles never do)
+log = logging.getLogger("rec.stages")
+RANKER_VERSIONS_KEPT = 3  # a request of an older version than these reloads its network
 
 
-def make_live(config: RecConfig, log) -> Live:
+def make_live(config: RecConfig, log, part: str = "all") -> Live:
     factory = None
-    if config.serving.ann_shards > 0:
+    if config.serving.ann_shards > 0 and part != "profiles":
         shards = shard_actors(config.serving.ann_shards, config.serving.replica_cpus / 2)
 
         def factory(path):
             return RemoteIndex(shards, path.name, path)
 
-    return Live(config, log, index_factory=factory)
+    return Live(config, log, index_factory=factory, part=part)
 
 
-async def recall_with_index(live: Live, view: ProfileView) -> CandidateSet:
-    """Recall; the embedding search goes to the shard actors when the index lives there."""
-    rec = live.rec
+async def recall_with_index(
+    rec: Recommender, view: ProfileView, context: dict | None, rank: bool
+) -> Recalled:
+    """Recall (and rank=True: rank) with one version's `rec`; the embedding search goes to the
+    shard actors when the index lives there."""
     index = rec.index
-    if isinstance(index, RemoteIndex) and view.vec is not None and len(index):
-        ann = await index.asearch(view.vec, live.config.recall.per_source, rec.ann_filter(view))
-        return rec.recall(view, ann=ann)
-    return rec.recall(view)
+    if isinstance(index, RemoteIndex) and len(index):
+        vec = rec.recaller.user_vector(view)
+        if vec is not None:
+            n = rec.config.recall.per_source
+            ann = await index.asearch(vec, n, rec.recaller.ann_filter(view))
+            return rec.recalled(view, context, ann=ann, rank=rank)
+    return rec.recalled(view, context, rank=rank)
+
+
+def model_info(rec: Recommender, reloads: int) -> dict:
+    model = rec.model
+    return {"serving": rec.version, "reloads": reloads, "metrics": model.metrics if model else None}
 
 
 class LocalStages:
     """Every stage in this process (fused topology), sharing one live state. A request runs
-    its stages back to back (awaiting only a log read or a remote index): replicas run user
-    code on a thread of its own (`runtime.ENV`), so Serve's loop admits and rejects requests
-    meanwhile, and requests in a replica finish in arrival order instead of sharing the
-    thread stage by stage."""
+    its stages back to back with one version's pipeline (awaiting only a log read or a remote
+    index): replicas run user code on a thread of its own (`runtime.ENV`), so Serve's loop
+    admits and rejects requests meanwhile, and requests in a replica finish in arrival order
+    instead of sharing the thread stage by stage."""
 
     def __init__(self, live: Live) -> None:
         self.live = live
@@ -55,13 +79,31 @@ class LocalStages:
         await self.live.sync(user=user_id)
         return self.live.rec.view(user_id)
 
-    async def recall(self, view: ProfileView) -> CandidateSet:
-        return await recall_with_index(self.live, view)
+    async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
+        return await recall_with_index(self.live.rec, view, context, rank=True)
 
-    async def rank(
-        self, view: ProfileView, cands: CandidateSet, context: dict | None
-    ) -> np.ndarray:
-        return self.live.rec.rank(view, cands, context)
+    async def rank(self, recalled: Recalled) -> np.ndarray:
+        return recalled.scores
+
+    async def similar(self, item_id: str, k: int) -> dict | None:
+        await self.live.sync(0.05)
+        return similar_answer(self.live.rec, item_id, k)
+
+    async def item(self, item_id: str) -> dict | None:
+        await self.live.sync()
+        return self.live.rec.item_info(item_id)
+
+    async def unknown_items(self, item_ids: list[str]) -> list[str]:
+        await self.live.sync()
+        return sorted(set(item_ids) - set(self.live.rec.catalog.index))
+
+    async def model_info(self) -> dict:
+        return model_info(self.live.rec, self.live.reloads)
+
+    def applied(self, records: list[dict], first: int) -> None:
+        """Records this replica appended: its next request finds them applied without reading
+        the log (`Live.apply_own`)."""
+        self.live.apply_own(records, first)
 
 
 class RemoteStages:
@@ -73,25 +115,55 @@ class RemoteStages:
     async def view(self, user_id: str) -> ProfileView:
         return await self.profile.view.remote(user_id)
 
-    async def recall(self, view: ProfileView) -> CandidateSet:
-        return await self.recall_h.recall.remote(view)
+    async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
+        return await self.recall_h.recall.remote(view, context)
 
-    async def rank(
-        self, view: ProfileView, cands: CandidateSet, context: dict | None
-    ) -> np.ndarray:
-        return await self.ranker.rank.remote(view, cands, context)
+    async def rank(self, recalled: Recalled) -> np.ndarray:
+        if recalled.scores is not None:  # a recall order is served: no ranker hop
+            return recalled.scores
+        return await self.ranker.rank.remote(recalled.version, recalled.inputs)
+
+    async def similar(self, item_id: str, k: int) -> dict | None:
+        return await self.recall_h.similar.remote(item_id, k)
+
+    async def item(self, item_id: str) -> dict | None:
+        return await self.recall_h.item.remote(item_id)
+
+    async def unknown_items(self, item_ids: list[str]) -> list[str]:
+        return await self.recall_h.unknown_items.remote(item_ids)
+
+    async def model_info(self) -> dict:
+        return await self.recall_h.model_info.remote()
+
+    def applied(self, records: list[dict], first: int) -> None:
+        """The stages follow the log themselves."""
 
 
-class _Stage:
+def similar_answer(rec: Recommender, item_id: str, k: int) -> dict | None:
+    items = rec.similar(item_id, k)
+    if items is None:
+        return None
+    return {"item_id": item_id, "items": items, "model_version": rec.version}
+
+
+class _Following:
+    """A deployment following the log with its part of the pipeline."""
+
+    part = "all"
+
     def __init__(self, config: dict, log) -> None:
         pin_threads()
         self.config = RecConfig.model_validate(config)
-        self.live = make_live(self.config, log)
+        self.live = make_live(self.config, log, self.part)
         self._started = asyncio.get_event_loop().create_task(self.live.start())
 
 
 @serve.deployment
-class ProfileStage(_Stage):
+class ProfileStage(_Following):
+    """Profiles only: no model, no catalogue beyond the item metadata interest tags read."""
+
+    part = "profiles"
+
     async def view(self, user_id: str) -> ProfileView:
         await self._started
         await self.live.sync(user=user_id)  # read-your-writes: never stale for this user
@@ -99,34 +171,101 @@ class ProfileStage(_Stage):
 
 
 @serve.deployment
-class RecallStage(_Stage):
-    async def recall(self, view: ProfileView) -> CandidateSet:
+class RecallStage(_Following):
+    """The catalogue, item counts, recall models and index; builds the ranker's features."""
+
+    part = "recall"
+
+    async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
         await self._started
-        await self.live.sync(STAGE_STALENESS_S)
-        return await recall_with_index(self.live, view)
+        # the user's own records (item-CF's partners) and catalogue changes, never stale
+        await self.live.sync(user=view.user_id)
+        return await recall_with_index(self.live.rec, view, context, rank=False)
+
+    async def similar(self, item_id: str, k: int) -> dict | None:
+        await self._started
+        await self.live.sync(0.05)
+        return similar_answer(self.live.rec, item_id, k)
+
+    async def item(self, item_id: str) -> dict | None:
+        await self._started
+        await self.live.sync()
+        return self.live.rec.item_info(item_id)
+
+    async def unknown_items(self, item_ids: list[str]) -> list[str]:
+        await self._started
+        await self.live.sync()
+        return sorted(set(item_ids) - set(self.live.rec.catalog.index))
+
+    async def model_info(self) -> dict:
+        await self._started
+        return model_info(self.live.rec, self.live.reloads)
 
 
 @serve.deployment
-class RankerStage(_Stage):
-    """Scores candidates; requests arriving together are scored as one batch."""
+class RankerStage:
+    """Only ranking networks, by model version: it reads neither the log nor the catalogue.
+    Requests arriving together are scored as one batch, each with its own version's network;
+    the newest RANKER_VERSIONS_KEPT stay loaded (the published one is loaded ahead)."""
 
-    def __init__(self, config: dict, log) -> None:
-        super().__init__(config, log)
+    def __init__(self, config: dict) -> None:
+        pin_threads()
+        self.config = RecConfig.model_validate(config)
+        self.rankers: OrderedDict[str, Ranker] = OrderedDict()
         try:  # Serve's local testing mode has no replica context, and so no @serve.batch
             serve.get_replica_context()
             self.batching = True
         except RayServeException:
             self.batching = False
+        self._watcher = asyncio.get_event_loop().create_task(self._watch())
 
-    async def rank(
-        self, view: ProfileView, cands: CandidateSet, context: dict | None
-    ) -> np.ndarray:
-        await self._started
-        await self.live.sync(STAGE_STALENESS_S)
+    async def rank(self, version: str, inputs: RankInputs) -> np.ndarray:
         if not self.batching:
-            return self.live.rec.rank(view, cands, context)
-        return await self._batched((view, cands, context))
+            return self.score([(version, inputs)])[0]
+        return await self._batched((version, inputs))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _batched(self, requests: list[tuple]) -> list[np.ndarray]:
-        return self.live.rec.rank_many(requests)
+    async def _batched(self, requests: list[tuple[str, RankInputs]]) -> list[np.ndarray]:
+        return self.score(requests)
+
+    def score(self, requests: list[tuple[str, RankInputs]]) -> list[np.ndarray]:
+        """Each request's probabilities, one model call per version in the batch."""
+        out: list[np.ndarray | None] = [None] * len(requests)
+        by_version: dict[str, list[int]] = {}
+        for n, (version, _) in enumerate(requests):
+            by_version.setdefault(version, []).append(n)
+        for version, rows in by_version.items():
+            probs = rank_probabilities(self.ranker(version), [requests[n][1] for n in rows])
+            for n, p in zip(rows, probs, strict=True):
+                out[n] = p
+        return out
+
+    def ranker(self, version: str) -> Ranker:
+        ranker = self.rankers.get(version)
+        return ranker if ranker is not None else self._keep(version, self._load(version))
+
+    def _load(self, version: str) -> Ranker:
+        path = Path(self.config.model_dir) / version / "ranker"
+        return Ranker.load(path, device=self.config.ranker.device)
+
+    def _keep(self, version: str, ranker: Ranker) -> Ranker:
+        self.rankers[version] = ranker
+        while len(self.rankers) > RANKER_VERSIONS_KEPT:
+            self.rankers.popitem(last=False)
+        return ranker
+
+    @property
+    def versions(self) -> list[str]:
+        return list(self.rankers)
+
+    async def _watch(self) -> None:
+        """Load each newly published version's network before its first request needs it."""
+        while True:
+            try:
+                version = current_version(self.config.model_dir)
+                path = Path(self.config.model_dir) / f"{version}" / "ranker"
+                if version is not None and version not in self.rankers and path.exists():
+                    self._keep(version, await asyncio.to_thread(self._load, version))
+            except Exception:  # a bad version must not take the replica down
+                log.exception("loading a published ranker failed")
+            await asyncio.sleep(self.config.serving.reload_poll_s)

@@ -103,13 +103,19 @@ class Recommender:
         view: ProfileView,
         context: dict | None = None,
         ann: tuple[np.ndarray, np.ndarray] | None = None,
+        rank: bool = False,
     ) -> Recalled:
-        """Recall, with what ranking needs: the ranker's inputs or the recall order's scores."""
+        """Recall, with what ranking needs: the recall order's scores, or the ranker's inputs
+        (rank=True: the ranker's scores, in this process and this version)."""
         cands = self.recall(view, ann)
         ordering = self.ordering
-        if ordering == "ranker":
-            return Recalled(cands, self.version, inputs=self.rank_inputs(view, cands, context))
-        return Recalled(cands, self.version, scores=self._recall_order(cands, ordering))
+        if ordering != "ranker":
+            return Recalled(cands, self.version, scores=self._recall_order(cands, ordering))
+        inputs = self.rank_inputs(view, cands, context)
+        if rank:
+            scores = rank_probabilities(self.model.ranker, [inputs])[0]
+            return Recalled(cands, self.version, scores=scores)
+        return Recalled(cands, self.version, inputs=inputs)
 
     def features(
         self, view: ProfileView, cands: CandidateSet, context: dict | None = None
@@ -166,11 +172,8 @@ class Recommender:
     ) -> dict:
         k = k or self.config.aggregate.default_k
         view = self.view(user_id)
-        out = self.recalled(view, context)
-        scores = out.scores
-        if scores is None:
-            scores = rank_probabilities(self.model.ranker, [out.inputs])[0]
-        return self.finalize(view, out.cands, scores, k, exclude, request_id)
+        out = self.recalled(view, context, rank=True)
+        return self.finalize(view, out.cands, out.scores, k, exclude, request_id)
 
     def similar(self, item_id: str, k: int = 10) -> list[dict] | None:
         return self.recaller.similar(item_id, k)
