@@ -17,7 +17,7 @@ What it does, with the project's own code:
 3. Serve: `deployments.shards.shard_actors` + `RemoteIndex` load the shards, exactly as
    `make_live` does with `serving.ann_shards`. Queries go through
    `deployments.stages.recall_with_index`, the Recall stage's embedding-search call
-   (`RemoteIndex.asearch(view.vec, per_source, ann_filter(view))`: fan-out to every shard,
+   (`RemoteIndex.asearch(user_vector(view), per_source, ann_filter(view))`: fan-out to every shard,
    `merge_topk`), from an asyncio driver. The rest of RecallStage (item-CF, user-CF, graph
    filter, trending over a trained 1M-item model and its event log) is stubbed out: wiring a
    full trained model at 1M items is impractical here, and those sources do not touch the
@@ -283,16 +283,22 @@ def _stages_path():
 
 
 class _RecallStub:
-    """The slice of Recommender that `recall_with_index` uses: the index, the seen-items filter
-    and `recall(view, ann=...)`, which here returns the ANN result unchanged."""
+    """The slice of Recommender that `recall_with_index` uses: the index, the user vector, the
+    seen-items filter and `recalled(view, ..., ann=...)`, which here returns the ANN result
+    unchanged."""
 
-    def __init__(self, index) -> None:
+    def __init__(self, index, config) -> None:
         self.index = index
+        self.config = config
+        self.recaller = self
+
+    def user_vector(self, view) -> np.ndarray:
+        return view.vec
 
     def ann_filter(self, view) -> np.ndarray:
         return view.filter_ids
 
-    def recall(self, view, ann=None):
+    def recalled(self, view, context=None, ann=None, rank=False):
         return ann
 
 
@@ -447,7 +453,7 @@ async def run(a: argparse.Namespace) -> dict:
         t = phase("load", t)
         recall_with_index = _stages_path()
         t = phase("import_stages", t)
-        live = SimpleNamespace(rec=_RecallStub(index), config=config)
+        stub = _RecallStub(index, config)
         result["serve"]["query_path"] = (
             "deployments.stages.recall_with_index -> RemoteIndex.asearch"
             if recall_with_index
@@ -457,7 +463,8 @@ async def run(a: argparse.Namespace) -> dict:
         async def search(q: np.ndarray, f: np.ndarray) -> np.ndarray:
             if recall_with_index is None:
                 return (await index.asearch(q, a.k, f))[0]
-            return (await recall_with_index(live, SimpleNamespace(vec=q, filter_ids=f)))[0]
+            view = SimpleNamespace(vec=q, filter_ids=f)
+            return (await recall_with_index(stub, view, None, rank=False))[0]
 
         async def timed_pass(order: list[int], concurrency: int) -> tuple[list, list, float]:
             lat, found = [0.0] * len(order), [None] * len(order)
