@@ -20,13 +20,12 @@ TARGETS_FILE = "targets.json"  # in the data dir: each app's direct-ingress URLs
 TARGETS_REFRESH_S = 5.0
 
 
-def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
-    """Append a data set's catalogue and events to an empty log."""
-    import ray
-
+def dataset_records(data: str | None, fmt: str, seed: int) -> list[dict]:
+    """The log records `rec serve` starts from: a data set's catalogue, then its events (the
+    demo data generated to end now, so live events continue it)."""
     from rec.data import generate, load
 
-    days = 60.0  # generated history ends now, so live events continue it
+    days = 60.0
     ds = (
         generate(seed=seed, days=days, start_ts=time.time() - days * 86400)
         if data is None
@@ -34,7 +33,14 @@ def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
     )
     if isinstance(ds, tuple):  # lightgcn: serve the train part
         ds = ds[0]
-    records = ds.item_records() + ds.event_records()
+    return ds.item_records() + ds.event_records()
+
+
+def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
+    """Append a data set's catalogue and events to an empty log."""
+    import ray
+
+    records = dataset_records(data, fmt, seed)
     for start in range(0, len(records), LOAD_BATCH):
         ray.get(log.append.remote(records[start : start + LOAD_BATCH]))
     return len(records)

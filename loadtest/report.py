@@ -28,6 +28,8 @@ TARGET_TEXT = {
     "overload_other_errors": "overload: no errors other than 503",
     "overload_accepted_p99": "overload: accepted p99 ≤ 400 ms (the 32-client limit)",
     "recovery": "after overload, recommend@8: zero errors, p99 ≤ 100 ms",
+    "pipeline_share": "recommend@8 rps ≥ 0.6 × cores × pipeline rps (the in-process pipeline, "
+    "one thread, same run): the served share of the pipeline's own limit",
 }
 
 
@@ -118,6 +120,16 @@ def _ratio_check(name: str, top: dict | None, base: dict | None, minimum: float)
     return _check(name, round(ratio, 2), ratio >= minimum, f"{top['rps']} vs {base['rps']} req/s")
 
 
+def pipeline_share(results: dict, rec8: dict | None) -> dict:
+    """recommend@8 ÷ (cores × the in-process pipeline's rate on one thread)."""
+    pipe, cores = find(results, "pipeline", 1), results.get("cpu_count") or 1
+    if not rec8 or not pipe or not pipe["rps"]:
+        return _check("pipeline_share", None, None)
+    share = rec8["rps"] / (cores * pipe["rps"])
+    detail = f"{rec8['rps']} req/s served vs {cores} × {pipe['rps']} in process"
+    return _check("pipeline_share", round(share, 3), share >= 0.6, detail)
+
+
 def evaluate_targets(results: dict) -> list[dict]:
     """Every target of the issue, checked against one run. ok is None when the run did not
     measure it (scenario skipped or failed)."""
@@ -154,6 +166,7 @@ def evaluate_targets(results: dict) -> list[dict]:
         )
     )
     out.append(_ratio_check("recommend32_scaling", rec32, rec8, 0.9))
+    out.append(pipeline_share(results, rec8))
     out.append(
         _check(
             "recommend32_p99",

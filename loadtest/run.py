@@ -7,6 +7,9 @@ Scenarios (closed loop at 1, 8 and 32 clients unless said otherwise; see loadtes
                    settings, same run: the ceiling Serve puts on this machine
   recommend        GET /recommend over the user mix: 70% known users (by activity), 15% cold,
                    15% just active (acted after the model was trained)
+  pipeline         the same mix through the in-process pipeline, one thread, no HTTP or Serve
+                   (loadtest/pipeline.py): recommend@8 / (cores x its rate) is the served share
+                   of what the pipeline itself allows
   mixed            90% recommend / 10% POST /events; each event is a click on an item the user
                    was just shown, and the next /recommend for that user must no longer show it:
                    freshness = POST answer -> reflecting /recommend answer
@@ -47,7 +50,8 @@ import psutil
 
 from deployments.cli import TARGETS_FILE
 from loadtest import client as lc
-from loadtest import report
+from loadtest import pipeline, report
+from rec.events import EventIn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,7 +59,16 @@ RESULTS = HERE / "results"
 STOP_RESERVE_S = 45  # kept for stopping the stack and writing the results
 CONCURRENCY = (1, 8, 32)
 CAPACITY_PROBE_S = 5.0  # recommend@8 measured right before the overload, which is 3× of it
-SCENARIOS = ("floor", "recommend", "mixed", "new_items", "overload", "retrain", "events")
+SCENARIOS = (
+    "floor",
+    "recommend",
+    "pipeline",
+    "mixed",
+    "new_items",
+    "overload",
+    "retrain",
+    "events",
+)
 
 
 # ---- the stack ---------------------------------------------------------------------------------
@@ -313,6 +326,7 @@ class Run:
         if status != 200:
             raise RuntimeError(f"priming events: {status} {data[:200]!r}")
         self.pop.active = users
+        self.primed = [EventIn(**e).to_record(time.time()) for e in events]
 
     async def recommend(
         self,
@@ -355,6 +369,27 @@ class Run:
         proxy = self.clients["proxy"]
         if self.c is not proxy and self.fits(self.per_run(), "recommend-proxy@8"):
             await self.recommend("recommend-proxy", 8, client=proxy)
+
+    async def pipeline(self) -> None:
+        """The in-process pipeline on this run's model, data and request mix (the stack idles
+        meanwhile): needs the stack's data dir, so not with --attach."""
+        if self.stack is None:
+            self.results.setdefault("skipped", []).append("pipeline: needs the local stack")
+            return
+        if not self.fits(self.per_run() + 30, "pipeline"):
+            return
+        from deployments.cli import dataset_records
+        from rec.config import RecConfig
+
+        config = RecConfig.from_yaml(self.args.config) if self.args.config else RecConfig()
+        config.data_dir = self.stack.data_dir.resolve()
+        records = dataset_records(self.args.data, self.args.format, config.seed) + self.primed
+        a = self.cpu.snap()
+        row = await asyncio.to_thread(
+            pipeline.measure, config, records, self.pop, self.args.seconds, self.args.warmup
+        )
+        row["cpu"] = self.cpu.delta(a, self.cpu.snap())
+        self.add(row)
 
     async def mixed(self) -> None:
         for n in CONCURRENCY:
@@ -590,6 +625,7 @@ class Run:
         steps = {
             "floor": self.floor,
             "recommend": self.recommend_all,
+            "pipeline": self.pipeline,
             "mixed": self.mixed,
             "new_items": self.new_items,
             "retrain": self.retrain,

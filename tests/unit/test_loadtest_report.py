@@ -49,9 +49,11 @@ def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0) -> dict:
             "offered": 300,
         },
         row("recovery", 8, 1, [60.0] * 120, 0),
+        row("pipeline", 1, 1, [10.0] * 100, 0),
     ]
     return {
         "machine": "test",
+        "cpu_count": 2,
         "scenarios": scenarios,
         "new_items": {"seconds": [0.03, 0.05], "not_seen": 0, "timeout_s": 10},
     }
@@ -68,6 +70,8 @@ def test_targets_pass_and_fail_on_the_right_figures() -> None:
     assert bad["recommend32_scaling"]["ok"] is True  # 125 >= 0.9 * 100
     assert bad["recommend_vs_floor_proxy"]["ok"] is False  # 100 < 0.7 * 150
     assert bad["recommend_proxy_vs_floor_proxy"]["ok"] is True  # 110 >= 0.7 * 150
+    assert targets["pipeline_share"]["value"] == 0.65  # 130 / (2 cores * 100)
+    assert bad["pipeline_share"]["ok"] is False  # 100 / 200 < 0.6
 
 
 def test_missing_scenarios_are_not_measured_rather_than_failed() -> None:
