@@ -15,8 +15,8 @@ from pathlib import Path
 
 import ray
 
-from deployments.beacon import HeadWriter, owner
 from deployments.runtime import actor_options, lower_own_priority
+from rec.beacon import HeadWriter, owner
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
 from rec.events import KIND_IMPRESSION

@@ -20,11 +20,11 @@ import numpy as np
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from deployments.live import Live
 from deployments.runtime import pin_threads
 from deployments.shards import RemoteIndex, shard_actors
 from rec.config import RecConfig
 from rec.features import RankInputs, rank_probabilities
+from rec.live import Live
 from rec.model import current_version
 from rec.pipeline import Recalled, Recommender
 from rec.profile import ProfileView

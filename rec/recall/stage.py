@@ -125,7 +125,8 @@ class Recall:
         liked item, -0.5 for a disliked one), None without any."""
         if self.model is None:
             return None
-        liked, disliked = self.indices(view.liked), self.indices(view.disliked)
+        # sorted: a set's order differs between processes, and with it the float sums
+        liked, disliked = np.sort(self.indices(view.liked)), np.sort(self.indices(view.disliked))
         if not len(liked) and not len(disliked):
             return None
         q = self.query_vecs

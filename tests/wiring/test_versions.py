@@ -82,4 +82,4 @@ def test_every_answer_comes_from_one_version_across_a_swap(tmp_path, trained) ->
         expected[model.version] = {u: _answer(rec.recommend(u, K)) for u in USERS}
     assert expected[first.version] != expected[second.version]
     for version, user, answer in answers:
-        assert answer == expected[version][user], (version, user)
+        assert answer == expected[version][user], (version, user, answer, expected[version][user])

@@ -1,4 +1,4 @@
-"""The log's head offset in shared memory (deployments/beacon.py) and the read-your-writes
+"""The log's head offset in shared memory (rec/beacon.py) and the read-your-writes
 fast path of a replica's live state built on it."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from collections import Counter
 
 import numpy as np
 
-from deployments.beacon import (
+from deployments.eventlog import EventLogService, LocalHandle
+from rec.beacon import (
     EVERYONE,
     NOBODY,
     RECENT_BYTES,
@@ -19,10 +20,9 @@ from deployments.beacon import (
     owner,
     user_key,
 )
-from deployments.eventlog import EventLogService, LocalHandle
-from deployments.live import Live
 from rec.config import RecConfig
 from rec.events import ItemIn, event_record, impression_record, item_record, user_delete_record
+from rec.live import Live
 
 
 def test_a_reader_sees_each_published_head(tmp_path) -> None:

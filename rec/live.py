@@ -5,7 +5,7 @@ offset) and, where the part holds models, with the newest published version (hot
 Read-your-writes: before serving a request, a strict replica makes sure it has applied every
 record committed before the request arrived that concerns the request's user or the catalogue.
 On the log's machine it reads the log's head offset, whom the newest records concern and the
-records themselves from shared memory (`deployments.beacon`), and calls the log actor only when
+records themselves from shared memory (`rec.beacon`), and calls the log actor only when
 those cannot serve it (another machine, a replica far behind); concurrent requests share one
 log read, so the cost there is one actor call per burst.
 """
@@ -18,7 +18,7 @@ import logging
 import time
 from pathlib import Path
 
-from deployments.beacon import HeadReader
+from rec.beacon import HeadReader
 from rec.config import RecConfig
 from rec.index import Index
 from rec.model import ModelBundle, current_version, load_saved_index
