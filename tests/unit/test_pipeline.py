@@ -16,7 +16,7 @@ import pytest
 from rec.config import RecConfig
 from rec.data import generate
 from rec.events import ItemIn, event_record, item_delete_record, item_record, user_delete_record
-from rec.features import DENSE_FEATURES
+from rec.features import DENSE_FEATURES, ORDERINGS
 from rec.finalize import reason
 from rec.model import ModelBundle, current_version, load_saved_index, new_version_name, publish
 from rec.pipeline import Recommender
@@ -646,3 +646,25 @@ def test_no_personalised_item_is_explained_as_trending(rec, users) -> None:
         for item in rec.recommend(user, k=30)["items"]:
             if set(item["sources"]) & {"itemcf", "usercf", "gf", "ease", "ann"}:
                 assert item["reason"] != "trending now", item
+
+
+@pytest.mark.parametrize("ordering", ORDERINGS)
+def test_every_ordering_scores_each_candidate_in_0_1(model, log, users, ordering) -> None:
+    """The contract of every way a version may order its lists (the ranker and each recall
+    order): one finite probability-like score per candidate, whatever the candidates."""
+    served = copy.copy(model)
+    served.ordering = ordering
+    r = Recommender(CONFIG, served)
+    r.apply(log)
+    assert r.ordering == ordering
+    for user in [*users[:5], "nobody"]:
+        view = r.view(user)
+        out = r.recalled(view, rank=True)
+        assert out.inputs is None and out.version == "v1"
+        assert out.scores.shape == (len(out.cands),) and out.scores.dtype == np.float32
+        assert np.all((out.scores > 0) & (out.scores < 1))
+        unranked = r.recalled(view)
+        if ordering == "ranker":  # the split topology's ranker gets the inputs instead
+            assert unranked.scores is None and len(unranked.inputs) == len(out.cands)
+        else:
+            np.testing.assert_array_equal(unranked.scores, out.scores)
