@@ -61,7 +61,7 @@ def finalize(
             "item_id": cands.item_ids[row],
             "score": round(float(scores[row]), 6),
             "sources": list(cands.sources[row]),
-            "reason": reason(cands.sources[row], cands.categories[row], cands.anchors[row]),
+            "reason": reason(cands.sources[row], cands.categories[row], cands.anchor(row)),
         }
         for row in rows + explore
     ]

@@ -38,9 +38,11 @@ class CandidateSet:
     sources: tuple[tuple[str, ...], ...]
     scores: np.ndarray  # [n, len(SCORED)]: each scored source's score of every candidate
     categories: tuple[str | None, ...] = ()
-    # per candidate: the user's recent positive item contributing most to its item-CF
-    # similarity (trained plus live co-occurrence), None when no recent item is similar
-    anchors: tuple[str | None, ...] = ()
+    # The user's recent positive items (`seeds`) and per candidate the position among them of
+    # the one contributing most to its item-CF similarity (trained plus live co-occurrence),
+    # -1 when none is similar: its anchor, which explains it.
+    seeds: tuple[str, ...] = ()
+    anchor_of: np.ndarray | None = None
     last_sim: np.ndarray | None = None  # similarity to the user's latest positive item
     user_vec: np.ndarray | None = None  # folded in against this version's item factors
     # The candidates' indices in the catalogue that recalled them (`Catalog.token`): a stage in
@@ -50,6 +52,10 @@ class CandidateSet:
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def anchor(self, row: int) -> str | None:
+        pos = -1 if self.anchor_of is None else int(self.anchor_of[row])
+        return self.seeds[pos] if pos >= 0 else None
 
 
 class Recall:
@@ -171,14 +177,15 @@ class Recall:
         if vec is not None and len(self.item_vecs):
             ok = cand < len(self.item_vecs)
             scores[ok, len(DENSE_SOURCES)] = self.item_vecs[cand[ok]] @ vec
-        anchors, last_sim = self._anchors(seeds, cand)
+        anchor_of, last_sim = self._anchors(seeds, cand)
         ids = catalog.ids
         return CandidateSet(
             tuple(map(ids.__getitem__, cand.tolist())),
             sources,
             scores,
             tuple(catalog.categories(cand)),
-            anchors,
+            tuple(ids[i] for i, _ in seeds),
+            anchor_of,
             last_sim,
             vec,
             cand,
@@ -237,20 +244,16 @@ class Recall:
 
     def _anchors(
         self, seeds: list[tuple[int, float]], cand: np.ndarray
-    ) -> tuple[tuple[str | None, ...], np.ndarray]:
-        """Each candidate's anchor (the seed contributing most to its item-CF score, recency
-        weighted) and its similarity to the latest seed (a ranker feature)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each candidate's anchor, the seed contributing most to its item-CF score (recency
+        weighted; -1: none), and its similarity to the latest seed (a ranker feature)."""
         if not seeds or not len(cand):
-            return (None,) * len(cand), np.zeros(len(cand), np.float32)
-        seed_idx = np.asarray([i for i, _ in seeds], np.int64)
-        sim = self.similarity(seed_idx, cand)
+            return np.full(len(cand), -1, np.int64), np.zeros(len(cand), np.float32)
+        sim = self.similarity(np.asarray([i for i, _ in seeds], np.int64), cand)
         contrib = sim * np.asarray([w for _, w in seeds], np.float32)[:, None]
         best = contrib.argmax(axis=0)
-        ids = self.state.catalog.ids
-        anchors = tuple(
-            ids[seed_idx[b]] if contrib[b, c] > 0 else None for c, b in enumerate(best.tolist())
-        )
-        return anchors, sim[0]
+        found = contrib[best, np.arange(len(cand))] > 0
+        return np.where(found, best, -1), sim[0]
 
     def similarity(self, seed_idx: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """[seeds × items]: trained item-CF similarity plus live co-occurrence, of distinct
