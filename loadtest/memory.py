@@ -39,7 +39,6 @@ from rec.config import RecConfig
 APP = "rec"
 REC_ACTORS = {"EventLogService": "EventLog", "Trainer": "Trainer", "IndexShard": "IndexShard"}
 REQUESTS = 50
-READY_TIMEOUT_S = 600
 
 
 def process_name(proc: psutil.Process) -> str | None:
@@ -74,8 +73,8 @@ def measure(stack: Stack) -> list[dict]:
     ]
 
 
-def wait_ready(stack: Stack) -> dict:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+def wait_ready(stack: Stack, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             return _wait_ready(stack.url, 5)
@@ -108,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2, help="ingress replicas (rec serve's)")
     p.add_argument("--data-dir", help="emptied first! (default: a fresh temporary dir)")
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600,
+        help="seconds to wait for /readyz after the start (default: 600)",
+    )
     args = p.parse_args(argv)
 
     config = RecConfig.from_yaml(args.config) if args.config else RecConfig()
@@ -132,13 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{stack.log_path}",
         flush=True,
     )
-    rows, ok = [], False
+    rows, ok, ready_s = [], False, None
     try:
         rng = random.Random(0)
         pop = load_population(args.data, args.format, config.seed)
         users = [pop.known_user(rng) if i % 5 else f"cold-{i}" for i in range(REQUESTS)]
+        t0 = time.monotonic()
         stack.start()
-        print(f"ready: {wait_ready(stack)}", flush=True)
+        ready = wait_ready(stack, args.ready_timeout)
+        ready_s = round(time.monotonic() - t0, 1)
+        print(f"ready after {ready_s} s: {ready}", flush=True)
         served = recommend(stack.url, users)
         print(f"{served}/{len(users)} /recommend answered 200", flush=True)
         time.sleep(1.0)
@@ -151,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['process']} | {r['replica']} | {r['rss_mb']} |")
     print(f"| **total** | {len(rows)} | **{total}** |")
+    print(f"ready after {ready_s} s" if ready_s is not None else "never ready", flush=True)
     if args.out:
         result = {
             "topology": config.serving.topology,
             "data": args.data or "generated (rec.data.generate)",
             "rows": rows,
             "total_mb": total,
+            "ready_s": ready_s,
         }
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if ok:
