@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from deployments.runtime import pin_threads
+from deployments.runtime import Startup, pin_threads
 from deployments.stages import LocalStages, RemoteStages, make_live
 from rec.config import RecConfig
 from rec.events import (
@@ -88,11 +88,10 @@ class Aggregator:
         self.live = None if profile is not None else make_live(self.config, log)
         if self.live is None:
             self.stages = RemoteStages(profile, recall, ranker)
-            self._started = asyncio.get_event_loop().create_future()
-            self._started.set_result(None)
+            self._started = Startup()
         else:
             self.stages = LocalStages(self.live)
-            self._started = asyncio.get_event_loop().create_task(self.live.start())
+            self._started = Startup(self.live.start())
         self.trainer = trainer
         self._impressions: list[dict] = []
         self._impression_timer: asyncio.TimerHandle | None = None
@@ -109,7 +108,7 @@ class Aggregator:
         else:
             events = [_parse(EventIn, body)]
         if not self.config.serving.accept_unknown_items:
-            await self._started
+            await self._started.wait()
             unknown = await self.stages.unknown_items(sorted({e.item_id for e in events}))
             if unknown:
                 raise InvalidInput(f"unknown items {unknown[:5]}", "item_id")
@@ -127,7 +126,7 @@ class Aggregator:
 
     async def recommend(self, body: object) -> dict:
         req = _parse(RecommendIn, body)
-        await self._started
+        await self._started.wait()
         k = req.k or self.config.aggregate.default_k
         if k > self.config.aggregate.max_k:
             raise InvalidInput(f"at most {self.config.aggregate.max_k}", "k")
@@ -186,7 +185,7 @@ class Aggregator:
             self.live.stop()
 
     async def similar_items(self, item_id: str, k: int) -> dict:
-        await self._started
+        await self._started.wait()
         out = await self.stages.similar(item_id, k)
         if out is None:
             raise HTTPException(404, f"item_id: unknown item {item_id!r}")
@@ -202,7 +201,7 @@ class Aggregator:
         return {"accepted": len(items), "first_offset": first, "last_offset": last}
 
     async def item(self, item_id: str) -> dict:
-        await self._started
+        await self._started.wait()
         info = await self.stages.item(item_id)
         if info is None:
             raise HTTPException(404, f"item_id: unknown item {item_id!r}")
@@ -220,7 +219,10 @@ class Aggregator:
     async def readiness(self) -> tuple[bool, dict]:
         if not self._started.done():
             return False, {"ready": False, "why": "loading"}
-        if (await self.stages.model_info())["serving"] is None:
+        info = await self.stages.model_info()
+        if info.get("loading"):
+            return False, {"ready": False, "why": "a stage is loading"}
+        if info["serving"] is None:
             return False, {"ready": False, "why": "no model published yet"}
         try:
             out = await self.recommend({"user_id": READYZ_USER, "k": 1})
@@ -237,7 +239,7 @@ class Aggregator:
             if root.exists()
             else []
         )
-        await self._started
+        await self._started.wait()
         return {
             "published": current_version(root),
             "available": available,

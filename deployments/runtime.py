@@ -4,6 +4,7 @@ its own, no usage stats."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -51,6 +52,23 @@ def pin_threads(n: int = 1) -> None:
     torch.set_num_threads(n)
     with contextlib.suppress(RuntimeError):  # already set once in this process
         torch.set_num_interop_threads(n)
+
+
+class Startup:
+    """A replica's start-up (load the model, replay the log), awaited by every request that
+    needs it. Requests wait through a shield: Serve cancels a request whose client went away,
+    and a cancelled `await task` cancels the task itself, which then left the replica answering
+    every later request with the CancelledError (a Gowalla-sized replay outlasted a 5 s
+    /readyz client)."""
+
+    def __init__(self, start=None) -> None:
+        self.task = asyncio.get_event_loop().create_task(start or asyncio.sleep(0))
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    async def wait(self) -> None:
+        await asyncio.shield(self.task)
 
 
 def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict:

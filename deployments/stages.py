@@ -20,7 +20,7 @@ import numpy as np
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from deployments.runtime import pin_threads
+from deployments.runtime import Startup, pin_threads
 from deployments.shards import RemoteIndex, shard_actors
 from rec.config import RecConfig
 from rec.features import RankInputs, rank_probabilities
@@ -155,7 +155,7 @@ class _Following:
         pin_threads()
         self.config = RecConfig.model_validate(config)
         self.live = make_live(self.config, log, self.part)
-        self._started = asyncio.get_event_loop().create_task(self.live.start())
+        self._started = Startup(self.live.start())
 
 
 @serve.deployment
@@ -165,7 +165,7 @@ class ProfileStage(_Following):
     part = "profiles"
 
     async def view(self, user_id: str) -> ProfileView:
-        await self._started
+        await self._started.wait()
         await self.live.sync(user=user_id)  # read-your-writes: never stale for this user
         return self.live.rec.view(user_id)
 
@@ -177,28 +177,30 @@ class RecallStage(_Following):
     part = "recall"
 
     async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
-        await self._started
+        await self._started.wait()
         # the user's own records (item-CF's partners) and catalogue changes, never stale
         await self.live.sync(user=view.user_id)
         return await recall_with_index(self.live.rec, view, context, rank=False)
 
     async def similar(self, item_id: str, k: int) -> dict | None:
-        await self._started
+        await self._started.wait()
         await self.live.sync(0.05)
         return similar_answer(self.live.rec, item_id, k)
 
     async def item(self, item_id: str) -> dict | None:
-        await self._started
+        await self._started.wait()
         await self.live.sync()
         return self.live.rec.item_info(item_id)
 
     async def unknown_items(self, item_ids: list[str]) -> list[str]:
-        await self._started
+        await self._started.wait()
         await self.live.sync()
         return sorted(set(item_ids) - set(self.live.rec.catalog.index))
 
     async def model_info(self) -> dict:
-        await self._started
+        if not self._started.done():  # /readyz answers "loading" now, not after the replay
+            return {"serving": None, "loading": True}
+        await self._started.wait()  # raises what the start-up raised
         return model_info(self.live.rec, self.live.reloads)
 
 

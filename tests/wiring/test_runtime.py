@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from deployments.runtime import (
     INGRESS_MAX_ONGOING,
     MAX_QUEUED,
     BackgroundStarts,
+    Startup,
     lower_own_priority,
 )
 
@@ -81,3 +83,40 @@ def test_processes_started_during_a_retrain_run_at_the_lowest_priority() -> None
         assert os.sched_getscheduler(before.pid) != os.SCHED_IDLE
     finally:
         before.kill()
+
+
+def test_a_cancelled_request_does_not_cancel_the_start_up() -> None:
+    """Serve cancels a request whose client disconnects; one waiting for the replica's start-up
+    must not take the start-up down with it: later requests find it finished."""
+
+    async def scenario() -> tuple[bool, str]:
+        release = asyncio.Event()
+
+        async def start() -> str:
+            await release.wait()
+            return "loaded"
+
+        startup = Startup(start())
+        impatient = asyncio.get_running_loop().create_task(startup.wait())
+        await asyncio.sleep(0)
+        impatient.cancel()  # the client of the first request went away
+        with pytest.raises(asyncio.CancelledError):
+            await impatient
+        release.set()
+        await asyncio.wait_for(startup.wait(), 1)  # a later request
+        return startup.done(), startup.task.result()
+
+    assert asyncio.run(scenario()) == (True, "loaded")
+
+
+def test_start_up_failure_reaches_every_request() -> None:
+    async def scenario() -> None:
+        async def start() -> None:
+            raise RuntimeError("no log")
+
+        startup = Startup(start())
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="no log"):
+                await startup.wait()
+
+    asyncio.run(scenario())
