@@ -221,7 +221,7 @@ class Aggregator:
             return False, {"ready": False, "why": "loading"}
         info = await self.stages.model_info()
         if info.get("loading"):
-            return False, {"ready": False, "why": "a stage is loading"}
+            return False, {"ready": False, "why": "loading"}  # a stage still replays the log
         if info["serving"] is None:
             return False, {"ready": False, "why": "no model published yet"}
         try:
