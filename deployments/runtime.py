@@ -68,6 +68,9 @@ class Startup:
         return self.task.done()
 
     async def wait(self) -> None:
+        if self.task.done():  # every request after start-up: no shield future to build
+            self.task.result()  # raises what the start-up raised
+            return
         await asyncio.shield(self.task)
 
 
