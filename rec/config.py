@@ -87,8 +87,26 @@ class RecallConfig(_Config):
         4096,
         ge=0,
         description="Largest catalogue whose graph filter training tabulates as a dense "
-        "items² matrix (4096 items: 64 MB per model), so a request sums rows instead of "
-        "filtering over the whole graph; 0 turns it off.",
+        "items² matrix (4096 items: 64 MB per model); larger ones are served factored "
+        "(gf_neighbors, gf_rank, gf_candidates); 0 factors every catalogue.",
+    )
+    gf_neighbors: int = Field(
+        512,
+        gt=0,
+        description="Factored graph filter: neighbours kept per item in its sparse "
+        "item-item part (memory: items × this × 8 bytes).",
+    )
+    gf_rank: int = Field(
+        448,
+        gt=0,
+        description="Factored graph filter: rank of its low-rank part (at most twice "
+        "gf_dim; memory: items × this × 8 bytes).",
+    )
+    gf_candidates: int = Field(
+        1000,
+        gt=0,
+        description="Factored graph filter: a request's candidates (the best by "
+        "neighbour sum) that are scored in full before its top items are taken.",
     )
     ease_l2: float = Field(500.0, gt=0, description="EASE ridge regulariser λ.")
     ease_max_items: int = Field(

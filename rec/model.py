@@ -54,6 +54,8 @@ class ModelBundle:
 
     @property
     def graph(self) -> GraphFilter:
+        """The graph filter as fitted (training validates it, then replaces it with its
+        served form, `GraphFilter.served`)."""
         return self.sources["gf"]
 
     def build_index(self, config: RecallConfig, shards: int = 1) -> Index:

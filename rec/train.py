@@ -103,7 +103,6 @@ def train(
     ranker = None
     basis: Embeddings | None = None
     sharpen, pop, ordering = config.recall.gf_sharpen, 0.0, "ranker"
-    dense_gf = len(item_ids) <= config.recall.gf_dense_max_items
     if fit_ranker is not None and prefix_events and suffix_events:
         prefix = _fit_recall(
             prefix_events, item_index, user_index, config, categories, item_ids, user_ids, threads
@@ -111,7 +110,7 @@ def train(
         (sharpen, pop), metrics["gf_validation_ndcg"] = choose_graph_filter(
             prefix, prefix_events, suffix_events, config
         )
-        prefix.graph.tune(sharpen, pop, dense_gf)
+        prefix.sources["gf"] = prefix.graph.served(sharpen, pop, config.recall)
         _choose_index(prefix, prefix_events, item_index, config)
         basis = prefix.embeddings
         ex, cases = replay_holdout(
@@ -136,7 +135,7 @@ def train(
     final = _fit_recall(
         events, item_index, user_index, config, categories, item_ids, user_ids, threads
     )
-    final.graph.tune(sharpen, pop, dense_gf)
+    final.sources["gf"] = final.graph.served(sharpen, pop, config.recall)
     final.ordering = ordering
     if basis is not None:
         rot, _ = orthogonal_procrustes(final.embeddings.item, basis.item)

@@ -58,6 +58,31 @@ class TrainingData:
     threads: int = 0  # 0: every core
 
 
+class RequestScores:
+    """One request's scores of one recall model: its own best candidates, and the score of any
+    item (the ranker's feature for candidates other sources proposed)."""
+
+    def top(self, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class DenseScores(RequestScores):
+    """A score per catalogue index, computed whole (models whose scores are sparse or whose
+    catalogue is bounded; the recall stage ranks all such rows of a request at once)."""
+
+    def __init__(self, vector: np.ndarray) -> None:
+        self.vector = vector
+
+    def top(self, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        return top_n(self.vector, n, exclude)
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        return self.vector[idx]
+
+
 @dataclass(frozen=True)
 class RecallQuery:
     """One request's history, in the forms the recall models read (catalogue indices): the
@@ -91,6 +116,10 @@ class RecallModel(ScoreSource):
     def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
         """This request's score of every catalogue index (length n_total)."""
         raise NotImplementedError
+
+    def request(self, q: RecallQuery, n_total: int) -> RequestScores:
+        """This request's scores as serving reads them (by default `query_scores`, whole)."""
+        return DenseScores(self.query_scores(q, n_total))
 
     def arrays(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -133,14 +162,25 @@ def top_n_rows(
     return [(order[r][keep[r]].astype(np.int64), top[r][keep[r]]) for r in range(len(s))]
 
 
+def gathered_rows(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The column indices and values of the given CSR rows, concatenated in order."""
+    take, _ = _row_entries(m, rows)
+    return m.indices[take], np.asarray(m.data[take], np.float32)
+
+
+def _row_entries(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in m.data of the given rows' entries (concatenated), and each row's count."""
+    starts = m.indptr[rows]
+    counts = m.indptr[rows + 1] - starts
+    first = np.cumsum(counts) - counts  # where each row's entries begin in `take`
+    return np.arange(counts.sum()) + np.repeat(starts - first, counts), counts
+
+
 def weighted_rows(m: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Σ_r weights[r] · m[rows[r], :] as a dense float32 vector: the numbers `m[rows].T @ weights`
     gives (float32, added row by row in order), read from the CSR arrays directly, since scipy's
     row indexing and product cost tens of µs a call and a request makes several."""
-    starts = m.indptr[rows]
-    counts = m.indptr[rows + 1] - starts
-    first = np.cumsum(counts) - counts  # where each row's entries begin in `take`
-    take = np.arange(counts.sum()) + np.repeat(starts - first, counts)
+    take, counts = _row_entries(m, rows)
     # np.float32 spelled out: a matrix unpickled in another process carries an equal but
     # distinct dtype object, and np.add.at takes a ~20x slower path for it
     values = np.asarray(m.data[take], np.float32) * np.repeat(

@@ -8,11 +8,18 @@ the linear low-pass filter plus an ideal low-pass filter on the top singular vec
 heat equation ds/dt = -s R̃ᵀR̃ for a time T, here one fourth-order Runge-Kutta step:
     s = b (I - T P + (T P)²/2 - (T P)³/6 + (T P)⁴/24),   P = R̃ᵀR̃
 and finally re-weighs by item degree, s · (d_i + 1)^γ; T and γ are chosen on held-out data at
-training time. The filter is linear in the history, so for a catalogue of a few thousand items
-training tabulates it (`tune(dense=True)`): row j of an items × items matrix holds what item j
-alone contributes, and a request sums its history's rows. Larger catalogues compute it per
-request from the live history (sparse products and one small dense one). Either way a new event
-changes the next answer."""
+training time. The filter is linear in the history, and it is served in one of two forms whose
+cost does not grow with the catalogue (`GraphFilter.served`):
+
+- tabulated, for a catalogue of a few thousand items: row j of an items × items matrix holds what
+  item j alone contributes, and a request sums its history's rows;
+- factored (`FactoredGraphFilter`), above that: the filter split into a sparse item-item part
+  (each item's top neighbours in P) and a rank-r part (a user factor summed from the history's
+  rows, an item factor per item), so a request costs its history's neighbour lists and a dot
+  product per candidate.
+
+Either way the score is computed from the live history, so a new event changes the next answer.
+The exact per-request filter (`scores` of `GraphFilter`) is what training validates T and γ on."""
 
 from __future__ import annotations
 
@@ -21,12 +28,16 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import svds
 
+from rec.config import RecallConfig
 from rec.recall.base import (
     RecallModel,
     RecallQuery,
+    RequestScores,
     TrainingData,
+    gathered_rows,
     load_csr,
     save_csr,
+    top_n,
     weighted_rows,
 )
 
@@ -99,6 +110,20 @@ class GraphFilter(RecallModel):
     @property
     def n_items(self) -> int:
         return self.by_item.shape[0]
+
+    def served(self, sharpen: float, pop: float, config: RecallConfig) -> RecallModel:
+        """This filter with T and γ set, in the form requests are scored with: tabulated up to
+        `gf_dense_max_items` items, factored above (`FactoredGraphFilter.of`)."""
+        if self.n_items <= config.gf_dense_max_items:
+            self.tune(sharpen, pop, dense=True)
+            return self
+        self.tune(sharpen, pop)
+        return FactoredGraphFilter.of(
+            self,
+            config.gf_neighbors,
+            min(config.gf_rank, 2 * self.basis.shape[1]),
+            config.gf_candidates,
+        )
 
     @property
     def sharpen(self) -> float:
@@ -198,7 +223,9 @@ class GraphFilter(RecallModel):
         }
 
     @classmethod
-    def load(cls, arrays) -> GraphFilter | None:
+    def load(cls, arrays) -> RecallModel | None:
+        if "gf_nb_shape" in arrays:
+            return FactoredGraphFilter.load(arrays)
         if "gf_shape" not in arrays:
             return None
         return cls(
@@ -210,6 +237,229 @@ class GraphFilter(RecallModel):
             float(arrays["gf_pop"]),
             arrays.get("gf_dense"),
         )
+
+
+class FactoredGraphFilter(RecallModel):
+    """The graph filter in a form whose request cost does not grow with the catalogue.
+
+    With P = R̃ᵀR̃ = Ū Λ Ūᵀ + P_rest (Ū: the fitted top eigenvectors, exact ones of P, so the
+    two parts are orthogonal), p(x) the sharpening polynomial and w_j = (d_j + 1)^γ, the filter
+
+        s = (r P + α r D^-1/2 Ū Ūᵀ D^1/2) p(P) diag(w)
+
+    splits exactly into  r P_rest p(P_rest) diag(w)  plus a part of rank 2k:
+    (r Ū) Λ p(Λ) Ūᵀ diag(w)  +  α (r D^-1/2 Ū) Ūᵀ D^1/2 p(P) diag(w). The rest-spectrum part is
+    served as β · r P diag(w) minus its top-eigen share β (r Ū) Λ Ūᵀ diag(w) (moved into the
+    rank-2k part): P's eigenvalues outside Ū are small, so p is nearly constant over them and
+    β is its mean there (weighed by eigenvalue, estimated with random probes). r P is served
+    from each item's `neighbors` largest entries of P, the rank-2k part compressed to its best
+    rank r. A request sums its history's neighbour rows (its candidates: the best `candidates`
+    of them by that sum) and its history's rows of the query factors (one vector u); an item's
+    score is its neighbour sum plus u · its item factor. Gowalla, measured: docs/benchmarks.md.
+    """
+
+    name = "gf"
+    orderable = True
+    blended = True
+    reason = GraphFilter.reason
+    anchored_reason = GraphFilter.anchored_reason
+
+    def __init__(
+        self,
+        neighbors: sp.csr_matrix,
+        query: np.ndarray,
+        item: np.ndarray,
+        candidates: int,
+        sharpen: float = 0.0,
+        pop: float = 0.0,
+        beta: float = 1.0,
+    ) -> None:
+        self.neighbors = neighbors.tocsr()  # items × items: β P w, each row's largest entries
+        self.query = np.ascontiguousarray(query, np.float32)  # items × r
+        self.item = np.ascontiguousarray(item, np.float32)  # items × r
+        self.candidates = int(candidates)
+        self.sharpen, self.pop, self.beta = float(sharpen), float(pop), float(beta)
+
+    @classmethod
+    def of(
+        cls, graph: GraphFilter, neighbors: int, rank: int, candidates: int, seed: int = 0
+    ) -> FactoredGraphFilter:
+        """The factored form of a tuned `graph` (T and γ set)."""
+        u = graph.basis.astype(np.float64)
+        lam = np.square(graph.by_user @ u).sum(axis=0)  # Ū's eigenvalues in P
+        coef = sharpening_coefficients(graph.sharpen)
+        poly = sum(c * lam**k for k, c in enumerate(coef))
+        beta = rest_mean(graph, coef, seed) if graph.sharpen else 1.0
+        w = np.power(graph.item_degree.astype(np.float64) + 1.0, graph.pop)
+        item_a = u * (lam * poly - beta * lam)[None, :] * w[:, None]
+        item_b = graph.alpha * graph.combine(
+            graph.sharpening_terms(graph._sqrt[:, None].astype(np.float64) * u),
+            graph.sharpen,
+            graph.pop,
+        )
+        query, item = low_rank(
+            np.hstack([u, graph._inv_sqrt[:, None] * u]), np.hstack([item_a, item_b]), rank
+        )
+        nb = top_neighbors(graph.by_item, graph.by_user, neighbors, (beta * w).astype(np.float32))
+        return cls(nb, query, item, candidates, graph.sharpen, graph.pop, beta)
+
+    @classmethod
+    def from_training(cls, data: TrainingData) -> FactoredGraphFilter:
+        return GraphFilter.from_training(data).served(0.0, 0.0, data.config)
+
+    @property
+    def n_items(self) -> int:
+        return self.neighbors.shape[0]
+
+    def query_scores(self, q: RecallQuery, n_total: int) -> np.ndarray:
+        return self.scores(q.liked, np.ones(len(q.liked), np.float32), n_total)
+
+    def request(self, q: RecallQuery, n_total: int) -> RequestScores:
+        return FactoredScores(self, q.liked)
+
+    def scores(self, idx: np.ndarray, weights: np.ndarray, n_total: int) -> np.ndarray:
+        """Every item's score (tests and the contract; a request scores only its candidates)."""
+        liked = self._liked(idx, weights)
+        out = np.zeros(n_total, np.float32)
+        if len(liked):
+            out[: self.n_items] = weighted_rows(
+                self.neighbors, liked, np.ones(len(liked), np.float32)
+            ) + self.item @ self.query[liked].sum(axis=0)
+        return out
+
+    def _liked(self, idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return np.unique(idx[(weights > 0) & (idx >= 0) & (idx < self.n_items)])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            **save_csr("gf_nb", self.neighbors),
+            "gf_query": self.query,
+            "gf_item": self.item,
+            "gf_candidates": np.asarray(self.candidates),
+            "gf_sharpen": np.asarray(self.sharpen),
+            "gf_pop": np.asarray(self.pop),
+            "gf_beta": np.asarray(self.beta),
+        }
+
+    @classmethod
+    def load(cls, arrays) -> FactoredGraphFilter | None:
+        if "gf_nb_shape" not in arrays:
+            return None
+        return cls(
+            load_csr("gf_nb", arrays),
+            arrays["gf_query"],
+            arrays["gf_item"],
+            int(arrays["gf_candidates"]),
+            float(arrays["gf_sharpen"]),
+            float(arrays["gf_pop"]),
+            float(arrays["gf_beta"]),
+        )
+
+
+class FactoredScores(RequestScores):
+    """One request's factored graph filter: its history's neighbour sums (over the items in
+    those neighbour lists) and its user factor."""
+
+    def __init__(self, model: FactoredGraphFilter, liked: np.ndarray) -> None:
+        self.model = model
+        liked = model._liked(np.asarray(liked, np.int64), np.ones(len(liked), np.float32))
+        self.user = model.query[liked].sum(axis=0) if len(liked) else None
+        cols, vals = gathered_rows(model.neighbors, liked)
+        self.cand, inverse = np.unique(cols, return_inverse=True)
+        self.sparse = np.bincount(inverse, vals, minlength=len(self.cand)).astype(np.float32)
+
+    def at(self, idx: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(idx), np.float32)
+        if self.user is None:
+            return out
+        known = np.flatnonzero((idx >= 0) & (idx < self.model.n_items))
+        ids = idx[known]
+        got = self.model.item[ids] @ self.user
+        if len(self.cand):
+            pos = np.minimum(np.searchsorted(self.cand, ids), len(self.cand) - 1)
+            hit = self.cand[pos] == ids
+            got[hit] += self.sparse[pos[hit]]
+        out[known] = got
+        return out
+
+    def top(self, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        cand, sparse = self.cand, self.sparse
+        if exclude is not None and len(exclude):
+            keep = ~np.isin(cand, exclude)
+            cand, sparse = cand[keep], sparse[keep]
+        m = self.model.candidates
+        if len(cand) > m:  # the best by neighbour sum are rescored in full
+            best = np.argpartition(-sparse, m - 1)[:m]
+            cand, sparse = cand[best], sparse[best]
+        if not len(cand):
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        full = sparse + self.model.item[cand] @ self.user
+        pos, vals = top_n(full, n)
+        return cand[pos].astype(np.int64), vals
+
+
+def sharpening_coefficients(time: float) -> list[float]:
+    """c_k of exp(-time x) to fourth order: 1, -t, t²/2, -t³/6, t⁴/24."""
+    coef = [1.0]
+    for k in range(1, 5):
+        coef.append(coef[-1] * -time / k)
+    return coef
+
+
+def rest_mean(graph: GraphFilter, coef: list[float], seed: int, probes: int = 16) -> float:
+    """β = tr(P_rest p(P_rest)) / tr(P_rest): the sharpening polynomial's mean over P's
+    eigenvalues outside the fitted basis, weighed by eigenvalue; the traces are Hutchinson
+    estimates on random sign probes projected off the basis."""
+    rng = np.random.default_rng(seed)
+    u = graph.basis.astype(np.float64)
+    z = rng.choice([-1.0, 1.0], size=(graph.n_items, probes))
+    z -= u @ (u.T @ z)
+    traces, y = [], z
+    for _ in range(len(coef)):
+        y = graph.by_item @ (graph.by_user @ y)
+        y -= u @ (u.T @ y)  # keep round-off out of the basis
+        traces.append(float((z * y).sum()))
+    if traces[0] <= 0:
+        return 1.0
+    return float(sum(c * t for c, t in zip(coef, traces, strict=True)) / traces[0])
+
+
+def low_rank(left: np.ndarray, right: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) with A Bᵀ the best rank-`rank` approximation of left rightᵀ (both items × m), from
+    QR factorisations and the SVD of the small m × m core."""
+    qa, ra = np.linalg.qr(left)
+    qb, rb = np.linalg.qr(right)
+    u, s, vt = np.linalg.svd(ra @ rb.T)
+    root = np.sqrt(s[:rank])
+    return (qa @ (u[:, :rank] * root)).astype(np.float32), (qb @ (vt[:rank].T * root)).astype(
+        np.float32
+    )
+
+
+def top_neighbors(
+    by_item: sp.csr_matrix, by_user: sp.csr_matrix, k: int, scale: np.ndarray, block: int = 1024
+) -> sp.csr_matrix:
+    """Each item's k largest off-diagonal entries of P = by_item by_user (items × items),
+    column j scaled by scale[j]; P is formed `block` rows at a time."""
+    n = by_item.shape[0]
+    rows, cols, vals = [], [], []
+    for start in range(0, n, block):
+        part = (by_item[start : start + block] @ by_user).tocoo()
+        keep = part.row + start != part.col
+        r, c = part.row[keep], part.col[keep]
+        v = part.data[keep].astype(np.float32) * scale[c]
+        order = np.lexsort((-v, r))
+        r, c, v = r[order], c[order], v[order]
+        first = np.searchsorted(r, r)  # where each row's run begins (r is sorted)
+        keep = np.arange(len(r)) - first < k
+        rows.append(r[keep] + start)
+        cols.append(c[keep])
+        vals.append(v[keep])
+    m = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
+    )
+    m.sort_indices()
+    return m
 
 
 def _top_singular(m: sp.csr_matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

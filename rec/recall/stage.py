@@ -21,12 +21,12 @@ from rec.config import RecConfig
 from rec.index import Index
 from rec.model import ModelBundle
 from rec.profile import ProfileView
-from rec.recall.base import RecallQuery, top_n, top_n_rows
+from rec.recall.base import DenseScores, RecallQuery, RequestScores, top_n, top_n_rows
 from rec.recall.registry import MODELS
 from rec.state import LiveState
 
-DENSE_SOURCES = tuple(MODELS)  # scored over the whole catalogue per request
-SCORED = (*DENSE_SOURCES, "ann")  # sources whose score every candidate carries
+MODEL_SOURCES = tuple(MODELS)  # the trained recall models, scored from the history per request
+SCORED = (*MODEL_SOURCES, "ann")  # sources whose score every candidate carries
 SOURCES = (*SCORED, "pop", "new")
 
 
@@ -152,10 +152,18 @@ class Recall:
         n = self.config.recall.per_source
         exclude = self.indices(view.seen | catalog.deleted)
         seeds = self.seeds(view)
-        dense = self._dense_scores(view, seeds, len(catalog))
-        trend = state.stats.trend.vector(catalog)
-        *tops, (trending, _) = top_n_rows(np.vstack([dense, trend]), n, exclude)
-        lists = [(name, ids) for name, (ids, _) in zip(DENSE_SOURCES, tops, strict=True)]
+        scored = self._request_scores(view, seeds, len(catalog))
+        # whole-catalogue rows are ranked together, with trending (one partition for all)
+        whole = [name for name, s in scored.items() if isinstance(s, DenseScores)]
+        rows = [scored[name].vector for name in whole]
+        *tops, (trending, _) = top_n_rows(
+            np.vstack([*rows, state.stats.trend.vector(catalog)]), n, exclude
+        )
+        best = {name: ids for name, (ids, _) in zip(whole, tops, strict=True)}
+        for name, s in scored.items():
+            if name not in best:
+                best[name] = s.top(n, exclude)[0]
+        lists = [(name, best[name]) for name in MODEL_SOURCES if name in best]
         vec = self.user_vector(view)
         if vec is not None:
             if ann is None and self.index is not None and len(self.index):
@@ -173,10 +181,12 @@ class Recall:
         lists.append(("new", np.asarray(new, np.int64)))
         cand, sources = merge_lists(lists, self.config.aggregate.candidates)
         scores = np.zeros((len(cand), len(SCORED)), np.float32)
-        scores[:, : len(DENSE_SOURCES)] = dense[:, cand].T
+        for col, name in enumerate(MODEL_SOURCES):
+            if name in scored:
+                scores[:, col] = scored[name].at(cand)
         if vec is not None and len(self.item_vecs):
             ok = cand < len(self.item_vecs)
-            scores[ok, len(DENSE_SOURCES)] = self.item_vecs[cand[ok]] @ vec
+            scores[ok, len(MODEL_SOURCES)] = self.item_vecs[cand[ok]] @ vec
         anchor_of, last_sim = self._anchors(seeds, cand)
         ids = catalog.ids
         return CandidateSet(
@@ -203,21 +213,22 @@ class Recall:
             liked,
         )
 
-    def _dense_scores(
+    def _request_scores(
         self, view: ProfileView, seeds: list[tuple[int, float]], n_total: int
-    ) -> np.ndarray:
-        """[len(DENSE_SOURCES), n_total]: each recall model's score of every item, item-CF's
-        with the live co-occurrence added (items newer than the model included)."""
-        out = np.zeros((len(DENSE_SOURCES), n_total), np.float32)
+    ) -> dict[str, RequestScores]:
+        """Each recall model's scores of this request (a model the version lacks is absent),
+        item-CF's with the live co-occurrence added (items newer than the model included)."""
+        out: dict[str, RequestScores] = {}
         if not view.recent:
             return out
         if self.model is not None and seeds:
             q = self.query(view, seeds)
-            for row, name in enumerate(DENSE_SOURCES):
+            for name in MODEL_SOURCES:
                 source = self.model.sources.get(name)
                 if source is not None:
-                    out[row] = source.query_scores(q, n_total)
-        self.state.stats.cooc.add_scores(out[DENSE_SOURCES.index("itemcf")], seeds)
+                    out[name] = source.request(q, n_total)
+        itemcf = out.setdefault("itemcf", DenseScores(np.zeros(n_total, np.float32)))
+        self.state.stats.cooc.add_scores(itemcf.vector, seeds)
         return out
 
     def seeds(self, view: ProfileView) -> list[tuple[int, float]]:
