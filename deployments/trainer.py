@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import ray
 from deployments.eventlog import get_log
 from deployments.runtime import BackgroundStarts, actor_options, lower_own_priority
 from rec.config import RecConfig
-from rec.model import new_version_name, publish
+from rec.model import collect_versions, new_version_name, publish
 
 TRAINER_ACTOR = "rec_trainer"
 
@@ -113,11 +114,17 @@ class Trainer:
             if offset < self.config.train.min_events:
                 return {"published": None, "why": f"only {offset} records in the log"}
             version = new_version_name()
-            with BackgroundStarts(os.getppid()):  # this actor's parent: the raylet
-                await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
-            meta = json.loads((Path(self.config.model_dir) / version / "meta.json").read_text())
-            publish(self.config.model_dir, version)
-            Path(snapshot).unlink(missing_ok=True)
+            try:
+                with BackgroundStarts(os.getppid()):  # this actor's parent: the raylet
+                    await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
+            finally:
+                Path(snapshot).unlink(missing_ok=True)
+            model_dir = Path(self.config.model_dir)
+            meta = json.loads((model_dir / version / "meta.json").read_text())
+            publish(model_dir, version)
+            runs = Path(self.config.data_dir) / "ray_train"
+            for old in collect_versions(model_dir, self.config.train.keep_versions):
+                shutil.rmtree(runs / old, ignore_errors=True)
             self.last = {
                 "published": version,
                 "log_offset": offset,

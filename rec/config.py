@@ -216,6 +216,12 @@ class TrainConfig(_Config):
     holdout_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of each user's events held out."
     )
+    keep_versions: int = Field(
+        3,
+        ge=1,
+        description="Model versions kept on disk; older ones (never the published one) are "
+        "deleted after each retrain, with their Ray Train run folders.",
+    )
     every_s: float | None = Field(
         None, gt=0, description="Retrain periodically at this interval (None: on demand only)."
     )

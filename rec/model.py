@@ -162,3 +162,26 @@ def publish(root: str | Path, version: str) -> None:
 def current_version(root: str | Path) -> str | None:
     path = Path(root) / "CURRENT"
     return path.read_text().strip() if path.exists() else None
+
+
+def collect_versions(root: str | Path, keep: int) -> list[str]:
+    """Delete all but the `keep` newest saved versions under root (by creation time; CURRENT's
+    is never deleted) and any half-written save; returns the deleted version names. Replicas
+    hold a loaded version in memory, so deleting its directory does not disturb them. Callers
+    must not run it while a save is under way (the trainer calls it after publishing)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    current = current_version(root)
+    saved = []
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith(".") and path.name.endswith(".tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and (path / "meta.json").exists():
+            created = json.loads((path / "meta.json").read_text()).get("created", 0.0)
+            saved.append((float(created), path.name))
+    saved.sort(reverse=True)
+    gone = [name for _, name in saved[max(keep, 1) :] if name != current]
+    for name in gone:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return gone

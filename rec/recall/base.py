@@ -140,26 +140,23 @@ def top_n(
 def top_n_rows(
     scores: np.ndarray, n: int, exclude: np.ndarray | None = None, min_score: float = 0.0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`top_n` of every row of a [rows, items] matrix, computed for all rows at once (a request
-    ranks several sources' scores over the same catalogue)."""
-    s = np.array(scores, dtype=np.float32, ndmin=2)  # a copy: excluded items are overwritten
+    """`top_n` of every row of a [rows, items] matrix (a request ranks several sources' scores
+    over the same catalogue). Only a row's entries above `min_score` are partitioned: most
+    sources score a few hundred items of a large catalogue."""
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float32))
+    keep = s > min_score
     if exclude is not None and len(exclude):
-        s[:, exclude[exclude < s.shape[1]]] = -np.inf
-    n = min(n, s.shape[1])
-    if n <= 0:
-        return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(s))]
-    neg = -s
-    part = (
-        np.argpartition(neg, n - 1, axis=1)[:, :n]
-        if n < s.shape[1]
-        else np.broadcast_to(np.arange(n), s.shape)
-    )
-    order = np.take_along_axis(
-        part, np.argsort(np.take_along_axis(neg, part, 1), axis=1, kind="stable"), 1
-    )
-    top = np.take_along_axis(s, order, 1)
-    keep = top > min_score
-    return [(order[r][keep[r]].astype(np.int64), top[r][keep[r]]) for r in range(len(s))]
+        keep[:, exclude[exclude < s.shape[1]]] = False
+    out = []
+    for r in range(len(s)):
+        idx = np.flatnonzero(keep[r]) if n > 0 else np.empty(0, np.int64)
+        vals = s[r, idx]
+        if len(idx) > n:
+            part = np.argpartition(-vals, n - 1)[:n]
+            idx, vals = idx[part], vals[part]
+        order = np.argsort(-vals, kind="stable")
+        out.append((idx[order].astype(np.int64), vals[order]))
+    return out
 
 
 def gathered_rows(m: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

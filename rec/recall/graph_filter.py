@@ -365,8 +365,14 @@ class FactoredScores(RequestScores):
         liked = model._liked(np.asarray(liked, np.int64), np.ones(len(liked), np.float32))
         self.user = model.query[liked].sum(axis=0) if len(liked) else None
         cols, vals = gathered_rows(model.neighbors, liked)
-        self.cand, inverse = np.unique(cols, return_inverse=True)
-        self.sparse = np.bincount(inverse, vals, minlength=len(self.cand)).astype(np.float32)
+        if 8 * len(cols) > model.n_items:  # a long history: summing over the catalogue in one
+            # pass is cheaper than sorting its neighbour entries
+            sums = np.bincount(cols, vals, minlength=model.n_items)
+            self.cand = np.flatnonzero(sums)
+            self.sparse = sums[self.cand].astype(np.float32)
+        else:
+            self.cand, inverse = np.unique(cols, return_inverse=True)
+            self.sparse = np.bincount(inverse, vals, minlength=len(self.cand)).astype(np.float32)
 
     def at(self, idx: np.ndarray) -> np.ndarray:
         out = np.zeros(len(idx), np.float32)

@@ -567,6 +567,10 @@ def test_factored_graph_filter_keeps_each_items_top_neighbours_and_loads() -> No
     h = x[0].indices
     got = factored.request(RecallQuery(h, np.ones(len(h)), h, np.ones(len(h)), h), 200)
     assert set(got.top(5, h)[0].tolist()) <= set(nb[h].indices.tolist())
+    for short in (h[:1], h):  # neighbour entries summed sorted (few) or over the catalogue
+        scored = factored.request(RecallQuery(short, [1.0], short, [1.0], short), 200)
+        want = factored.scores(short, np.ones(len(short), np.float32), 200)
+        np.testing.assert_allclose(scored.at(np.arange(200)), want, rtol=1e-5, atol=1e-6)
     loaded = GraphFilter.load(factored.arrays())
     assert isinstance(loaded, FactoredGraphFilter) and loaded.candidates == 5
     ones = np.ones(len(h), np.float32)

@@ -11,6 +11,7 @@ from rec.config import RecConfig
 from rec.data import generate
 from rec.events import ItemIn, event_record, item_record
 from rec.features import DENSE_FEATURES, ORDERINGS
+from rec.model import collect_versions, publish
 from rec.pipeline import Recommender
 from rec.profile import event_weight
 from rec.ranker import Ranker
@@ -509,3 +510,23 @@ def test_training_runs_als_on_the_threads_it_is_given(records, monkeypatch) -> N
     seen.clear()
     train(snapshot_table(records), CONFIG, fit_ranker=None)
     assert seen == [0]
+
+
+def test_collect_versions_keeps_the_newest_and_the_published(tmp_path) -> None:
+    """Only the `keep` newest versions survive (by creation time, not name), the published one
+    always, and half-written saves are swept."""
+    for n, created in enumerate([5.0, 1.0, 4.0, 2.0, 3.0]):
+        d = tmp_path / f"v{n}"
+        d.mkdir()
+        (d / "meta.json").write_text(json.dumps({"created": created}))
+        (d / "arrays.npz").write_bytes(b"x")
+    (tmp_path / ".v9.tmp").mkdir()
+    (tmp_path / "snapshots").mkdir()  # not a version: left alone
+    publish(tmp_path, "v1")  # the oldest, yet published
+    gone = collect_versions(tmp_path, keep=2)
+    assert sorted(gone) == ["v3", "v4"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["CURRENT", "snapshots", "v0", "v1", "v2"]
+    assert collect_versions(tmp_path, keep=2) == []  # v1 is still the published one
+    publish(tmp_path, "v0")
+    assert collect_versions(tmp_path, keep=2) == ["v1"]
