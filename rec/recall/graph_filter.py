@@ -303,10 +303,6 @@ class FactoredGraphFilter(RecallModel):
         nb = top_neighbors(graph.by_item, graph.by_user, neighbors, (beta * w).astype(np.float32))
         return cls(nb, query, item, candidates, graph.sharpen, graph.pop, beta)
 
-    @classmethod
-    def from_training(cls, data: TrainingData) -> FactoredGraphFilter:
-        return GraphFilter.from_training(data).served(0.0, 0.0, data.config)
-
     @property
     def n_items(self) -> int:
         return self.neighbors.shape[0]
