@@ -60,6 +60,15 @@ class Catalog:
             cat.ensure(item_id)
         return cat
 
+    @classmethod
+    def restored(cls, ids: list[str], meta: dict[str, ItemMeta], deleted: set[str]) -> Catalog:
+        """A catalogue as saved: ids in index order, their metadata and the deleted ones."""
+        cat = cls(ids=list(ids), index={i: n for n, i in enumerate(ids)}, meta=meta)
+        cat.deleted = set(deleted)
+        for idx in range(len(ids)):
+            cat._store(idx)
+        return cat
+
     def __len__(self) -> int:
         return len(self.ids)
 

@@ -24,6 +24,7 @@ from rec.ranker import Ranker
 from rec.recall import Embeddings, GraphFilter, ItemCF
 from rec.recall.base import RecallModel
 from rec.recall.registry import MODELS
+from rec.state import Basis
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ModelBundle:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def basis(self) -> Basis:
+        return Basis(self.version, self.item_ids, self.item_categories, self.log_offset)
 
     @property
     def itemcf(self) -> ItemCF:
@@ -139,6 +144,15 @@ class ModelBundle:
             metrics=meta.get("metrics", {}),
             created=float(meta.get("created", 0.0)),
         )
+
+
+def load_basis(version_dir: str | Path) -> Basis:
+    """A saved version's `Basis`, without loading its models."""
+    path = Path(version_dir)
+    meta = json.loads((path / "meta.json").read_text())
+    with np.load(path / "arrays.npz", allow_pickle=False) as z:
+        ids, cats = z["item_ids"].tolist(), z["item_categories"].tolist()
+    return Basis(meta["version"], ids, [c or None for c in cats], int(meta["log_offset"]))
 
 
 def load_saved_index(version_dir: str | Path) -> Index | None:

@@ -42,9 +42,12 @@ class Recommender:
         *,
         profiles: bool = True,
         recall: bool = True,
+        state: LiveState | None = None,
     ) -> None:
+        """state: where the live state starts (a checkpoint's, `rec.checkpoint.load`, with the
+        same parts); None: empty, at log offset 0."""
         self.config = config
-        self.state = LiveState(config, profiles=profiles, stats=recall)
+        self.state = state if state is not None else LiveState(config, profiles, recall)
         self.recaller = Recall(config, self.state, model, index) if recall else None
         self.builder = FeatureBuilder(self.recaller) if recall else None
 

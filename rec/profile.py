@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from rec.catalog import ItemMeta
 from rec.config import ProfileConfig
+from rec.rows import LazyRows
 
 
 def event_weight(type_: str, value: float | None, config: ProfileConfig) -> float:
@@ -54,11 +55,12 @@ class ProfileView:
 
 
 class ProfileStore:
-    """All profiles of the users this process serves."""
+    """All profiles of the users this process serves (those in a checkpoint built from its
+    arrays when read, `rec.rows.LazyRows`)."""
 
     def __init__(self, config: ProfileConfig) -> None:
         self.config = config
-        self.users: dict[str, UserProfile] = {}
+        self.users: LazyRows[UserProfile] = LazyRows()
 
     def __len__(self) -> int:
         return len(self.users)
@@ -66,11 +68,9 @@ class ProfileStore:
     def apply_event(self, record: dict, meta: ItemMeta | None) -> None:
         """Fold one behaviour record into its user's profile."""
         user_id, item_id, ts = record["user_id"], record["item_id"], float(record["ts"])
-        p = self.users.get(user_id)
+        p = self.users.writable(user_id)
         if p is None:
-            p = self.users[user_id] = UserProfile(
-                user_id, recent=deque(maxlen=self.config.max_recent)
-            )
+            p = self.users.put(user_id, UserProfile(user_id, deque(maxlen=self.config.max_recent)))
         w = event_weight(record["type"], record.get("value"), self.config)
         p.recent.append((item_id, w, ts))
         p.items[item_id] = p.items.get(item_id, 0.0) + w
@@ -83,7 +83,7 @@ class ProfileStore:
                     p.tags[tag] = (self._decay(prev_w, ts - prev_ts) + w, max(ts, prev_ts))
 
     def forget(self, user_id: str) -> bool:
-        return self.users.pop(user_id, None) is not None
+        return self.users.pop(user_id)
 
     def view(self, user_id: str, now: float | None = None, n_recent: int = 50) -> ProfileView:
         """A snapshot of the user's profile."""

@@ -27,8 +27,21 @@ from rec.events import (
 )
 from rec.profile import ProfileStore, event_weight
 from rec.recall import Cooccurrence, Trending
+from rec.rows import LazyRows
 
 NEW_ITEMS_KEPT = 200
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What a model version fixes of the live state: its item order (the catalogue's first
+    indices), their categories and the log offset it was trained up to (pairs before it are in
+    its item-CF, so live co-occurrence counts only the records after it)."""
+
+    version: str
+    item_ids: list[str]
+    categories: list[str | None]
+    log_offset: int
 
 
 class CatalogListener(Protocol):
@@ -62,7 +75,7 @@ class ItemStats:
         self.pop_counts = np.zeros(0, np.float32)  # positive events per catalogue index
         self.trend = Trending(config.recall.trending_half_life_s)
         self.new_items: deque[str] = deque(maxlen=NEW_ITEMS_KEPT)
-        self._users: dict[str, _Pairs] = {}
+        self.users: LazyRows[_Pairs] = LazyRows()
 
     def observe(
         self,
@@ -76,12 +89,12 @@ class ItemStats:
     ) -> None:
         """One behaviour event of `weight` on catalogue index `idx`. learn=False: nothing is
         counted, the user's history still grows. count=False: its pair is in the model already."""
-        pairs = self._users.get(user_id)
+        pairs = self.users.writable(user_id)
         learnt = learn and weight > 0
         if learnt and count and (pairs is None or idx not in pairs.touched):
             self.cooc.add(idx, pairs.partners if pairs else [], True)
         if pairs is None:
-            pairs = self._users[user_id] = _Pairs()
+            pairs = self.users.put(user_id, _Pairs())
         pairs.touched.add(idx)
         if weight > 0:  # a list of ~20: an OrderedDict cost ~2 kB per user (60 MB on Gowalla)
             partners = pairs.partners
@@ -96,7 +109,7 @@ class ItemStats:
             self.trend.add(item_id, ts)
 
     def forget(self, user_id: str) -> None:
-        self._users.pop(user_id, None)
+        self.users.pop(user_id)
 
 
 class LiveState:
@@ -110,16 +123,19 @@ class LiveState:
         self.offset = 0  # next log offset to apply
         self.model_offset = 0  # records before this offset are in the model's item-CF
         self.model_items = 0  # catalogue indices below this are the model's items
+        self.model_version: str | None = None  # the version whose item order indexes the catalogue
         self.listener: CatalogListener | None = None
 
-    def rebase(self, item_ids: list[str], categories: list[str | None], log_offset: int) -> None:
-        """Index the catalogue in a model's item order (before any record is applied), its
-        categories filling in items the log gave none."""
-        self.catalog = self.catalog.rebase(item_ids)
-        for item_id, cat in zip(item_ids, categories, strict=True):
+    def rebase(self, basis: Basis) -> None:
+        """Index the catalogue in a model's item order, its categories filling in items the
+        log gave none. Item counts are indexed by the catalogue, so a state that holds any is
+        rebased by `rec.checkpoint.load`, which re-indexes them."""
+        self.catalog = self.catalog.rebase(basis.item_ids)
+        for item_id, cat in zip(basis.item_ids, basis.categories, strict=True):
             if self.catalog.meta[item_id].category is None:
                 self.catalog.set_category(item_id, cat)
-        self.model_offset, self.model_items = log_offset, len(item_ids)
+        self.model_offset, self.model_items = basis.log_offset, len(basis.item_ids)
+        self.model_version = basis.version
 
     def apply(self, records: list[dict], learn: bool = True, in_model: bool = False) -> None:
         """Fold log records (in offset order) in; already-applied ones are skipped.

@@ -78,7 +78,8 @@ class Recall:
         self.query_vecs = np.zeros((0, 1), np.float32)
         self._category_members: dict[str, np.ndarray] = {}
         if model is not None:
-            state.rebase(model.item_ids, model.item_categories, model.log_offset)
+            if state.model_version != model.version:  # a checkpoint's state may be based on it
+                state.rebase(model.basis)
             members: dict[str | None, list[int]] = {}
             for i, cat in enumerate(model.item_categories):
                 members.setdefault(cat, []).append(i)
@@ -87,6 +88,10 @@ class Recall:
             self.query_vecs = model.embeddings.query.copy()
             self.index = index if index is not None else model.build_index(config.recall)
             self.items_added(0, len(state.catalog))
+            cat = state.catalog
+            gone = [cat.index[i] for i in cat.deleted if i in cat.index]
+            if gone and self.index is not None:  # deleted before a checkpoint the state comes from
+                self.index.mark_deleted(np.asarray(gone, np.int64))
         state.listener = self
 
     @property

@@ -427,7 +427,7 @@ def test_a_new_version_replayed_from_the_log_keeps_profiles(rec, model2, log, us
     for user, old in before.items():
         view = fresh.view(user)
         assert view.recent == old.recent and view.counts == old.counts
-        items = fresh.profiles.users[user].items
+        items = fresh.profiles.users.get(user).items
         idx = np.asarray([fresh.catalog.index[i] for i in items])
         w = np.asarray(list(items.values()), np.float32)
         np.testing.assert_allclose(

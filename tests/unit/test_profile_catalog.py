@@ -109,7 +109,7 @@ def test_item_weights_accumulate() -> None:
     apply_all(
         s, [ev("i0", "view"), ev("i0", "click"), ev("i1", "dislike"), ev("i1", "rating", value=5)]
     )
-    assert s.users["u"].items == {"i0": 3.0, "i1": 0.0}
+    assert s.users.get("u").items == {"i0": 3.0, "i1": 0.0}
 
 
 def test_counts_per_type() -> None:
