@@ -147,6 +147,10 @@ def serve_main(args: argparse.Namespace) -> int:
             )
         if config.train.every_s:
             get_or_create_trainer(config).run_every.remote(config.train.every_s)
+        if config.checkpoint.every_s:
+            get_or_create_trainer(config).run_checkpoints.remote(
+                config.checkpoint.every_s, config.checkpoint.min_records
+            )
         url = f"http://{args.host}:{args.port}"
         ready = _wait_ready(url, 300)
         print(

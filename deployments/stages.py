@@ -62,7 +62,12 @@ async def recall_with_index(
 
 def model_info(rec: Recommender, reloads: int) -> dict:
     model = rec.model
-    return {"serving": rec.version, "reloads": reloads, "metrics": model.metrics if model else None}
+    return {
+        "serving": rec.version,
+        "reloads": reloads,
+        "started_from": rec.state.checkpoint,  # the checkpoint the served state was built on
+        "metrics": model.metrics if model else None,
+    }
 
 
 class LocalStages:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import time
@@ -14,10 +15,13 @@ import ray
 
 from deployments.eventlog import get_log
 from deployments.runtime import BackgroundStarts, actor_options, lower_own_priority
+from rec import checkpoint
 from rec.config import RecConfig
-from rec.model import collect_versions, new_version_name, publish
+from rec.model import collect_versions, current_version, load_basis, new_version_name, publish
 
 TRAINER_ACTOR = "rec_trainer"
+READ_PAGE = 20_000  # log records per read while a checkpoint catches up
+log_ = logging.getLogger("rec.trainer")
 
 
 def _train_worker(loop_config: dict) -> None:
@@ -98,12 +102,58 @@ def run_train_job(config: RecConfig, snapshot: str, offset: int, version: str) -
 
 @ray.remote(max_restarts=-1)
 class Trainer:
-    """Owns retraining: one job at a time, optional periodic schedule."""
+    """Owns retraining and checkpoints of the live state: one job of each at a time, each on
+    an optional periodic schedule."""
 
     def __init__(self, config: dict) -> None:
         self.config = RecConfig.model_validate(config)
         self.lock = asyncio.Lock()
+        self.checkpoint_lock = asyncio.Lock()
         self.last: dict | None = None
+        self.last_checkpoint: dict | None = None
+
+    async def checkpoint(self, upto: int | None = None, min_records: int = 0) -> dict:
+        """Checkpoint the live state at log offset `upto` (None: the log's head) for the
+        published version, as a replica would hold it: from the newest usable checkpoint, the
+        records after it applied. Skipped when the newest is fewer than min_records behind."""
+        async with self.checkpoint_lock:
+            t0 = time.perf_counter()
+            config = self.config
+            log = get_log()
+            target = upto if upto is not None else await log.next_offset.remote()
+            version = current_version(config.model_dir)
+            basis = load_basis(config.model_dir / version) if version else None
+            state = await asyncio.to_thread(checkpoint.start_state, config, basis)
+            start = state.offset
+            if target - start < max(min_records, 1):
+                return {"checkpoint": None, "why": f"{target - start} records since the last"}
+            pending = asyncio.ensure_future(log.read.remote(start, min(READ_PAGE, target - start)))
+            while pending is not None:
+                records = await pending
+                nxt = records[-1]["offset"] + 1 if records else target
+                pending = None
+                if records and nxt < target:  # the next page travels while this one applies
+                    pending = asyncio.ensure_future(
+                        log.read.remote(nxt, min(READ_PAGE, target - nxt))
+                    )
+                await asyncio.to_thread(_apply_low, state, records)
+            path = await asyncio.to_thread(_save_low, state, config)
+            self.last_checkpoint = {
+                "checkpoint": path.name,
+                "offset": state.offset,
+                "applied": state.offset - start,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            log_.info("checkpoint %s", self.last_checkpoint)
+            return self.last_checkpoint
+
+    async def run_checkpoints(self, interval_s: float, min_records: int) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.checkpoint(min_records=min_records)
+            except Exception:  # logged; the next interval tries again
+                log_.exception("periodic checkpoint failed")
 
     async def retrain(self) -> dict:
         async with self.lock:
@@ -114,11 +164,18 @@ class Trainer:
             if offset < self.config.train.min_events:
                 return {"published": None, "why": f"only {offset} records in the log"}
             version = new_version_name()
+            # A checkpoint at the snapshot's offset, written while the job trains: the new
+            # version's replicas start from it and apply only what arrived since the snapshot.
+            ckpt = asyncio.ensure_future(self.checkpoint(upto=offset))
             try:
                 with BackgroundStarts(os.getppid()):  # this actor's parent: the raylet
                     await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
             finally:
                 Path(snapshot).unlink(missing_ok=True)
+                try:
+                    await ckpt
+                except Exception:  # the replicas replay further back; training is not lost
+                    log_.exception("checkpoint before retrain failed")
             model_dir = Path(self.config.model_dir)
             meta = json.loads((model_dir / version / "meta.json").read_text())
             publish(model_dir, version)
@@ -136,7 +193,22 @@ class Trainer:
     async def run_every(self, interval_s: float) -> None:
         while True:
             await asyncio.sleep(interval_s)
-            await self.retrain()
+            try:
+                await self.retrain()
+            except Exception:  # logged; the next interval tries again
+                log_.exception("periodic retrain failed")
+
+
+def _apply_low(state, records: list[dict]) -> None:
+    lower_own_priority()  # the replicas' requests come first
+    state.apply(records)
+
+
+def _save_low(state, config: RecConfig) -> Path:
+    lower_own_priority()
+    path = checkpoint.save(state, config.checkpoint_dir)
+    checkpoint.collect(config.checkpoint_dir, config.checkpoint.keep)
+    return path
 
 
 def get_or_create_trainer(config: RecConfig):

@@ -19,6 +19,7 @@ not depend on any version, so a stage holding only profiles can start from any c
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,7 @@ from rec.state import Basis, ItemStats, LiveState, _Pairs
 
 FORMAT = 1
 NO_VERSION = "none"
+log = logging.getLogger("rec.checkpoint")
 
 
 def _name(offset: int, version: str | None) -> str:
@@ -293,6 +295,7 @@ def load(
     state = LiveState(config, profiles=profiles, stats=stats)
     state.catalog = _catalog(arrays, item_ids, names)
     state.offset = int(meta["offset"])
+    state.checkpoint = path.name
     if same:
         state.model_version = version
         state.model_offset, state.model_items = meta["model_offset"], meta["model_items"]
@@ -312,6 +315,22 @@ def load(
             fresh = [i for i in state.stats.new_items if i not in known]
             state.stats.new_items.clear()
             state.stats.new_items.extend(fresh)
+    return state
+
+
+def start_state(
+    config: RecConfig, basis: Basis | None, profiles: bool = True, stats: bool = True
+) -> LiveState:
+    """Where a state for `basis` (the parts asked for) starts: the best usable checkpoint in
+    `config.checkpoint_dir`, or, when none loads, an empty state at offset 0 based on it."""
+    for path in usable(config.checkpoint_dir, basis, any_version=not stats):
+        try:
+            return load(path, config, basis, profiles, stats)
+        except (OSError, ValueError, KeyError) as exc:  # collected meanwhile, or damaged
+            log.warning("checkpoint %s not used: %s", path.name, exc)
+    state = LiveState(config, profiles, stats)
+    if basis is not None and stats:
+        state.rebase(basis)
     return state
 
 

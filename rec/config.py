@@ -227,6 +227,23 @@ class TrainConfig(_Config):
     )
 
 
+class CheckpointConfig(_Config):
+    every_s: float | None = Field(
+        60.0,
+        gt=0,
+        description="How often the trainer checkpoints the live state (None: only before "
+        "each retrain). Replicas start and swap models from the newest usable checkpoint and "
+        "apply only the log records after it.",
+    )
+    min_records: int = Field(
+        10_000,
+        ge=1,
+        description="A periodic checkpoint is skipped until the log holds this many records "
+        "past the newest one.",
+    )
+    keep: int = Field(3, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+
+
 class ServingConfig(_Config):
     topology: Literal["fused", "split"] = Field(
         "fused",
@@ -263,6 +280,9 @@ class RecConfig(_Config):
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Final list.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Retraining job.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serve graph.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints of the live state."
+    )
 
     @property
     def log_dir(self) -> Path:
@@ -271,6 +291,10 @@ class RecConfig(_Config):
     @property
     def model_dir(self) -> Path:
         return Path(self.data_dir) / "models"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.data_dir) / "checkpoints"
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RecConfig:

@@ -18,6 +18,7 @@ import logging
 import time
 from pathlib import Path
 
+from rec import checkpoint
 from rec.beacon import HeadReader
 from rec.config import RecConfig
 from rec.index import Index
@@ -51,9 +52,11 @@ class Live:
         self.reloads = 0
 
     async def start(self) -> None:
-        """Load the published model (if any), catch up with the log, start watching for models."""
+        """Load the published model (if any) and the newest usable checkpoint, catch up with
+        the log from there, start watching for models."""
         await self._open_head()
-        await self.reload_if_changed()
+        if not await self.reload_if_changed():  # no model (or a part that holds none)
+            self.rec = await asyncio.to_thread(self._fresh, None, None)
         await self.sync()
         gc.freeze()
         self._reloader = asyncio.get_running_loop().create_task(self._watch())
@@ -128,12 +131,11 @@ class Live:
         path = Path(self.config.model_dir) / version
         model, index = await asyncio.to_thread(self._load, path)
         # The new version's state is built as a fresh replica would build it, beside the one
-        # serving: the log is replayed in slices, yielding to requests between them, and only
-        # the records that arrived meanwhile are applied under the lock before the switch.
-        fresh = await asyncio.to_thread(
-            Recommender, self.config, model, index, profiles=self.parts["profiles"]
-        )
-        async for records in self._pages(0):
+        # serving: from the newest checkpoint it can use, the log after it applied in slices,
+        # yielding to requests between them, and only the records that arrived meanwhile
+        # applied under the lock before the switch.
+        fresh = await asyncio.to_thread(self._fresh, model, index)
+        async for records in self._pages(fresh.offset):
             for i in range(0, len(records), APPLY_SLICE):
                 fresh.apply(records[i : i + APPLY_SLICE])
                 await asyncio.sleep(0)
@@ -150,6 +152,13 @@ class Live:
         self.reloads += 1
         log.info("now serving model %s", version)
         return True
+
+    def _fresh(self, model: ModelBundle | None, index: Index | None) -> Recommender:
+        """A Recommender of this replica's part for `model`, its state from a checkpoint."""
+        parts = self.parts
+        basis = model.basis if model is not None else None
+        state = checkpoint.start_state(self.config, basis, parts["profiles"], parts["recall"])
+        return Recommender(self.config, model, index, **parts, state=state)
 
     def _load(self, path: Path) -> tuple[ModelBundle, Index | None]:
         model = ModelBundle.load(path, device=self.config.ranker.device)

@@ -124,6 +124,7 @@ class LiveState:
         self.model_offset = 0  # records before this offset are in the model's item-CF
         self.model_items = 0  # catalogue indices below this are the model's items
         self.model_version: str | None = None  # the version whose item order indexes the catalogue
+        self.checkpoint: str | None = None  # the checkpoint this state started from, if any
         self.listener: CatalogListener | None = None
 
     def rebase(self, basis: Basis) -> None:

@@ -1,5 +1,7 @@
 """One model version per request: continuous requests across a swap in the split topology, and
-every answer's items, scores and model_version are those of one version's whole pipeline."""
+every answer's items, scores and model_version are those of one version's whole pipeline. The
+replicas start, and build the second version's state, from a checkpoint of the first version
+taken before the log's end, so the answers also show checkpoint + tail == a full replay."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from ray import serve
 import deployments.app
 import deployments.ingress
 from deployments.eventlog import EventLogService, LocalHandle
+from rec import checkpoint
 from rec.eventlog import EventLog
 from rec.model import ModelBundle, load_saved_index, publish
 from rec.pipeline import Recommender
@@ -46,6 +49,11 @@ def test_every_answer_comes_from_one_version_across_a_swap(tmp_path, trained) ->
     first = _ranked_version(train(table, config), "v-first", config)
     second = _ranked_version(train(table, other), "v-second", config)
     publish(config.model_dir, first.version)
+    records = table.to_pylist()
+    cut = len(records) - 300  # the last 300 records come from the log, the rest from the checkpoint
+    taken = Recommender(config, first, load_saved_index(config.model_dir / first.version))
+    taken.apply(records[:cut])
+    ckpt = checkpoint.save(taken.state, config.checkpoint_dir)
 
     handle_log = LocalHandle(
         lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump())
@@ -56,6 +64,7 @@ def test_every_answer_comes_from_one_version_across_a_swap(tmp_path, trained) ->
         deployments.app.build_app(config, log=handle_log), _local_testing_mode=True, name="rec-v"
     )
     answers: list[tuple[str, str, tuple]] = []
+    started_from = []
     try:
         deadline = time.monotonic() + 60
         published_at = None
@@ -65,6 +74,7 @@ def test_every_answer_comes_from_one_version_across_a_swap(tmp_path, trained) ->
                 out = handle.recommend.remote({"user_id": user, "k": K}).result()
                 answers.append((out["model_version"], user, _answer(out)))
                 after_swap += out["model_version"] == second.version
+            started_from.append(handle.model_info.remote().result()["started_from"])
             seen = {v for v, _, _ in answers}
             if published_at is None and first.version in seen:
                 publish(config.model_dir, second.version)  # mid-traffic: the swap begins
@@ -72,6 +82,7 @@ def test_every_answer_comes_from_one_version_across_a_swap(tmp_path, trained) ->
     finally:
         handle_log.close()
 
+    assert set(started_from) == {ckpt.name}  # both versions' states came from it
     versions = [v for v, _, _ in answers]
     assert first.version in versions and second.version in versions, set(versions)
     expected = {}
