@@ -7,7 +7,7 @@ export HNSWLIB_NO_NATIVE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: run test lint loadtest bench-hnsw bench-gpu clean
+.PHONY: run test lint loadtest bench-hnsw bench-gpu bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ loadtest: $(STAMP)  ## start a local stack, run bounded scenarios on 127.0.0.1 (
 
 bench-hnsw: $(STAMP)  ## 1M x 64 HNSW over 2 shard actors: build, memory, latency, recall@100, churn (ITEMS=20000 for a smoke run)
 	$(BIN)/python -m loadtest.hnsw_shards $(if $(ITEMS),--items $(ITEMS))
+
+bench-scale: $(STAMP)  ## costs against data size at 0.1 and 1 x (1M users, 100k items, 20M events): ingest, retrain, checkpoint, start-up, swap, memory, recommend p50/p99 (SCALE=0.1 for the tenth alone)
+	$(BIN)/python -m loadtest.scale $(if $(SCALE),--scale $(SCALE))
 
 bench-gpu: $(STAMP)  ## ranker candidates/s at 1/16/128 x 500 on CPU, and on CUDA when present
 	$(BIN)/python -m loadtest.gpu_ranker

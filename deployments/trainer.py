@@ -112,16 +112,19 @@ class Trainer:
         self.last: dict | None = None
         self.last_checkpoint: dict | None = None
 
-    async def checkpoint(self, upto: int | None = None, min_records: int = 0) -> dict:
-        """Checkpoint the live state at log offset `upto` (None: the log's head) for the
-        published version, as a replica would hold it: from the newest usable checkpoint, the
-        records after it applied. Skipped when the newest is fewer than min_records behind."""
+    async def checkpoint(
+        self, upto: int | None = None, min_records: int = 0, version: str | None = None
+    ) -> dict:
+        """Checkpoint the live state at log offset `upto` (None: the log's head) for `version`
+        (None: the published one), as a replica would hold it: from the newest usable
+        checkpoint, the records after it applied. Skipped when the newest is fewer than
+        min_records behind."""
         async with self.checkpoint_lock:
             t0 = time.perf_counter()
             config = self.config
             log = get_log()
             target = upto if upto is not None else await log.next_offset.remote()
-            version = current_version(config.model_dir)
+            version = version or current_version(config.model_dir)
             basis = load_basis(config.model_dir / version) if version else None
             state = await asyncio.to_thread(checkpoint.start_state, config, basis)
             start = state.offset
@@ -164,18 +167,19 @@ class Trainer:
             if offset < self.config.train.min_events:
                 return {"published": None, "why": f"only {offset} records in the log"}
             version = new_version_name()
-            # A checkpoint at the snapshot's offset, written while the job trains: the new
-            # version's replicas start from it and apply only what arrived since the snapshot.
-            ckpt = asyncio.ensure_future(self.checkpoint(upto=offset))
             try:
                 with BackgroundStarts(os.getppid()):  # this actor's parent: the raylet
                     await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
             finally:
                 Path(snapshot).unlink(missing_ok=True)
-                try:
-                    await ckpt
-                except Exception:  # the replicas replay further back; training is not lost
-                    log_.exception("checkpoint before retrain failed")
+            # The new version's state at its snapshot's offset, before it is published: its
+            # replicas start from it and apply only what arrived since. Based on the new
+            # version, the records it trained on add no live co-occurrence, so this costs the
+            # records since the previous checkpoint and holds profiles and counts only.
+            try:
+                await self.checkpoint(upto=offset, version=version)
+            except Exception:  # the replicas start from an older one; training is not lost
+                log_.exception("checkpoint of %s failed", version)
             model_dir = Path(self.config.model_dir)
             meta = json.loads((model_dir / version / "meta.json").read_text())
             publish(model_dir, version)

@@ -145,7 +145,9 @@ def _profile_arrays(store: ProfileStore, cat: Catalog, names: _Names) -> dict[st
 def _stats_arrays(stats: ItemStats, cat: Catalog) -> dict[str, np.ndarray]:
     live = list(stats.users.live.items())
     parts = {
-        "touched": Ragged.of([[(i,) for i in sorted(p.touched)] for _, p in live], {"item": np.int32}),
+        "touched": Ragged.of(
+            [[(i,) for i in sorted(p.touched)] for _, p in live], {"item": np.int32}
+        ),
         "partners": Ragged.of([[(i,) for i in p.partners] for _, p in live], {"item": np.int32}),
     }
     out = _users_arrays("s", stats.users, [k for k, _ in live], parts, {}, cat, None)
@@ -228,9 +230,7 @@ class _UserBase:
     def __init__(self, arrays, prefix: str, sections, extra, to_idx, item_ids, names) -> None:
         self.keys = arrays(f"{prefix}_keys")
         self.parts = {
-            s: Ragged(
-                arrays(f"{prefix}_{s}_ptr"), **{c: arrays(f"{prefix}_{s}_{c}") for c in cols}
-            )
+            s: Ragged(arrays(f"{prefix}_{s}_ptr"), **{c: arrays(f"{prefix}_{s}_{c}") for c in cols})
             for s, cols in sections.items()
         }
         self.extra = {col: arrays(f"{prefix}_{col}") for col in extra}
@@ -375,7 +375,9 @@ def _profile_builder(base: _UserBase, max_recent: int):
         p.items = dict(zip(base.ids(ir["item"]), ir["w"].tolist(), strict=True))
         p.tags = {
             names[c]: (w, ts)
-            for c, w, ts in zip(tr["name"].tolist(), tr["w"].tolist(), tr["ts"].tolist(), strict=True)
+            for c, w, ts in zip(
+                tr["name"].tolist(), tr["w"].tolist(), tr["ts"].tolist(), strict=True
+            )
         }
         p.counts = {names[c]: n for c, n in zip(cr["name"].tolist(), cr["n"].tolist(), strict=True)}
         p.last_ts = float(last_ts[r])

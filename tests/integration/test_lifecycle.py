@@ -115,8 +115,8 @@ def test_retrain_and_hot_reload_without_a_failed_request(stack):
     )
     assert not failures, failures[:5]
     assert new != old and versions[0] == old and versions[-1] == new
-    # the trainer checkpointed the live state at the snapshot's offset while the job trained,
-    # and the new version's state was built from it (only the records since applied)
-    at_snapshot = f"{r.json()['log_offset']:012d}-{old}"
+    # the trainer checkpointed the new version's live state at its snapshot's offset before
+    # publishing it, and the replicas built their state from it (only the records since applied)
+    at_snapshot = f"{r.json()['log_offset']:012d}-{new}"
     assert (config.checkpoint_dir / at_snapshot / "meta.json").exists()
     assert c.get("/models").json()["started_from"] == at_snapshot
