@@ -36,7 +36,7 @@ bench-scale: $(STAMP)  ## costs against data size at 0.1 and 1 x (1M users, 100k
 	$(BIN)/python -m loadtest.scale $(if $(SCALE),--scale $(SCALE))
 
 bench-gpu: $(STAMP)  ## ranker candidates/s at 1/16/128 x 500 on CPU, and on CUDA when present
-	$(BIN)/python -m loadtest.gpu_ranker
+	$(BIN)/python -m loadtest.gpu_ranker $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -30,7 +30,6 @@ safetensors, rec.config imports pydantic and yaml); not ray.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import importlib.util
 import json
@@ -66,15 +65,17 @@ def check_deps() -> None:
 
 
 def n_dense_features() -> int:
-    """len(rec.pipeline.DENSE_FEATURES), read from the source: importing rec.pipeline would pull
-    the whole serving pipeline (pyarrow, ...) onto a machine that only needs the ranker."""
-    tree = ast.parse((ROOT / "rec" / "pipeline.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign | ast.AnnAssign):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            if any(getattr(t, "id", None) == "DENSE_FEATURES" for t in targets):
-                return len(ast.literal_eval(node.value))
-    raise SystemExit("DENSE_FEATURES not found in rec/pipeline.py")
+    """len(rec.features.DENSE_FEATURES): the ranker's first layer is sized by it. Importing
+    rec.features pulls the recall stack (hnswlib among it); where that is not installed (a GPU
+    machine with torch alone) pass --dense with the figure printed here."""
+    try:
+        from rec.features import DENSE_FEATURES
+    except ImportError as e:
+        raise SystemExit(
+            f"rec.features does not import here ({e}); pass --dense N, N being "
+            "len(rec.features.DENSE_FEATURES) where rec is installed"
+        ) from e
+    return len(DENSE_FEATURES)
 
 
 def measure(fn, sync, *, warmup: int, repeats: int, budget_s: float, b2b: bool) -> dict:
@@ -260,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         default="{}",
         help="JSON overrides of RankerConfig fields (device is set per run)",
     )
+    p.add_argument(
+        "--dense",
+        type=int,
+        default=None,
+        help="dense features per candidate (default: len(rec.features.DENSE_FEATURES))",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "gpu_ranker.json"))
     args = p.parse_args(argv)
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_threads = sorted(
         {all_threads if t.strip() == "all" else int(t) for t in args.cpu_threads.split(",")}
     )
-    n_dense = n_dense_features()
+    n_dense = args.dense or n_dense_features()
     devices = (
         ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         if args.devices == "auto"
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"Ranker: {args.items:,} items, user_dim {RecallConfig().embedding_dim}, {n_dense} dense "
-        f"features (rec.pipeline.DENSE_FEATURES), item_embedding_dim {ranker_cfg['item_embedding_dim']}, hidden "
+        f"features (rec.features.DENSE_FEATURES), item_embedding_dim {ranker_cfg['item_embedding_dim']}, hidden "
         f"{ranker_cfg['hidden']}"
     )
     print(
