@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections import deque
+from collections import Counter, deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import ray
 
-from deployments.runtime import actor_options, lower_own_priority
+from deployments.runtime import ON_HEAD, actor_options, lower_own_priority
 from rec.beacon import HeadWriter, owner
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
@@ -36,6 +37,12 @@ class EventLogService:
         self.pending: list[tuple[list[dict], asyncio.Future]] = []
         self.disk = asyncio.Lock()  # one disk operation at a time (append, snapshot, forget)
         self.flushing = False
+        # The Ray node this actor runs on (None without Ray: Serve's local testing mode), and
+        # per reader node: head_info answers with the ring and without it, and reads served.
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        self.ring_given: Counter[str] = Counter()
+        self.ring_refused: Counter[str] = Counter()
+        self.reads: Counter[str] = Counter()
 
     async def append(self, records: list[dict]) -> tuple[int, int]:
         """Append records durably; returns their (first, last) offsets once fsynced."""
@@ -81,12 +88,34 @@ class EventLogService:
     def next_offset(self) -> int:
         return self.log.next_offset
 
-    def head_info(self) -> dict:
-        """Where replicas on this machine read the head offset without calling this actor."""
-        return self.head.info()
+    def head_info(self, reader_node: str | None = None) -> dict | None:
+        """Where replicas on this machine read the head offset without calling this actor.
 
-    async def read(self, start: int, limit: int = 10_000) -> list[dict]:
+        A reader that names its Ray node gets it only on this actor's node (None elsewhere: it
+        then reads through `read`). On a cluster another node is another machine, which the
+        head file's machine check refuses anyway; several Ray nodes on one machine (the
+        cluster tests) behave as a cluster would."""
+        if reader_node is not None and self.node is not None and reader_node != self.node:
+            self.ring_refused[reader_node] += 1
+            return None
+        self.ring_given[reader_node or "?"] += 1
+        return {**self.head.info(), "node": self.node}
+
+    def reader_stats(self) -> dict:
+        """This actor's node, and per reader node: head_info answers with the shared ring
+        (`ring_given`) and without it (`ring_refused`), and `read` calls served."""
+        return {
+            "node": self.node,
+            "ring_given": dict(self.ring_given),
+            "ring_refused": dict(self.ring_refused),
+            "reads": dict(self.reads),
+        }
+
+    async def read(
+        self, start: int, limit: int = 10_000, reader_node: str | None = None
+    ) -> list[dict]:
         """Committed records with offset >= start (at most `limit`)."""
+        self.reads[reader_node or "?"] += 1
         if self.recent and start >= self.recent[0]["offset"]:
             first = self.recent[0]["offset"]
             out = []
@@ -190,14 +219,39 @@ async def _construct(factory):
 
 
 def get_or_create_log(path: str | Path, config: EventLogConfig, num_cpus: float = 0.1):
+    """The log actor, on the head node (restarts included): the loss of any worker node never
+    takes the single writer of the log with it."""
     return EventLogActor.options(
         name=LOG_ACTOR,
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
         max_concurrency=1000,
-        **actor_options(num_cpus),
+        **actor_options(num_cpus, resources=ON_HEAD),
     ).remote(str(path), config.model_dump(mode="json"))
+
+
+def from_node(log):
+    """The log actor handle as a replica's `rec.live.Live` calls it: its `head_info` and `read`
+    calls name this process's Ray node, so the shared-memory head and records ring are used
+    only on the log's own node, and the log counts who reads through it. Anything that is not
+    a Ray actor handle (Serve's local testing mode) is returned as it is."""
+    if not isinstance(log, ray.actor.ActorHandle):
+        return log
+    return _NodeLog(log, ray.get_runtime_context().get_node_id())
+
+
+class _NodeLog:
+    def __init__(self, log, node: str) -> None:
+        self._log = log
+        self.node = node
+        self.head_info = SimpleNamespace(remote=lambda: log.head_info.remote(node))
+        self.read = SimpleNamespace(
+            remote=lambda start, limit=10_000: log.read.remote(start, limit, node)
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(self._log, name)
 
 
 def get_log():

@@ -74,10 +74,19 @@ class Startup:
         await asyncio.shield(self.task)
 
 
-def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict:
+# Ray's built-in resource of the head node (1 there, absent elsewhere): what must run where the
+# cluster's state lives (the event log, the trainer) asks for a sliver of it, on one machine too.
+ON_HEAD = {"node:__internal_head__": 0.001}
+
+
+def actor_options(
+    num_cpus: float, num_gpus: float = 0.0, resources: dict[str, float] | None = None
+) -> dict:
     opts: dict = {"num_cpus": num_cpus, "runtime_env": {"env_vars": dict(ENV)}}
     if num_gpus:
         opts["num_gpus"] = num_gpus
+    if resources:
+        opts["resources"] = dict(resources)
     return opts
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from deployments.eventlog import from_node
 from deployments.runtime import Startup, pin_threads
 from deployments.shards import RemoteIndex, shard_actors
 from rec.config import RecConfig
@@ -35,14 +36,16 @@ RANKER_VERSIONS_KEPT = 3  # a request of an older version than these reloads its
 
 
 def make_live(config: RecConfig, log, part: str = "all") -> Live:
+    """A replica's live state, following `log` from this replica's Ray node (`from_node`)."""
     factory = None
-    if config.serving.ann_shards > 0 and part != "profiles":
-        shards = shard_actors(config.serving.ann_shards, config.serving.replica_cpus / 2)
+    s = config.serving
+    if s.ann_shards > 0 and part != "profiles":
+        shards = shard_actors(s.ann_shards, s.replica_cpus / 2, s.replica_resources)
 
         def factory(path):
             return RemoteIndex(shards, path.name, path)
 
-    return Live(config, log, index_factory=factory, part=part)
+    return Live(config, from_node(log), index_factory=factory, part=part)
 
 
 async def recall_with_index(

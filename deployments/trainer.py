@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 
 from deployments.eventlog import get_log
-from deployments.runtime import BackgroundStarts, actor_options, lower_own_priority
+from deployments.runtime import ON_HEAD, BackgroundStarts, actor_options, lower_own_priority
 from rec import checkpoint
 from rec.config import RecConfig
 from rec.model import collect_versions, current_version, load_basis, new_version_name, publish
@@ -216,11 +216,13 @@ def _save_low(state, config: RecConfig) -> Path:
 
 
 def get_or_create_trainer(config: RecConfig):
+    """The trainer actor, on the head node beside the log (its Ray Train job's workers go
+    wherever there is CPU)."""
     return Trainer.options(
         name=TRAINER_ACTOR,
         namespace="rec",
         get_if_exists=True,
         lifetime="detached",
         max_concurrency=4,
-        **actor_options(0.01),
+        **actor_options(0.01, resources=ON_HEAD),
     ).remote(config.model_dump(mode="json"))

@@ -262,6 +262,27 @@ class ServingConfig(_Config):
     ranker_num_gpus: float = Field(
         0.0, ge=0, description="GPUs per ranker replica (split topology)."
     )
+    ranker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each ranker replica asks for (split topology), e.g. "
+        "{'ranker_gpu': 1} where the GPU node type declares ranker_gpu: 1, so rankers run "
+        "there alone; beside ranker_num_gpus, or in its place where a custom resource stands "
+        "in for the GPU (the cluster tests).",
+    )
+    replica_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources every other Serve replica (ingress, profile, recall) "
+        "and every index shard actor asks for, e.g. {'rec_worker': 0.01} where the CPU "
+        "worker nodes declare rec_worker: they then stay off the head node, which runs the "
+        "event log, the trainer and the HTTP proxy. Empty: any node.",
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        gt=0,
+        description="At most this many replicas of the ingress, profile and recall deployments "
+        "each on one node (Serve's max_replicas_per_node): 1 spreads them, so the loss of a "
+        "node leaves a replica of each serving elsewhere. None: no limit.",
+    )
     replica_cpus: float = Field(0.25, gt=0, description="num_cpus reserved per Serve replica.")
     log_impressions: bool = Field(
         True, description="Append what each /recommend showed to the log (training feedback)."

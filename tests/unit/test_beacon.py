@@ -275,3 +275,40 @@ def test_only_records_that_concern_a_request_make_it_wait(tmp_path) -> None:
         assert reads == {"ring": 3}
 
     _live(tmp_path, body)
+
+
+def test_a_replica_on_another_ray_node_follows_through_the_actor(tmp_path) -> None:
+    """Several Ray nodes on one machine behave as a cluster's: the log hands its head file only
+    to readers on its own node (`from_node` names the reader's); another node's replica reads
+    every record through the actor, and the log counts who did what."""
+    from deployments.eventlog import _NodeLog
+
+    config = RecConfig(data_dir=tmp_path)
+    log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
+    log._obj.node = "head-node"
+    service = log._obj
+    assert service.head_info("head-node")["node"] == "head-node"
+    assert service.head_info("worker-node") is None
+    assert service.head_info()["path"]  # a reader that names no node: the machine check alone
+
+    async def scenario() -> None:
+        here, there = Live(config, _NodeLog(log, "head-node")), Live(config, _NodeLog(log, "w"))
+        for live in (here, there):
+            await live.start()
+        assert here._head is not None and there._head is None
+        await log.append.remote(_click("u"))
+        before = service.reader_stats()["reads"]
+        await there.sync(user="u")
+        await here.sync(user="u")
+        assert there.rec.offset == here.rec.offset == 1 and "u" in there.rec.profiles.users
+        stats = service.reader_stats()
+        assert stats["reads"]["w"] == before.get("w", 0) + 1  # the actor served the other node
+        assert stats["reads"].get("head-node", 0) == before.get("head-node", 0)  # the ring did
+        assert stats["ring_refused"] == {"worker-node": 1, "w": 1}
+        for live in (here, there):
+            live.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        log.close()

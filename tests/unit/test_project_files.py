@@ -26,7 +26,55 @@ def test_serve_yaml_is_a_valid_serve_config() -> None:
     )
     app = schema.applications[0]
     assert app.import_path == "deployments.app:app_builder"
-    assert {d.name for d in app.deployments} == {"Aggregator"}
+    assert {d.name for d in app.deployments} == {
+        "Aggregator",
+        "ProfileStage",
+        "RecallStage",
+        "RankerStage",
+    }
+
+
+def test_serve_and_cluster_yaml_describe_one_layout() -> None:
+    """What tests/cluster deploys on one machine: serve.yaml's serving settings are a valid
+    split config whose placement resources the cluster's node types declare (the ranker's on
+    the GPU type alone, the other replicas' on every worker type, nothing on the head), with
+    enough CPU workers for the replicas spread one per node; placement is not overridden by
+    ray_actor_options (which would replace the code's whole)."""
+    serve = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    app = serve["applications"][0]
+    config = RecConfig.model_validate({"serving": app["args"]["serving"]})
+    s = config.serving
+    assert s.topology == "split" and s.ann_shards >= 2 and s.ranker_num_gpus >= 1
+    assert serve["proxy_location"] == "HeadOnly"
+    types = cluster["available_node_types"]
+    head = types[cluster["head_node_type"]]["resources"]
+    cpu, gpu = types["cpu_worker"]["resources"], types["gpu_worker"]["resources"]
+    for name, amount in s.ranker_resources.items():
+        assert gpu.get(name, 0) >= amount and name not in cpu and name not in head
+    assert s.replica_resources
+    for name, amount in s.replica_resources.items():
+        assert cpu.get(name, 0) >= amount and gpu.get(name, 0) >= amount and name not in head
+    replicas = {d["name"]: d for d in app["deployments"]}
+    assert not any("ray_actor_options" in d for d in replicas.values())
+    if s.max_replicas_per_node:
+        most = max(
+            replicas[n]["num_replicas"] for n in ("Aggregator", "ProfileStage", "RecallStage")
+        )
+        workers = types["cpu_worker"]["min_workers"] + types["gpu_worker"]["min_workers"]
+        assert workers * s.max_replicas_per_node >= most
+    rankers_per_node = min(gpu[name] // amount for name, amount in s.ranker_resources.items())
+    assert (
+        types["gpu_worker"]["min_workers"] * rankers_per_node
+        >= replicas["RankerStage"]["num_replicas"]
+    )
+
+
+def test_cluster_yaml_head_system_config_is_json() -> None:
+    from tests.cluster.conftest import head_system_config
+
+    system = head_system_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    assert system["health_check_period_ms"] * system["health_check_failure_threshold"] <= 10_000
 
 
 def test_cluster_yaml_has_head_cpu_and_gpu_workers() -> None:
