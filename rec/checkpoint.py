@@ -285,8 +285,9 @@ def load(
 
     def arrays(name: str) -> np.ndarray:
         file = path / f"{name}.npy"
-        try:
-            return np.load(file, mmap_mode="r", allow_pickle=False)
+        try:  # a plain ndarray over the mapping: slicing a np.memmap costs a Python-level
+            # __array_finalize__ per slice, and a request reads a user's rows as slices
+            return np.asarray(np.load(file, mmap_mode="r", allow_pickle=False))
         except ValueError:  # an empty array cannot be mapped
             return np.load(file, allow_pickle=False)
 

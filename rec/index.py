@@ -19,6 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 import hnswlib
 import numpy as np
 
+from rec.arrays import member
+
 PAD_ID = -1
 META_FILE = "index.json"
 _QUERY_BLOCK_CELLS = 1 << 24  # brute force scores at most this many (query, item) pairs at once
@@ -364,7 +366,7 @@ class HNSWIndex:
                     raise
                 fetch //= 2
         ids = labels.astype(np.int64)
-        ids[np.isin(ids, excluded)] = PAD_ID
+        ids[member(ids, excluded)] = PAD_ID
         return _select_topk(ids, 1.0 - distances, k)
 
     def save(self, path: str | Path) -> None:

@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import svds
 
+from rec.arrays import member
 from rec.config import RecallConfig
 from rec.recall.base import (
     RecallModel,
@@ -387,7 +388,7 @@ class FactoredScores(RequestScores):
     def top(self, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         cand, sparse = self.cand, self.sparse
         if exclude is not None and len(exclude):
-            keep = ~np.isin(cand, exclude)
+            keep = ~member(cand, np.unique(exclude))
             cand, sparse = cand[keep], sparse[keep]
         m = self.model.candidates
         if len(cand) > m:  # the best by neighbour sum are rescored in full

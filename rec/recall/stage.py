@@ -17,6 +17,7 @@ from itertools import repeat
 
 import numpy as np
 
+from rec.arrays import member
 from rec.config import RecConfig
 from rec.index import Index
 from rec.model import ModelBundle
@@ -155,7 +156,7 @@ class Recall:
         `ann` is the embedding search result when the index lives elsewhere (shard actors)."""
         state, catalog = self.state, self.state.catalog
         n = self.config.recall.per_source
-        exclude = self.indices(view.seen | catalog.deleted)
+        exclude = np.unique(self.indices(view.seen | catalog.deleted))  # sorted: `member`
         seeds = self.seeds(view)
         scored = self._request_scores(view, seeds, len(catalog))
         # whole-catalogue rows are ranked together, with trending (one partition for all)
@@ -176,7 +177,7 @@ class Recall:
                 ann = (ids[0], None)
             if ann is not None:
                 ids = np.asarray(ann[0], np.int64)
-                lists.append(("ann", ids[(ids >= 0) & ~np.isin(ids, exclude)]))
+                lists.append(("ann", ids[(ids >= 0) & ~member(ids, exclude)]))
         lists.append(("pop", trending))
         new = [
             catalog.index[i]

@@ -85,6 +85,8 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(stack):
         ),
         (c.get("/recommend", params={"k": 3}), 422, "user_id"),
         (c.get("/recommend", params={"user_id": "u1", "k": -1}), 422, "k"),
+        (c.get("/recommend", params={"user_id": "u1", "k": "ten"}), 422, "k"),
+        (c.get("/recommend", params={"user_id": ""}), 422, "user_id"),
         (c.post("/recommend", json={"user_id": "u1", "k": "ten"}), 422, "k"),
         (c.get("/similar", params={"item_id": "nope"}), 404, None),
         (c.post("/admin/retrain"), 401, None),
@@ -108,6 +110,13 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(stack):
     assert events == [("u1", "i2", "view")]
     assert c.get("/healthz").status_code == 200
     assert c.get("/recommend", params={"user_id": "u1"}).status_code == 200
+    # GET /recommend reads its query itself; the OpenAPI page still declares it
+    params = c.get("/openapi.json").json()["paths"]["/recommend"]["get"]["parameters"]
+    assert {(p["name"], p["required"]) for p in params} == {
+        ("user_id", True),
+        ("k", False),
+        ("exclude", False),
+    }
 
 
 def test_catalogue_and_forgetting(stack):
