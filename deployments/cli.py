@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from deployments.runtime import set_process_env
+from rec.access import ENV_KEY, resolve_keys
 from rec.config import RecConfig
 
 LOAD_BATCH = 10_000
@@ -114,6 +115,11 @@ def serve_main(args: argparse.Namespace) -> int:
     if args.data_dir:
         config.data_dir = Path(args.data_dir)
     config.data_dir = Path(config.data_dir).resolve()
+    try:
+        config.access, key_source = resolve_keys(config.access, config.data_dir, args.host)
+    except ValueError as exc:
+        print(f"rec serve: {exc}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     # The dashboard serves Ray's State API (Ray Train polls it) and `serve status`.
     ray.init(
@@ -157,14 +163,16 @@ def serve_main(args: argparse.Namespace) -> int:
             f"\nrec is serving model {ready['model_version']} at {url} "
             f"(ready in {time.perf_counter() - t0:.0f} s). Try:\n"
         )
+        key = _key_hint(config, key_source)
         print(f"  curl '{url}/recommend?user_id=u1&k=10'")
         print(
-            f"  curl -X POST {url}/events -H 'Content-Type: application/json' "
+            f'  curl -X POST {url}/events -H "X-API-Key: {key}" '
+            "-H 'Content-Type: application/json' "
             '-d \'{"user_id": "u1", "item_id": "i42", "type": "click"}\''
         )
         print(f"  curl '{url}/similar?item_id=i42&k=5'")
         print(f"  curl {url}/models")
-        print(f"  curl -X POST {url}/admin/retrain -H 'X-API-Key: {config.serving.api_key}'")
+        print(f'  curl -X POST {url}/admin/retrain -H "X-API-Key: {key}"')
         print(f"  open {url}/docs for the whole API\n")
         targets_path = config.data_dir / TARGETS_FILE
         targets = _publish_targets(targets_path, args.host, None)
@@ -182,6 +190,18 @@ def serve_main(args: argparse.Namespace) -> int:
         # Every acknowledged event is already on disk; stopping the local cluster stops Serve.
         ray.shutdown()
     return 0
+
+
+def _key_hint(config: RecConfig, source: str) -> str:
+    """What the printed curl examples put in X-API-Key (a secret from the config or the
+    environment is not printed)."""
+    if source == "env":
+        return f"${ENV_KEY}"
+    if source == "config":
+        return "<your key>"
+    kind, path = source.split(" ", 1)
+    print(f"\nadmin API key ({kind} in {path}, readable by you only): {config.access.keys[0].key}")
+    return f"$(cat {path})"
 
 
 def _stop(*_args) -> None:

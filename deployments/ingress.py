@@ -17,6 +17,7 @@ from ray import serve
 
 from deployments.runtime import Startup, pin_threads
 from deployments.stages import LocalStages, RemoteStages, make_live
+from rec.access import Access, AccessDenied, retry_after_header
 from rec.config import RecConfig
 from rec.events import (
     ID_MAX,
@@ -35,6 +36,29 @@ READYZ_USER = "__readyz__"
 IMPRESSION_FLUSH_S = 0.5  # impressions wait at most this long to be appended, in one batch
 IMPRESSION_BATCH = 1000
 api = FastAPI(title="rec", description="Real-time recommendations: post events, get items.")
+# OpenAPI: routes that write or administer need a key (KEYED); reads take one optionally
+# (access.open_reads decides per deployment); rec.access names the scopes.
+KEYED = {"security": [{"ApiKey": []}]}
+OPTIONAL_KEY = {"security": [{}, {"ApiKey": []}]}
+
+
+def _openapi() -> dict:
+    if api.openapi_schema is None:
+        schema = FastAPI.openapi(api)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "ApiKey": {
+                "type": "apiKey",
+                "in": "header",
+                "name": "X-API-Key",
+                "description": "Scopes: read, events (POST /events), catalog (POST/DELETE "
+                "/items), admin (DELETE /users, /admin/*, and every other scope).",
+            }
+        }
+        api.openapi_schema = schema
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 class RecommendIn(BaseModel):
@@ -118,6 +142,7 @@ class Aggregator:
             self.stages = LocalStages(self.live)
             self._started = Startup(self.live.start())
         self.trainer = trainer
+        self.access = Access(self.config.access)
         self._impressions: list[dict] = []
         self._impression_timer: asyncio.TimerHandle | None = None
 
@@ -285,8 +310,21 @@ class Aggregator:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
 
-    @api.post("/events", summary="Record one event or a batch {'events': [...]}")
+    def _allow(self, request: Request, scope: str) -> None:
+        """401 without a known key, 403 without the scope, 429 over the key's rate."""
+        try:
+            self.access.check(request.headers.get("x-api-key"), scope)
+        except AccessDenied as exc:
+            headers = None
+            if exc.retry_after is not None:
+                headers = {"Retry-After": retry_after_header(exc.retry_after)}
+            raise HTTPException(exc.status, exc.detail, headers=headers) from None
+
+    @api.post(
+        "/events", summary="Record one event or a batch {'events': [...]}", openapi_extra=KEYED
+    )
     async def http_post_events(self, request: Request) -> JSONResponse:
+        self._allow(request, "events")
         return JSONResponse(await self.ingest_events(await self._json(request)))
 
     # The hot route reads its query itself and validates it as RecommendIn (the POST body's
@@ -295,40 +333,60 @@ class Aggregator:
     @api.get(
         "/recommend",
         summary="Top-k items for a user",
-        openapi_extra={"parameters": RECOMMEND_QUERY},
+        openapi_extra={"parameters": RECOMMEND_QUERY, **OPTIONAL_KEY},
     )
     async def http_get_recommend(self, request: Request) -> JSONResponse:
+        self._allow(request, "read")
         q = request.query_params
         ex = [x for x in q.get("exclude", "").split(",") if x]
         body = {"user_id": q.get("user_id"), "k": q.get("k"), "exclude": ex}
         return JSONResponse(await self.recommend(body))
 
-    @api.post("/recommend", summary="Top-k items with exclusions and context")
+    @api.post(
+        "/recommend", summary="Top-k items with exclusions and context", openapi_extra=OPTIONAL_KEY
+    )
     async def http_post_recommend(self, request: Request) -> JSONResponse:
+        self._allow(request, "read")
         return JSONResponse(await self.recommend(await self._json(request)))
 
-    @api.get("/similar", summary="Items similar to an item")
+    @api.get("/similar", summary="Items similar to an item", openapi_extra=OPTIONAL_KEY)
     async def http_similar(
         self,
+        request: Request,
         item_id: str = Query(min_length=1, max_length=ID_MAX, description="Item id."),
         k: int = Query(10, ge=1, le=200, description="How many items."),
     ) -> JSONResponse:
+        self._allow(request, "read")
         return JSONResponse(await self.similar_items(item_id, k))
 
-    @api.post("/items", summary="Add or update catalogue items (one, or {'items': [...]})")
+    @api.post(
+        "/items",
+        summary="Add or update catalogue items (one, or {'items': [...]})",
+        openapi_extra=KEYED,
+    )
     async def http_post_items(self, request: Request) -> JSONResponse:
+        self._allow(request, "catalog")
         return JSONResponse(await self.upsert_items(await self._json(request)))
 
-    @api.get("/items/{item_id}", summary="One catalogue item")
-    async def http_get_item(self, item_id: str) -> JSONResponse:
+    @api.get("/items/{item_id}", summary="One catalogue item", openapi_extra=OPTIONAL_KEY)
+    async def http_get_item(self, request: Request, item_id: str) -> JSONResponse:
+        self._allow(request, "read")
         return JSONResponse(await self.item(item_id))
 
-    @api.delete("/items/{item_id}", summary="Remove an item from recommendations for good")
-    async def http_delete_item(self, item_id: str) -> JSONResponse:
+    @api.delete(
+        "/items/{item_id}",
+        summary="Remove an item from recommendations for good",
+        openapi_extra=KEYED,
+    )
+    async def http_delete_item(self, request: Request, item_id: str) -> JSONResponse:
+        self._allow(request, "catalog")
         return JSONResponse(await self.remove_item(item_id))
 
-    @api.delete("/users/{user_id}", summary="Forget a user: profile and events")
-    async def http_delete_user(self, user_id: str) -> JSONResponse:
+    @api.delete(
+        "/users/{user_id}", summary="Forget a user: profile and events", openapi_extra=KEYED
+    )
+    async def http_delete_user(self, request: Request, user_id: str) -> JSONResponse:
+        self._allow(request, "admin")
         return JSONResponse(await self.forget_user(user_id))
 
     @api.get("/healthz", summary="The process is up")
@@ -340,18 +398,22 @@ class Aggregator:
         ok, body = await self.readiness()
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @api.get("/models", summary="Model versions: served, published, available")
-    async def http_models(self) -> JSONResponse:
+    @api.get(
+        "/models",
+        summary="Model versions: served, published, available",
+        openapi_extra=OPTIONAL_KEY,
+    )
+    async def http_models(self, request: Request) -> JSONResponse:
+        self._allow(request, "read")
         return JSONResponse(await self.model_info())
 
-    @api.post("/admin/retrain", summary="Retrain from the log now (needs X-API-Key)")
+    @api.post("/admin/retrain", summary="Retrain from the log now", openapi_extra=KEYED)
     async def http_retrain(
         self,
         request: Request,
         wait: bool = Query(False, description="Answer when the new version is published."),
     ) -> JSONResponse:
-        if request.headers.get("x-api-key") != self.config.serving.api_key:
-            raise HTTPException(401, "X-API-Key header missing or wrong")
+        self._allow(request, "admin")
         if self.trainer is None:
             raise HTTPException(503, "no trainer in this deployment")
         ref = self.trainer.retrain.remote()

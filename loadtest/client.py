@@ -144,6 +144,7 @@ class Client:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=None),
             timeout=aiohttp.ClientTimeout(total=30),
             skip_auto_headers=("User-Agent",),
+            headers={"X-API-Key": self.api_key} if self.api_key else None,
         )
         return self
 

@@ -1,11 +1,13 @@
 """Locust users exercising the whole API with a realistic mix: most traffic asks for
 recommendations (known users, cold users, users who just acted), some posts events (single and
 batched), a little asks for similar items. For interactive exploration against a server started
-with `make run`: `locust -f loadtest/locustfile.py --host http://127.0.0.1:8000`. `make loadtest`
+with `make run`: `REC_API_KEY=$(cat var/api_key) locust -f loadtest/locustfile.py --host
+http://127.0.0.1:8000` (the events need a key with the `events` scope). `make loadtest`
 does not use it: loadtest/run.py drives its own asyncio client (see loadtest/client.py why)."""
 
 from __future__ import annotations
 
+import os
 import random
 
 from locust import HttpUser, between, task
@@ -18,6 +20,7 @@ class AppUser(HttpUser):
     wait_time = between(0.0, 0.05)
 
     def on_start(self) -> None:
+        self.client.headers["X-API-Key"] = os.environ.get("REC_API_KEY", "")
         self.rng = random.Random(id(self))
         self.me = f"u{self.rng.randrange(KNOWN_USERS)}"
 

@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -51,6 +52,7 @@ import psutil
 from deployments.cli import TARGETS_FILE
 from loadtest import client as lc
 from loadtest import pipeline, report
+from rec.access import ENV_KEY, KEY_FILE
 from rec.events import EventIn
 
 HERE = Path(__file__).resolve().parent
@@ -674,7 +676,7 @@ def load_population(data: str | None, fmt: str, seed: int) -> lc.Population:
     return lc.Population.from_dataset(ds)
 
 
-def ray_settings(config_path: str | None, replicas: int) -> tuple[dict, str]:
+def ray_settings(config_path: str | None, replicas: int) -> dict:
     from deployments.runtime import ENV, INGRESS_MAX_ONGOING, MAX_QUEUED
     from rec.config import RecConfig
 
@@ -698,7 +700,20 @@ def ray_settings(config_path: str | None, replicas: int) -> tuple[dict, str]:
         "train_worker_threads": t.worker_threads,
         "dashboard": True,
     }
-    return settings, s.api_key
+    return settings
+
+
+def client_key(args: argparse.Namespace) -> str:
+    """The admin key the load test sends. A stack it starts gets REC_API_KEY (a fresh one
+    unless set) through the environment it inherits."""
+    if not args.attach:
+        return os.environ.setdefault(ENV_KEY, secrets.token_urlsafe(24))
+    if args.api_key or os.environ.get(ENV_KEY):
+        return args.api_key or os.environ[ENV_KEY]
+    stored = Path(args.targets).parent / KEY_FILE if args.targets else None
+    if stored is not None and stored.exists():
+        return stored.read_text().strip()
+    return ""  # reads are open by default; writes will answer 401
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -757,6 +772,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="with --attach: the stack's targets.json (direct-ingress URLs)",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="with --attach: an admin key of the stack (default: $REC_API_KEY, else the "
+        "api_key file `rec serve` generated beside --targets)",
+    )
     args = p.parse_args(argv)
     if args.overload_seconds is None:
         args.overload_seconds = min(args.seconds, 10.0)
@@ -767,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # stop the stack on `kill` / `timeout` too
     t_start = time.monotonic()
     deadline = t_start + args.budget - STOP_RESERVE_S
-    settings, args.api_key = ray_settings(args.config, args.replicas)
+    settings = ray_settings(args.config, args.replicas)
+    args.api_key = client_key(args)
     results = {
         "machine": machine(),
         "scenarios": [],

@@ -253,7 +253,6 @@ class ServingConfig(_Config):
     ann_shards: int = Field(
         0, ge=0, description="HNSW shard actors for the embedding index; 0 keeps it in process."
     )
-    api_key: str = Field("change-me", description="Key for /admin endpoints (header X-API-Key).")
     max_body_bytes: int = Field(4_000_000, gt=0, description="Largest accepted request body.")
     reload_poll_s: float = Field(1.0, gt=0, description="How often replicas check for a new model.")
     accept_unknown_items: bool = Field(
@@ -289,6 +288,44 @@ class ServingConfig(_Config):
     )
 
 
+Scope = Literal["read", "events", "catalog", "admin"]
+
+
+class ApiKey(_Config):
+    name: str = Field(min_length=1, description="Who holds the key (logs, 403 and 429 answers).")
+    key: str = Field(min_length=16, description="The secret, sent in the X-API-Key header.")
+    scopes: list[Scope] = Field(
+        min_length=1,
+        description="read: recommendations and lookups; events: POST /events; catalog: POST "
+        "and DELETE /items; admin: DELETE /users, retrains, /admin (and every other scope).",
+    )
+    rate_per_s: float | None = Field(
+        None, gt=0, description="This key's request rate per replica (None: access.rate_per_s)."
+    )
+    burst: float | None = Field(None, ge=1, description="This key's burst (None: access.burst).")
+
+
+class AccessConfig(_Config):
+    """API keys. With none configured, `rec serve` takes REC_API_KEY as the admin key, or
+    generates one at first start under data_dir (loopback only)."""
+
+    keys: list[ApiKey] = Field(default_factory=list, description="The keys and their scopes.")
+    open_reads: bool = Field(
+        True, description="Reads (/recommend, /similar, /items/{id}, /models) need no key."
+    )
+    rate_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Requests a second per key and ingress replica (token bucket; 429 with "
+        "Retry-After beyond it); None: unlimited.",
+    )
+    burst: float = Field(100.0, ge=1, description="Requests a key may send at once.")
+
+    def with_admin(self, key: str) -> AccessConfig:
+        """This config with `key` as its one key, an admin key."""
+        return self.model_copy(update={"keys": [ApiKey(name="admin", key=key, scopes=["admin"])]})
+
+
 class RecConfig(_Config):
     """Everything one rec deployment needs; loadable from and dumpable to YAML."""
 
@@ -304,6 +341,7 @@ class RecConfig(_Config):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoints of the live state."
     )
+    access: AccessConfig = Field(default_factory=AccessConfig, description="API keys.")
 
     @property
     def log_dir(self) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rec.config import RecConfig
+from rec.config import AccessConfig, ApiKey, RecConfig
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -32,9 +32,24 @@ def live_dataset(seed: int, days: float = 30.0):
     )
 
 
+# The stacks' API keys: an admin key every test client sends, and one key per other scope
+# for the access tests.
+ADMIN_KEY = "test-admin-key-0123456789"
+SCOPED_KEYS = {scope: f"test-{scope}-key-0123456789" for scope in ("read", "events", "catalog")}
+ADMIN = {"X-API-Key": ADMIN_KEY}
+LIMITED_KEY = "test-limited-key-0123456789"  # read scope, 1 request/s, bursts of 2
+
+
 def small_config(data_dir, topology: str = "fused") -> RecConfig:
-    """A RecConfig that trains in seconds on the small test data sets."""
+    """A RecConfig that trains in seconds on the small test data sets, with the test keys."""
     config = RecConfig(data_dir=data_dir)
+    config.access = AccessConfig(
+        keys=[
+            ApiKey(name="admin", key=ADMIN_KEY, scopes=["admin"]),
+            *(ApiKey(name=s, key=k, scopes=[s]) for s, k in SCOPED_KEYS.items()),
+            ApiKey(name="limited", key=LIMITED_KEY, scopes=["read"], rate_per_s=1, burst=2),
+        ]
+    )
     config.serving.topology = topology
     config.serving.reload_poll_s = 0.2
     config.ranker.epochs = 1

@@ -30,7 +30,7 @@ from deployments.runtime import set_process_env
 from rec.config import RecConfig
 from rec.model import publish
 from rec.train import snapshot_table, train
-from tests.conftest import live_dataset, small_config
+from tests.conftest import ADMIN, live_dataset, small_config
 from tests.integration.conftest import _free_port, _ready, wait_for
 
 pytestmark = pytest.mark.ray
@@ -176,10 +176,12 @@ def stack(cluster, tmp_path_factory):
         route_prefix="/",
         blocking=False,
     )
-    client = httpx.Client(base_url=cluster["url"], timeout=30)
+    client = httpx.Client(base_url=cluster["url"], timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(client), timeout_s=START_TIMEOUT_S, interval_s=0.5)
     ingress = wait_for(lambda: ingress_urls(cluster), timeout_s=60, interval_s=0.5)
-    direct = {name: httpx.Client(base_url=url, timeout=30) for name, url in ingress.items()}
+    direct = {
+        name: httpx.Client(base_url=url, timeout=30, headers=ADMIN) for name, url in ingress.items()
+    }
     for c in direct.values():
         wait_for(lambda c=c: _ready(c), timeout_s=START_TIMEOUT_S, interval_s=0.5)
     print(f"[cluster] app deployed and ready in {time.perf_counter() - t0:.1f} s: {placement()}")

@@ -12,6 +12,7 @@ import httpx
 import ray
 
 from tests.cluster.conftest import kill_raylet, placed
+from tests.conftest import ADMIN
 from tests.integration.conftest import wait_for
 
 RECOVERY_BUDGET_S = 30.0
@@ -61,7 +62,7 @@ def test_read_your_writes_across_nodes_through_the_log_actor(cluster, stack):
 
 
 def test_hot_swap_across_nodes_without_a_failed_request(cluster, stack):
-    c, config = stack["client"], stack["config"]
+    c = stack["client"]
     clients = [c, *stack["direct"].values()]  # the proxy, and each node's ingress directly
     old = c.get("/models").json()["serving"]
     failures: list[str] = []
@@ -89,7 +90,7 @@ def test_hot_swap_across_nodes_without_a_failed_request(cluster, stack):
         r = c.post(
             "/admin/retrain",
             params={"wait": "true"},
-            headers={"X-API-Key": config.serving.api_key},
+            headers=ADMIN,
             timeout=600,
         )
         assert r.status_code == 200, r.text
@@ -122,7 +123,7 @@ def test_losing_a_worker_node_loses_no_acknowledged_event(cluster, stack):
     t_start = time.perf_counter()
 
     def post_events():
-        with httpx.Client(base_url=str(c.base_url), timeout=10) as client:
+        with httpx.Client(base_url=str(c.base_url), timeout=10, headers=ADMIN) as client:
             for n in itertools.count():
                 if stop.is_set():
                     return
@@ -142,7 +143,7 @@ def test_losing_a_worker_node_loses_no_acknowledged_event(cluster, stack):
                     )
 
     def recommend():
-        with httpx.Client(base_url=str(c.base_url), timeout=10) as client:
+        with httpx.Client(base_url=str(c.base_url), timeout=10, headers=ADMIN) as client:
             for n in itertools.count():
                 if stop.is_set():
                     return

@@ -13,7 +13,7 @@ import pytest
 from deployments.runtime import set_process_env
 from rec.model import publish
 from rec.train import snapshot_table, train
-from tests.conftest import live_dataset, small_config
+from tests.conftest import ADMIN, live_dataset, small_config
 
 pytestmark = pytest.mark.ray
 
@@ -77,7 +77,7 @@ def stack(request, ray_cluster, tmp_path_factory):
     model.save(config.model_dir, model.build_index(config.recall))
     publish(config.model_dir, model.version)
     serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
-    client = httpx.Client(base_url=ray_cluster, timeout=30)
+    client = httpx.Client(base_url=ray_cluster, timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(client), timeout_s=120, interval_s=0.2)
     yield {
         "client": client,

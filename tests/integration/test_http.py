@@ -89,7 +89,7 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(stack):
         (c.get("/recommend", params={"user_id": ""}), 422, "user_id"),
         (c.post("/recommend", json={"user_id": "u1", "k": "ten"}), 422, "k"),
         (c.get("/similar", params={"item_id": "nope"}), 404, None),
-        (c.post("/admin/retrain"), 401, None),
+        (c.post("/admin/retrain", headers={"X-API-Key": "not-a-key-0123456789"}), 401, None),
     ]
     for resp, status, field in cases:
         assert resp.status_code == status, (resp.request.url, resp.text[:300])

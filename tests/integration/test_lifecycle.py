@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import ray
 
+from tests.conftest import ADMIN
 from tests.integration.conftest import wait_for
 
 
@@ -76,7 +77,7 @@ def test_retrain_and_hot_reload_without_a_failed_request(stack):
     stop = threading.Event()
 
     def traffic():
-        with httpx.Client(base_url=str(c.base_url), timeout=30) as client:
+        with httpx.Client(base_url=str(c.base_url), timeout=30, headers=ADMIN) as client:
             n = 0
             while not stop.is_set():
                 n += 1
@@ -96,7 +97,7 @@ def test_retrain_and_hot_reload_without_a_failed_request(stack):
         r = c.post(
             "/admin/retrain",
             params={"wait": "true"},
-            headers={"X-API-Key": config.serving.api_key},
+            headers=ADMIN,
             timeout=600,
         )
         assert r.status_code == 200, r.text

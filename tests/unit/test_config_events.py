@@ -134,7 +134,7 @@ def test_assignment_is_validated() -> None:
 
 def test_every_config_field_has_a_description() -> None:
     models = _config_models(RecConfig)
-    assert RecallConfig in models and len(models) == 9  # RecConfig + its 8 sections
+    assert RecallConfig in models and len(models) == 10  # RecConfig + its 9 sections
     missing = [
         f"{model.__name__}.{name}"
         for model in models
