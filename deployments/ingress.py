@@ -42,10 +42,24 @@ KEYED = {"security": [{"ApiKey": []}]}
 OPTIONAL_KEY = {"security": [{}, {"ApiKey": []}]}
 
 
+def _body(*models: type[BaseModel]) -> dict:
+    """openapi_extra of a route that reads its JSON body itself (the fast path: no FastAPI
+    body parsing): the body it takes, one of `models`, as `_openapi` declares them."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 def _openapi() -> dict:
     if api.openapi_schema is None:
         schema = FastAPI.openapi(api)
-        schema.setdefault("components", {})["securitySchemes"] = {
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for model in BODIES:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+        components["securitySchemes"] = {
             "ApiKey": {
                 "type": "apiKey",
                 "in": "header",
@@ -102,6 +116,9 @@ RECOMMEND_QUERY = [
 class ItemBatchIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: list[ItemIn] = Field(min_length=1, description="Catalogue entries to upsert.")
+
+
+BODIES = (EventIn, EventBatchIn, ItemIn, ItemBatchIn, RecommendIn)
 
 
 class InvalidInput(HTTPException):
@@ -321,7 +338,9 @@ class Aggregator:
             raise HTTPException(exc.status, exc.detail, headers=headers) from None
 
     @api.post(
-        "/events", summary="Record one event or a batch {'events': [...]}", openapi_extra=KEYED
+        "/events",
+        summary="Record one event or a batch {'events': [...]}",
+        openapi_extra={**KEYED, **_body(EventIn, EventBatchIn)},
     )
     async def http_post_events(self, request: Request) -> JSONResponse:
         self._allow(request, "events")
@@ -343,7 +362,9 @@ class Aggregator:
         return JSONResponse(await self.recommend(body))
 
     @api.post(
-        "/recommend", summary="Top-k items with exclusions and context", openapi_extra=OPTIONAL_KEY
+        "/recommend",
+        summary="Top-k items with exclusions and context",
+        openapi_extra={**OPTIONAL_KEY, **_body(RecommendIn)},
     )
     async def http_post_recommend(self, request: Request) -> JSONResponse:
         self._allow(request, "read")
@@ -362,7 +383,7 @@ class Aggregator:
     @api.post(
         "/items",
         summary="Add or update catalogue items (one, or {'items': [...]})",
-        openapi_extra=KEYED,
+        openapi_extra={**KEYED, **_body(ItemIn, ItemBatchIn)},
     )
     async def http_post_items(self, request: Request) -> JSONResponse:
         self._allow(request, "catalog")
