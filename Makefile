@@ -7,7 +7,7 @@ export HNSWLIB_NO_NATIVE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: run test lint loadtest bench-hnsw bench-gpu bench-scale clean
+.PHONY: run test fuzz lint loadtest bench-hnsw bench-gpu bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ run: $(STAMP)  ## serve the default demo on 127.0.0.1:8000 (DATA=path FORMAT=csv
 
 test: $(STAMP)  ## the whole suite: unit, wiring (Serve local mode), integration (local Ray + HTTP)
 	$(BIN)/python -m pytest tests -q
+
+fuzz: $(STAMP)  ## schemathesis against the API, 300 cases per operation (make test runs 15)
+	REC_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest tests/integration/test_access.py -q -k fuzzed
 
 lint: $(STAMP)
 	$(BIN)/ruff check rec deployments tests loadtest

@@ -39,6 +39,16 @@ api = FastAPI(title="rec", description="Real-time recommendations: post events, 
 # OpenAPI: routes that write or administer need a key (KEYED); reads take one optionally
 # (access.open_reads decides per deployment); rec.access names the scopes.
 KEYED = {"security": [{"ApiKey": []}]}
+ERRORS = {  # what any route may answer besides 200 (every error body is {"detail": ...})
+    "400": "Body is not valid JSON.",
+    "401": "No X-API-Key, or not a known key.",
+    "403": "The key lacks the route's scope.",
+    "404": "Unknown item.",
+    "413": "Body or batch too large.",
+    "422": "A field is invalid (named in detail).",
+    "429": "The key is over its rate; see Retry-After.",
+    "503": "Not ready, or overloaded.",
+}
 OPTIONAL_KEY = {"security": [{}, {"ApiKey": []}]}
 
 
@@ -59,6 +69,19 @@ def _openapi() -> dict:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(body.pop("$defs", {}))
             schemas[model.__name__] = body
+        schemas["Error"] = {
+            "type": "object",
+            "required": ["detail"],
+            "properties": {"detail": {"description": "What was wrong (a field list for 422)."}},
+        }
+        error = {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        }
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                for code, what in ERRORS.items():
+                    responses.setdefault(code, {"description": what, **error})
         components["securitySchemes"] = {
             "ApiKey": {
                 "type": "apiKey",

@@ -195,12 +195,25 @@ class Trainer:
             return self.last
 
     async def run_every(self, interval_s: float) -> None:
+        """Retrain every interval once train.min_new_records have arrived since the published
+        version; a failed run is logged (its snapshot deleted, nothing published) and the next
+        interval tries again."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.retrain()
+                if await self._new_records() >= self.config.train.min_new_records:
+                    await self.retrain()
             except Exception:  # logged; the next interval tries again
                 log_.exception("periodic retrain failed")
+
+    async def _new_records(self) -> int:
+        head = await get_log().next_offset.remote()
+        model_dir = Path(self.config.model_dir)
+        version = current_version(model_dir)
+        if version is None:
+            return head
+        meta = json.loads((model_dir / version / "meta.json").read_text())
+        return head - int(meta["log_offset"])
 
 
 def _apply_low(state, records: list[dict]) -> None:

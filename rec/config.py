@@ -223,7 +223,15 @@ class TrainConfig(_Config):
         "deleted after each retrain, with their Ray Train run folders.",
     )
     every_s: float | None = Field(
-        None, gt=0, description="Retrain periodically at this interval (None: on demand only)."
+        3600.0,
+        gt=0,
+        description="Retrain periodically at this interval, when min_new_records have "
+        "arrived since the served version's log offset (None: on demand only).",
+    )
+    min_new_records: int = Field(
+        1000,
+        ge=1,
+        description="Records since the served version that a periodic retrain waits for.",
     )
 
 

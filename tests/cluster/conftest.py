@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import time
@@ -81,6 +82,9 @@ def cluster_config(root: Path) -> RecConfig:
 @pytest.fixture(scope="module")
 def cluster():
     set_process_env()
+    # Serve keeps a stopping ingress replica's direct-ingress port open 30 s for a load
+    # balancer to notice; nothing balances here, and each app's deletion would wait it out.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster

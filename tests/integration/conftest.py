@@ -39,6 +39,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_cluster():
     set_process_env()
+    # Serve keeps a stopping ingress replica's direct-ingress port open 30 s for a load
+    # balancer to notice; nothing balances here, and each app's deletion would wait it out.
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     import ray
     from ray import serve
 

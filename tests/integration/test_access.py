@@ -4,10 +4,20 @@ its rate gets 429 with Retry-After, and a refused destructive call changes nothi
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
-from tests.conftest import ADMIN_KEY, LIMITED_KEY, SCOPED_KEYS
+from tests.conftest import ADMIN, ADMIN_KEY, LIMITED_KEY, SCOPED_KEYS
 
 # (method, path, JSON body, scope); "read" routes are open without a key by default
 ROUTES = [
@@ -101,3 +111,50 @@ def test_openapi_declares_the_key(bare):
     assert paths["/events"]["post"]["security"] == [{"ApiKey": []}]
     assert paths["/users/{user_id}"]["delete"]["security"] == [{"ApiKey": []}]
     assert {} in paths["/recommend"]["get"]["security"]
+
+
+# ---- fuzzing: schemathesis against the OpenAPI document ------------------------------------
+# Bounded here (FUZZ_EXAMPLES per operation); `make fuzz` runs it longer. Every operation but
+# the retrain (a Ray Train job per call) with the admin key: no 5xx, every answer's status,
+# content type and body as the document declares.
+
+FUZZ_EXAMPLES = int(os.environ.get("REC_FUZZ_EXAMPLES", "15"))
+FUZZ_CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+def test_fuzzed_requests_get_no_5xx_and_match_the_schema(stack):
+    base = str(stack["client"].base_url)
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    operations = [
+        result.ok()
+        for result in schema.get_all_operations()
+        if not result.ok().path.startswith("/admin/")
+    ]
+    assert len(operations) >= 10
+    sent: dict[str, int] = {}
+    statuses: dict[int, int] = {}
+    for operation in operations:
+
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.generate],
+            database=None,
+        )
+        @given(case=operation.as_strategy())
+        def run(case):
+            label = f"{case.method.upper()} {case.path}"
+            response = case.call_and_validate(base_url=base, headers=ADMIN, checks=FUZZ_CHECKS)
+            sent[label] = sent.get(label, 0) + 1
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+        run()
+    print(f"\n[fuzz] {sum(sent.values())} requests over {len(sent)} operations: {statuses}")
+    assert len(sent) == len(operations)
+    assert not any(code >= 500 for code in statuses)
