@@ -265,6 +265,13 @@ class Aggregator:
         batch, self._impressions = self._impressions, []
         return self.log.append.remote(batch) if batch else None
 
+    def check_health(self) -> None:
+        """Serve's health check: a fused replica that cannot follow the log or models fails
+        it (a split ingress holds no state; its stages check their own)."""
+        problem = self.live.problem() if self.live is not None else None
+        if problem is not None:
+            raise RuntimeError(problem)
+
     async def __del__(self) -> None:
         """Serve's graceful shutdown, once the last request has drained: the impressions still
         gathered reach the log before the replica goes, and the live state's tasks stop."""

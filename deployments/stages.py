@@ -165,6 +165,12 @@ class _Following:
         self.live = make_live(self.config, log, self.part)
         self._started = Startup(self.live.start())
 
+    def check_health(self) -> None:
+        """Serve's health check: a replica that cannot follow the log or models fails it."""
+        problem = self.live.problem()
+        if problem is not None:
+            raise RuntimeError(problem)
+
 
 @serve.deployment
 class ProfileStage(_Following):

@@ -37,6 +37,9 @@ PARTS = {
 }
 
 
+MAX_SYNC_FAILURES = 3  # background catch-ups failing in a row before the replica reports it
+
+
 class Live:
     def __init__(self, config: RecConfig, log_actor, index_factory=None, part: str = "all") -> None:
         self.config = config
@@ -50,6 +53,7 @@ class Live:
         self._catching_up: asyncio.Task | None = None
         self._head: HeadReader | None = None
         self.reloads = 0
+        self.sync_failures = 0  # background catch-ups failed in a row
 
     async def start(self) -> None:
         """Load the published model (if any) and the newest usable checkpoint, catch up with
@@ -97,8 +101,20 @@ class Live:
     async def _catch_up_now(self) -> None:
         try:
             await self.sync()
+            self.sync_failures = 0
         except Exception:  # the next request's own sync tries again
+            self.sync_failures += 1
             log.exception("background catch-up with the log failed")
+
+    def problem(self) -> str | None:
+        """Why this replica cannot follow the log or models (None: healthy), for Serve's
+        health check, which replaces a replica that keeps failing it."""
+        watcher = self._reloader
+        if watcher is not None and watcher.done():
+            return "the model watcher stopped"
+        if self.sync_failures >= MAX_SYNC_FAILURES:
+            return f"{self.sync_failures} catch-ups with the log failed in a row"
+        return None
 
     def apply_own(self, records: list[dict], first: int) -> bool:
         """Apply records this replica has just appended (acknowledged, so committed at offsets

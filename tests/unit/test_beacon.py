@@ -312,3 +312,33 @@ def test_a_replica_on_another_ray_node_follows_through_the_actor(tmp_path) -> No
         asyncio.run(scenario())
     finally:
         log.close()
+
+
+def test_a_replica_that_cannot_follow_reports_it_for_the_health_check(tmp_path) -> None:
+    """Live.problem (what the deployments' check_health raises): healthy while following;
+    catch-ups failing MAX_SYNC_FAILURES times in a row, or a dead model watcher, are reported;
+    one success clears the failures."""
+    from rec.live import MAX_SYNC_FAILURES
+
+    async def body(live, log, reads) -> None:
+        assert live.problem() is None
+        real = live._pages
+
+        async def broken(start):
+            raise ConnectionError("log actor unreachable")
+            yield  # an async generator, as _pages is
+
+        live._pages = broken
+        for n in range(MAX_SYNC_FAILURES):
+            await log.append.remote(_click(f"x{n}"))
+            await live._catch_up_now()
+        assert "catch-ups with the log failed" in live.problem()
+        live._pages = real
+        await log.append.remote(_click("back"))
+        await live._catch_up_now()
+        assert live.problem() is None and "back" in live.rec.profiles.users
+        live._reloader.cancel()
+        await asyncio.sleep(0)
+        assert live.problem() == "the model watcher stopped"
+
+    _live(tmp_path, body)
