@@ -46,15 +46,31 @@ def test_periodic_retrain_waits_for_new_records_and_survives_failures(tmp_path, 
 
     trainer.retrain = retrain
 
+    checks: list[int] = []
+    new_records = trainer._new_records
+
+    async def counted() -> int:
+        n = await new_records()
+        checks.append(n)
+        return n
+
+    trainer._new_records = counted
+
+    async def until(condition, timeout_s: float = 10.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, (checks, calls)
+            await asyncio.sleep(0.005)
+
     async def scenario() -> None:
-        task = asyncio.ensure_future(trainer.run_every(0.01))
         log.head = 120  # 70 records since v1's offset: not enough
-        await asyncio.sleep(0.1)
-        assert calls == []
+        task = asyncio.ensure_future(trainer.run_every(0.01))
+        await until(lambda: len(checks) >= 3)
+        assert calls == [] and set(checks) == {70}
         log.head = 150  # 100 since v1: retrain, which fails
-        await asyncio.sleep(0.1)
+        await until(lambda: len(calls) >= 2)
         assert not task.done()  # the failure did not stop the schedule
-        assert len(calls) >= 2 and calls[0] == 150  # and the next interval tried again
+        assert calls[:2] == [150, 150]  # and the next interval tried again
         task.cancel()
 
     asyncio.run(scenario())
