@@ -34,8 +34,10 @@ def test_periodic_retrain_waits_for_new_records_and_survives_failures(tmp_path, 
     (version_dir / "meta.json").write_text(json.dumps({"version": "v1", "log_offset": 50}))
     publish(config.model_dir, "v1")
     log = _Log()
-    monkeypatch.setattr("deployments.trainer.get_log", lambda: log)
-    trainer = Trainer.__ray_actor_class__(config.model_dump(mode="json"))
+    cls = Trainer.__ray_actor_class__
+    # the globals the method itself reads (the module's may be another copy after a reload)
+    monkeypatch.setitem(cls._new_records.__globals__, "get_log", lambda: log)
+    trainer = cls(config.model_dump(mode="json"))
     calls: list[int] = []
 
     async def retrain():
