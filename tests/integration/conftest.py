@@ -66,19 +66,12 @@ def stack(request, ray_cluster, tmp_path_factory):
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.eventlog import get_or_create_log
     from deployments.trainer import get_or_create_trainer
 
     topology = request.param
     root = tmp_path_factory.mktemp(f"stack-{topology}")
     config = small_config(root, topology)
-    ds = live_dataset(seed=3)
-    records = ds.item_records() + ds.event_records()
-    log = get_or_create_log(config.log_dir, config.eventlog)
-    ray.get(log.append.remote(records))
-    model = train(snapshot_table(records), config)
-    model.save(config.model_dir, model.build_index(config.recall))
-    publish(config.model_dir, model.version)
+    log, model = seeded(config, seed=3)
     serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
     client = httpx.Client(base_url=ray_cluster, timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(client), timeout_s=120, interval_s=0.2)
@@ -95,6 +88,23 @@ def stack(request, ray_cluster, tmp_path_factory):
     for name in ("rec_eventlog", "rec_trainer"):
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(name, namespace="rec"), no_restart=True)
+
+
+def seeded(config, seed: int, shards: int = 1):
+    """The log actor holding a live data set, and a first model trained on it and published
+    (its index in `shards` parts when the HNSW index lives in shard actors)."""
+    import ray
+
+    from deployments.eventlog import get_or_create_log
+
+    ds = live_dataset(seed=seed)
+    records = ds.item_records() + ds.event_records()
+    log = get_or_create_log(config.log_dir, config.eventlog)
+    ray.get(log.append.remote(records), timeout=300)
+    model = train(snapshot_table(records), config)
+    model.save(config.model_dir, model.build_index(config.recall, shards))
+    publish(config.model_dir, model.version)
+    return log, model
 
 
 def _ready(client: httpx.Client) -> bool:

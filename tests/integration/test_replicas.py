@@ -10,10 +10,8 @@ import httpx
 import pytest
 
 from deployments.cli import direct_targets
-from rec.model import publish
-from rec.train import snapshot_table, train
-from tests.conftest import ADMIN, live_dataset, small_config
-from tests.integration.conftest import _ready, wait_for
+from tests.conftest import ADMIN, small_config
+from tests.integration.conftest import _ready, seeded, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +20,9 @@ def two_replicas(ray_cluster, tmp_path_factory):
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.eventlog import get_or_create_log
 
     config = small_config(tmp_path_factory.mktemp("two-replicas"), "fused")
-    ds = live_dataset(seed=4)
-    records = ds.item_records() + ds.event_records()
-    log = get_or_create_log(config.log_dir, config.eventlog)
-    ray.get(log.append.remote(records))
-    model = train(snapshot_table(records), config)
-    model.save(config.model_dir, model.build_index(config.recall))
-    publish(config.model_dir, model.version)
+    log, _ = seeded(config, seed=4)
     serve.run(build_app(config, replicas=2), name="rec", route_prefix="/", blocking=False)
     proxy = httpx.Client(base_url=ray_cluster, timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(proxy), timeout_s=180, interval_s=0.2)
