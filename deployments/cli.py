@@ -43,7 +43,7 @@ def _load_data(log, data: str | None, fmt: str, seed: int) -> int:
 
     records = dataset_records(data, fmt, seed)
     for start in range(0, len(records), LOAD_BATCH):
-        ray.get(log.append.remote(records[start : start + LOAD_BATCH]))
+        ray.get(log.append.remote(records[start : start + LOAD_BATCH], f"load-{start}"))
     return len(records)
 
 
@@ -150,12 +150,6 @@ def serve_main(args: argparse.Namespace) -> int:
                 name=APP_NAME,
                 route_prefix=ROUTE,
                 blocking=False,
-            )
-        if config.train.every_s:
-            get_or_create_trainer(config).run_every.remote(config.train.every_s)
-        if config.checkpoint.every_s:
-            get_or_create_trainer(config).run_checkpoints.remote(
-                config.checkpoint.every_s, config.checkpoint.min_records
             )
         url = f"http://{args.host}:{args.port}"
         ready = _wait_ready(url, 300)

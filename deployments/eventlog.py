@@ -20,10 +20,11 @@ from deployments.runtime import ON_HEAD, actor_options, lower_own_priority
 from rec.beacon import HeadWriter, owner
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
-from rec.events import KIND_IMPRESSION
+from rec.events import KIND_EVENT, KIND_IMPRESSION
 
 LOG_ACTOR = "rec_eventlog"
 FORGOTTEN = "forgotten"  # in-memory stand-in for a removed record; followers skip it
+BEHAVIOUR = (KIND_EVENT, KIND_IMPRESSION)  # what the retention policy removes
 NAMESPACE = "rec"
 
 
@@ -44,12 +45,15 @@ class EventLogService:
         self.ring_refused: Counter[str] = Counter()
         self.reads: Counter[str] = Counter()
 
-    async def append(self, records: list[dict]) -> tuple[int, int]:
-        """Append records durably; returns their (first, last) offsets once fsynced."""
+    async def append(self, records: list[dict], token: str | None = None) -> tuple[int, int]:
+        """Append records durably; returns their (first, last) offsets once fsynced. Callers
+        pass a token of their own per call: Ray resends a call whose answer was lost when
+        this actor died (max_task_retries), and a token already written is not written again
+        (rec.eventlog.EventLog.append_groups)."""
         if not records:
             raise ValueError("no records")
         fut = asyncio.get_running_loop().create_future()
-        self.pending.append((records, fut))
+        self.pending.append((records, token, fut))
         if not self.flushing:
             self.flushing = True
             asyncio.get_running_loop().create_task(self._flush())
@@ -59,31 +63,40 @@ class EventLogService:
         try:
             while self.pending:
                 batch, self.pending = self.pending, []
-                records = [r for recs, _ in batch for r in recs]
                 try:
                     async with self.disk:
-                        first, _ = await asyncio.to_thread(self.log.append, records)
+                        spans = await asyncio.to_thread(
+                            self.log.append_groups, [(tok, recs) for recs, tok, _ in batch]
+                        )
                 except Exception as exc:  # nothing was written: every caller in the group fails
-                    for _, fut in batch:
+                    for _, _, fut in batch:
                         fut.set_exception(exc)
                     continue
-                stored = [{**r, "offset": first + i} for i, r in enumerate(records)]
-                self.recent.extend(stored)
-                acks = []
-                offset = first
-                for recs, fut in batch:
-                    offset += len(recs)
-                    acks.append((fut, (offset - len(recs), offset - 1)))
-                self.head.remember(stored)
-                self.head.mark(first, [owner(r) for r in records])
-                if any(r["kind"] != KIND_IMPRESSION for r in records):
-                    # readable before any of it is acknowledged; impressions alone (training's
-                    # feedback, which serving does not apply) leave followers where they are
-                    self.head.publish(offset)
-                for fut, offsets in acks:
-                    fut.set_result(offsets)
+                written = [
+                    (recs, first)
+                    for (recs, _, _), (first, _, new) in zip(batch, spans, strict=True)
+                    if new
+                ]
+                if written:
+                    self._published(written)
+                for (_, _, fut), (first, last, _) in zip(batch, spans, strict=True):
+                    fut.set_result((first, last))
         finally:
             self.flushing = False
+
+    def _published(self, written: list[tuple[list[dict], int]]) -> None:
+        """Records just written as one frame (consecutive offsets): into memory for followers,
+        and the head moved past them, before any of them is acknowledged."""
+        records = [r for recs, _ in written for r in recs]
+        first = written[0][1]
+        stored = [{**r, "offset": first + i} for i, r in enumerate(records)]
+        self.recent.extend(stored)
+        self.head.remember(stored)
+        self.head.mark(first, [owner(r) for r in records])
+        if any(r["kind"] != KIND_IMPRESSION for r in records):
+            # impressions alone (training's feedback, which serving does not apply) leave
+            # followers where they are
+            self.head.publish(first + len(records))
 
     def next_offset(self) -> int:
         return self.log.next_offset
@@ -160,6 +173,20 @@ class EventLogService:
         self.head.forget_recent()  # followers on this machine read the placeholders from here
         return removed
 
+    async def expire(self, protect_from: int) -> dict:
+        """Apply the log's retention policy below `protect_from` (rec.eventlog.EventLog.expire)
+        on disk and in memory."""
+        async with self.disk:
+            out = await asyncio.to_thread(self.log.expire, protect_from)
+        if out["expired_records"]:
+            for i, r in enumerate(self.recent):  # placeholders keep offsets dense in memory
+                if r["kind"] in BEHAVIOUR and any(
+                    lo <= r["offset"] < hi for lo, hi in out["ranges"]
+                ):
+                    self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
+            self.head.forget_recent()
+        return out
+
     def recovery(self) -> dict:
         """What opening the log found: bytes of torn tail cut, and where the log stands."""
         return {
@@ -169,7 +196,9 @@ class EventLogService:
         }
 
 
-EventLogActor = ray.remote(max_restarts=-1, max_task_retries=0)(EventLogService)
+# Calls are retried on the restarted actor when it died before answering: appends carry a
+# token, so a retried one is written once; every other method can run twice.
+EventLogActor = ray.remote(max_restarts=-1, max_task_retries=-1)(EventLogService)
 
 
 class LocalHandle:

@@ -35,6 +35,9 @@ from rec.model import current_version
 READYZ_USER = "__readyz__"
 IMPRESSION_FLUSH_S = 0.5  # impressions wait at most this long to be appended, in one batch
 IMPRESSION_BATCH = 1000
+# How long a write waits for the event log (a restarting log answers when it is back; the
+# caller's retry is written once, see EventLogService.append) before a 503.
+APPEND_TIMEOUT_S = 30.0
 api = FastAPI(title="rec", description="Real-time recommendations: post events, get items.")
 # OpenAPI: routes that write or administer need a key (KEYED); reads take one optionally
 # (access.open_reads decides per deployment); rec.access names the scopes.
@@ -50,6 +53,24 @@ ERRORS = {  # what any route may answer besides 200 (every error body is {"detai
     "503": "Not ready, or overloaded.",
 }
 OPTIONAL_KEY = {"security": [{}, {"ApiKey": []}]}
+# OpenAPI links: what a client can do next with what it just sent (generated clients and
+# schemathesis's stateful run follow them): an item added -> read it, act on it, delete it;
+# an event posted -> that user's recommendations, or forgetting the user.
+LINKS = {
+    ("/items", "post"): {
+        "GetItem": ("/items/{item_id}", "get", {"item_id": "$request.body#/item_id"}),
+        "DeleteItem": ("/items/{item_id}", "delete", {"item_id": "$request.body#/item_id"}),
+        "ActOnItem": (
+            "/events",
+            "post",
+            {"user_id": "linked-user", "item_id": "$request.body#/item_id", "type": "click"},
+        ),
+    },
+    ("/events", "post"): {
+        "Recommend": ("/recommend", "get", {"user_id": "$request.body#/user_id"}),
+        "ForgetUser": ("/users/{user_id}", "delete", {"user_id": "$request.body#/user_id"}),
+    },
+}
 
 
 def _body(*models: type[BaseModel]) -> dict:
@@ -58,6 +79,14 @@ def _body(*models: type[BaseModel]) -> dict:
     refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in models]
     schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _link(path: str, method: str, values: dict) -> dict:
+    """An OpenAPI link to `method path`: `values` fill its path/query parameters, or its JSON
+    body when the target takes one."""
+    ref = "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+    key = "requestBody" if method == "post" else "parameters"
+    return {"operationRef": ref, key: values}
 
 
 def _openapi() -> dict:
@@ -82,6 +111,9 @@ def _openapi() -> dict:
                 responses = operation.setdefault("responses", {})
                 for code, what in ERRORS.items():
                     responses.setdefault(code, {"description": what, **error})
+        for (path, method), links in LINKS.items():
+            ok = schema["paths"][path][method]["responses"]["200"]
+            ok["links"] = {name: _link(*target) for name, target in links.items()}
         components["securitySchemes"] = {
             "ApiKey": {
                 "type": "apiKey",
@@ -210,7 +242,17 @@ class Aggregator:
         """Append durably and apply here at once: the user's next request often comes back to
         this replica, and then finds its writes applied without reading the log (another
         replica reads them as before)."""
-        first, last = await self.log.append.remote(records)
+        try:  # the token makes Ray's resend after a log restart a no-op if the first landed
+            first, last = await asyncio.wait_for(
+                self.log.append.remote(records, uuid.uuid4().hex), APPEND_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise HTTPException(
+                503,
+                f"the event log did not answer within {APPEND_TIMEOUT_S:.0f} s: not "
+                "acknowledged (it may still be written); retry",
+                headers={"Retry-After": "1"},
+            ) from None
         self.stages.applied(records, first)
         return first, last
 
@@ -263,7 +305,7 @@ class Aggregator:
             self._impression_timer.cancel()
             self._impression_timer = None
         batch, self._impressions = self._impressions, []
-        return self.log.append.remote(batch) if batch else None
+        return self.log.append.remote(batch, uuid.uuid4().hex) if batch else None
 
     def check_health(self) -> None:
         """Serve's health check: a fused replica that cannot follow the log or models fails

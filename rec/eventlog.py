@@ -16,11 +16,13 @@ Segment files are named `{first_offset:020d}.seg`; a frame is
 from __future__ import annotations
 
 import bisect
+import json
 import os
 import struct
 import threading
+import time
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rec.config import EventLogConfig
-from rec.events import KIND_EVENT
+from rec.events import KIND_EVENT, KIND_IMPRESSION
 
 RECORD_FIELDS = (
     "kind",
@@ -59,7 +61,10 @@ _HEADER = struct.Struct("<4sII")
 _MAX_BODY = 0xFFFFFFFF
 _META_FIRST = b"rec.first"
 _META_LAST = b"rec.last"
+_META_TOKENS = b"rec.tokens"
+TOKENS_KEPT = 100_000  # append tokens remembered while the writer runs (retries come in seconds)
 _READ_BUFFER = 1 << 20
+_BEHAVIOUR = pa.array([KIND_EVENT, KIND_IMPRESSION])
 
 
 class CorruptLogError(Exception):
@@ -112,7 +117,10 @@ class EventLog:
             self._segments[0].path.touch()
             _fsync_dir(self.path)
         active = self._segments[-1]
-        self.recovered_bytes_cut: int = _recover(active)
+        self._tokens: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        found: dict[str, tuple[int, int]] = {}
+        self.recovered_bytes_cut: int = _recover(active, found)
+        self._remember(found)
         assert active.frames is not None
         self._next_offset = active.frames[-1].last + 1 if active.frames else active.first
         self._active_size = active.frames[-1].pos + active.frames[-1].size if active.frames else 0
@@ -120,6 +128,7 @@ class EventLog:
         self._tail: deque[_Cached] = deque()
         self._tail_rows = 0
         self._tail_start = self._next_offset
+        self._expired: set[int] = set()  # first offsets of segments with no behaviour records
         self._closed = False
 
     def __enter__(self) -> EventLog:
@@ -133,21 +142,52 @@ class EventLog:
         """Offset the next appended record gets."""
         return self._next_offset
 
-    def append(self, records: list[dict[str, Any]]) -> tuple[int, int]:
+    def append(self, records: list[dict[str, Any]], token: str | None = None) -> tuple[int, int]:
         """Append `records` as one fsynced frame; returns (first, last) offsets, last inclusive.
 
         Missing keys are stored as None; unknown keys or values of the wrong type raise
         ValueError before anything is written. If the write or fsync fails the file is cut back,
-        so nothing half-written stays and `next_offset` is unchanged.
+        so nothing half-written stays and `next_offset` is unchanged. An append with a `token`
+        already written returns the offsets it got then and writes nothing (`append_groups`).
         """
-        if not records:
+        first, last, _ = self.append_groups([(token, records)])[0]
+        return first, last
+
+    def append_groups(
+        self, groups: list[tuple[str | None, list[dict[str, Any]]]]
+    ) -> list[tuple[int, int, bool]]:
+        """Append several callers' records as one fsynced frame (the log actor's group
+        commit); per group (first, last, written).
+
+        A group whose token was written before (a caller's retry after its acknowledgement was
+        lost: the writer died after the fsync) is not written again: it gets the offsets it
+        got then and written=False. Tokens are kept in the frame's metadata, so the writer
+        that restarts knows those of the active segment again, and the newest TOKENS_KEPT in
+        memory while it runs.
+        """
+        if not groups or any(not records for _, records in groups):
             raise ValueError("append needs at least one record")
         with self._write_lock:
             self._check_open()
             first = self._next_offset
-            last = first + len(records) - 1
-            batch = _to_batch(records, first)
-            frame = _encode(first, last, batch)
+            out: list[tuple[int, int, bool] | None] = []
+            fresh: list[dict[str, Any]] = []
+            tokens: dict[str, tuple[int, int]] = {}
+            for token, records in groups:
+                known = self._tokens.get(token) or tokens.get(token) if token else None
+                if known is not None:
+                    out.append((*known, False))
+                    continue
+                span = (first + len(fresh), first + len(fresh) + len(records) - 1)
+                if token:
+                    tokens[token] = span
+                fresh += records
+                out.append((*span, True))
+            if not fresh:
+                return out
+            last = first + len(fresh) - 1
+            batch = _to_batch(fresh, first)
+            frame = _encode(first, last, batch, tokens)
             if first - self._segments[-1].first >= self.config.segment_max_records:
                 self._roll()
             pos = self._active_size
@@ -162,10 +202,11 @@ class EventLog:
             assert frames is not None
             frames.append(_Frame(pos, len(frame), first, last))
             self._active_size = pos + len(frame)
+            self._remember(tokens)
             with self._state_lock:
                 self._next_offset = last + 1
                 self._cache(_Cached(first, last, batch))
-        return first, last
+        return out
 
     def read(self, start: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Records with offset >= start in offset order (at most `limit`), each with "offset"."""
@@ -216,47 +257,54 @@ class EventLog:
             self._check_open()
             for idx, seg in enumerate(self._segments):
                 data = seg.path.read_bytes()
-                if needle not in data:  # bodies are uncompressed Arrow, so strings appear as is
-                    continue
-                out = bytearray()
-                frames: list[_Frame] = []
-                seg_removed = 0
-                for fr in self._frames(idx):
-                    raw: bytes | memoryview = memoryview(data)[fr.pos : fr.pos + fr.size]
-                    body = _valid_body(raw, 0)
-                    if body is None:
-                        raise CorruptLogError(f"{seg.path}: bad frame at byte {fr.pos}")
-                    if data.find(needle, fr.pos, fr.pos + fr.size) != -1:
-                        batch = _read_batch(body)
-                        kept = batch.filter(pc.invert(_of_user(batch, user_id)))
-                        if kept.num_rows < batch.num_rows:
-                            seg_removed += batch.num_rows - kept.num_rows
-                            raw = _encode(fr.first, fr.last, kept)
-                    frames.append(_Frame(len(out), len(raw), fr.first, fr.last))
-                    out += raw
-                if not seg_removed:
-                    continue
-                tmp = seg.path.with_name(seg.path.name + ".tmp")
-                tmp.write_bytes(out)
-                _fsync_file(tmp)
-                os.replace(tmp, seg.path)
-                _fsync_dir(self.path)
-                seg.frames = frames
-                removed += seg_removed
-                if idx == len(self._segments) - 1:  # the append handle points at the old file
-                    self._file.close()
-                    self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115
-                    self._active_size = len(out)
+                if needle in data:  # bodies are uncompressed Arrow, so strings appear as is
+                    removed += self._rewrite(idx, lambda b: _of_user(b, user_id), data, needle)
             if removed:
-                with self._state_lock:
-                    self._tail = deque(
-                        _Cached(
-                            c.first, c.last, c.batch.filter(pc.invert(_of_user(c.batch, user_id)))
-                        )
-                        for c in self._tail
-                    )
-                    self._tail_rows = sum(c.batch.num_rows for c in self._tail)
+                self._filter_tail(lambda b: _of_user(b, user_id))
         return removed
+
+    def expire(self, protect_from: int, now: float | None = None) -> dict[str, Any]:
+        """Apply the retention policy: in sealed segments wholly below `protect_from` (what the
+        oldest live-state checkpoint holds), remove the behaviour records (events and
+        impressions) of a segment whose newest event time is older than
+        `retention_max_age_s`, and of the oldest segments while the log is larger than
+        `retention_max_bytes`. Catalogue records and tombstones stay, so the catalogue is
+        rebuilt whole by replay; offsets and frame ranges never change. The active segment and
+        anything at or above `protect_from` are never touched."""
+        cfg = self.config
+        age, budget = cfg.retention_max_age_s, cfg.retention_max_bytes
+        out: dict[str, Any] = {"expired_records": 0, "segments": [], "ranges": []}
+        if age is None and budget is None:
+            return out
+        cutoff = (time.time() if now is None else now) - (age or 0.0)
+        with self._write_lock:
+            self._check_open()
+            total = sum(seg.path.stat().st_size for seg in self._segments)
+            for idx in range(len(self._segments) - 1):
+                seg, nxt = self._segments[idx], self._segments[idx + 1]
+                if nxt.first > protect_from:
+                    break
+                if seg.first in self._expired:
+                    continue
+                newest = self._newest_ts(idx)
+                if newest is None:  # no behaviour records left
+                    self._expired.add(seg.first)
+                    continue
+                too_old = age is not None and newest < cutoff
+                too_big = budget is not None and total > budget
+                if not (too_old or too_big):
+                    continue
+                size = seg.path.stat().st_size
+                out["expired_records"] += self._rewrite(idx, _behaviour)
+                self._expired.add(seg.first)
+                total -= size - seg.path.stat().st_size
+                out["segments"].append(seg.path.name)
+                out["ranges"].append((seg.first, nxt.first))
+            if out["expired_records"]:
+                self._filter_tail(_behaviour, out["ranges"])
+        out["bytes"] = total
+        out["over_budget"] = budget is not None and total > budget
+        return out
 
     def close(self) -> None:
         """Close the append handle; the log can be reopened by a new EventLog."""
@@ -283,6 +331,74 @@ class EventLog:
         self._segments.append(seg)
         self._active_size = 0
         _fsync_dir(self.path)
+
+    def _remember(self, tokens: dict[str, tuple[int, int]]) -> None:
+        self._tokens.update(tokens)
+        while len(self._tokens) > TOKENS_KEPT:
+            self._tokens.popitem(last=False)
+
+    def _rewrite(
+        self,
+        idx: int,
+        drop,
+        data: bytes | None = None,
+        needle: bytes | None = None,
+    ) -> int:
+        """Rewrite segment `idx` without the rows `drop(batch)` masks (only frames holding
+        `needle` are decoded, given one): a temporary file, fsynced, renamed over the segment.
+        Frames keep their offset ranges. Returns the rows removed. Holds the write lock."""
+        seg = self._segments[idx]
+        data = seg.path.read_bytes() if data is None else data
+        out = bytearray()
+        frames: list[_Frame] = []
+        removed = 0
+        for fr in self._frames(idx):
+            raw: bytes | memoryview = memoryview(data)[fr.pos : fr.pos + fr.size]
+            body = _valid_body(raw, 0)
+            if body is None:
+                raise CorruptLogError(f"{seg.path}: bad frame at byte {fr.pos}")
+            if needle is None or data.find(needle, fr.pos, fr.pos + fr.size) != -1:
+                batch = _read_batch(body)
+                kept = batch.filter(pc.invert(drop(batch)))
+                if kept.num_rows < batch.num_rows:
+                    removed += batch.num_rows - kept.num_rows
+                    raw = _encode(fr.first, fr.last, kept, _frame_meta(body)[2])
+            frames.append(_Frame(len(out), len(raw), fr.first, fr.last))
+            out += raw
+        if not removed:
+            return 0
+        tmp = seg.path.with_name(seg.path.name + ".tmp")
+        tmp.write_bytes(out)
+        _fsync_file(tmp)
+        os.replace(tmp, seg.path)
+        _fsync_dir(self.path)
+        seg.frames = frames
+        if idx == len(self._segments) - 1:  # the append handle points at the old file
+            self._file.close()
+            self._file = open(seg.path, "ab", buffering=0)  # noqa: SIM115
+            self._active_size = len(out)
+        return removed
+
+    def _filter_tail(self, drop, ranges: list[tuple[int, int]] | None = None) -> None:
+        """Drop from the tail cache the rows `drop` masks (in frames inside the offset ranges
+        [first, end) given, else in all)."""
+        with self._state_lock:
+            self._tail = deque(
+                c
+                if ranges is not None and not any(lo <= c.first < hi for lo, hi in ranges)
+                else _Cached(c.first, c.last, c.batch.filter(pc.invert(drop(c.batch))))
+                for c in self._tail
+            )
+            self._tail_rows = sum(c.batch.num_rows for c in self._tail)
+
+    def _newest_ts(self, idx: int) -> float | None:
+        """The newest event time of segment `idx`'s behaviour records (None: it has none)."""
+        newest = None
+        for _, batch in self._segment_batches(idx, 0, None):
+            ts = pc.max(batch["ts"].filter(_behaviour(batch))).as_py()
+            if ts is not None and (newest is None or ts > newest):
+                newest = ts
+        return newest
 
     def _cache(self, item: _Cached) -> None:
         """Add a committed frame to the tail cache, evicting whole old frames beyond the cap."""
@@ -372,9 +488,14 @@ def _to_batch(records: list[dict[str, Any]], first: int) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([offsets, *values.columns], schema=SCHEMA)
 
 
-def _encode(first: int, last: int, batch: pa.RecordBatch) -> bytes:
-    """One frame: header + an Arrow IPC stream whose schema metadata holds the offset range."""
+def _encode(
+    first: int, last: int, batch: pa.RecordBatch, tokens: dict[str, tuple[int, int]] | None = None
+) -> bytes:
+    """One frame: header + an Arrow IPC stream whose schema metadata holds the offset range
+    (and the append tokens it holds, with their offsets)."""
     meta = {_META_FIRST: str(first).encode(), _META_LAST: str(last).encode()}
+    if tokens:
+        meta[_META_TOKENS] = json.dumps(tokens, separators=(",", ":")).encode()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, SCHEMA.with_metadata(meta)) as writer:
         writer.write_batch(batch)
@@ -411,16 +532,22 @@ def _read_batch(body: memoryview) -> pa.RecordBatch:
     return batch.replace_schema_metadata(None)
 
 
-def _frame_range(body: memoryview) -> tuple[int, int]:
+def _frame_meta(body: memoryview) -> tuple[int, int, dict[str, tuple[int, int]]]:
+    """A frame's offset range and append tokens."""
     meta = _open_body(body).schema.metadata or {}
     try:
-        return int(meta[_META_FIRST]), int(meta[_META_LAST])
+        first, last = int(meta[_META_FIRST]), int(meta[_META_LAST])
+        tokens = json.loads(meta[_META_TOKENS]) if _META_TOKENS in meta else {}
     except (KeyError, ValueError) as exc:
         raise CorruptLogError("frame without an offset range") from exc
+    return first, last, {t: (int(a), int(b)) for t, (a, b) in tokens.items()}
 
 
-def _scan(data: bytes, first: int, path: Path) -> tuple[list[_Frame], int]:
-    """Index the leading run of valid frames of a segment; returns them and where they end.
+def _scan(
+    data: bytes, first: int, path: Path, tokens: dict | None = None
+) -> tuple[list[_Frame], int]:
+    """Index the leading run of valid frames of a segment; returns them and where they end
+    (and adds their append tokens to `tokens`, given one).
 
     Frames must cover consecutive offsets starting at the segment's first offset.
     """
@@ -428,7 +555,9 @@ def _scan(data: bytes, first: int, path: Path) -> tuple[list[_Frame], int]:
     pos = 0
     expected = first
     while (body := _valid_body(data, pos)) is not None:
-        f_first, f_last = _frame_range(body)
+        f_first, f_last, f_tokens = _frame_meta(body)
+        if tokens is not None:
+            tokens.update(f_tokens)
         if f_first != expected or f_last < f_first:
             raise CorruptLogError(
                 f"{path}: frame at byte {pos} covers {f_first}..{f_last}, expected {expected}.."
@@ -440,14 +569,15 @@ def _scan(data: bytes, first: int, path: Path) -> tuple[list[_Frame], int]:
     return frames, pos
 
 
-def _recover(seg: _Segment) -> int:
-    """Scan the last segment and cut a torn tail (fsynced); returns the bytes cut.
+def _recover(seg: _Segment, tokens: dict) -> int:
+    """Scan the last segment (its frames' append tokens into `tokens`) and cut a torn tail
+    (fsynced); returns the bytes cut.
 
     Bad bytes after the last good frame are a torn tail only if no valid frame follows them;
     otherwise the damage is in the middle of the log and CorruptLogError is raised.
     """
     data = seg.path.read_bytes()
-    seg.frames, good = _scan(data, seg.first, seg.path)
+    seg.frames, good = _scan(data, seg.first, seg.path, tokens)
     if good == len(data):
         return 0
     at = data.find(MAGIC, good + 1)
@@ -483,6 +613,11 @@ def _clip(
             if limit is not None and taken >= limit:
                 break
     return out
+
+
+def _behaviour(batch: pa.RecordBatch) -> pa.Array:
+    """Mask of the rows a retention policy expires: events and impressions."""
+    return pc.fill_null(pc.is_in(batch["kind"], _BEHAVIOUR), False)
 
 
 def _of_user(batch: pa.RecordBatch, user_id: str) -> pa.Array:

@@ -342,3 +342,20 @@ def test_a_replica_that_cannot_follow_reports_it_for_the_health_check(tmp_path) 
         assert live.problem() == "the model watcher stopped"
 
     _live(tmp_path, body)
+
+
+def test_a_retried_append_is_acknowledged_and_followed_once(tmp_path) -> None:
+    """The log actor's group commit with a resent call (same token) among new ones: one
+    write, both callers answered the same offsets, followers see the records once."""
+
+    async def body(live, log, reads) -> None:
+        first = await log.append.remote(_click("u"), "tok-1")
+        again, other = await asyncio.gather(
+            log.append.remote(_click("u"), "tok-1"), log.append.remote(_click("w"), "tok-2")
+        )
+        assert again == first == (0, 0) and other == (1, 1)
+        await live.sync()
+        assert live.rec.offset == 2
+        assert [r["user_id"] for r in await log.read.remote(0)] == ["u", "w"]
+
+    _live(tmp_path, body)

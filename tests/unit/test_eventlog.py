@@ -401,3 +401,27 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
         frames = [records[i : i + 7] for i in range(0, len(records), 7)]
         assert all({r["user_id"] for r in f} == {f"frame{f[0]['offset']}"} for f in frames)
     assert acked == sorted(acked) and len(set(acked)) == len(acked)
+
+
+def test_an_append_retried_with_its_token_is_written_once(tmp_path):
+    """A writer that died after the fsync but before answering gets the same call again from
+    Ray (max_task_retries): its token makes the retry answer the first offsets, written once,
+    also after a reopen (the tokens live in the frames' metadata)."""
+    log = EventLog(tmp_path)
+    first = log.append(make_records(3, 1), token="t1")
+    assert log.append(make_records(3, 1), token="t1") == first == (0, 2)
+    # a group commit holding a retry, a new call and the same new call twice
+    spans = log.append_groups(
+        [("t1", make_records(3, 1)), ("t2", make_records(2, 2)), ("t2", make_records(2, 2))]
+    )
+    assert spans == [(0, 2, False), (3, 4, True), (3, 4, False)]
+    assert log.append(make_records(1, 3)) == (5, 5)  # no token: always written
+    log.close()
+    with EventLog(tmp_path) as again:
+        assert again.append(make_records(2, 2), token="t2") == (3, 4)
+        assert again.next_offset == 6 and len(again.read()) == 6
+        # a rewrite (erasure) keeps the tokens of the frames it rewrites
+        again.forget_user(USERS[0])
+    with EventLog(tmp_path) as after:
+        assert after.append(make_records(3, 1), token="t1") == (0, 2)
+        assert after.next_offset == 6
