@@ -426,6 +426,18 @@ def _restore_cooc(cooc: Cooccurrence, arrays) -> None:
         cooc._counts[i] = counts[ptr[n] : ptr[n + 1]].astype(np.float32)
 
 
+def oldest_offset(root: str | Path) -> int | None:
+    """The log offset of the oldest checkpoint kept: no state starts from an earlier one, so
+    the log's retention policy may expire what lies before it (None: no checkpoint)."""
+    root = Path(root)
+    offsets = [
+        int(path.name.partition("-")[0])
+        for path in (root.iterdir() if root.is_dir() else [])
+        if not path.name.startswith(".") and (path / "meta.json").exists()
+    ]
+    return min(offsets, default=None)
+
+
 def collect(root: str | Path, keep: int) -> list[str]:
     """Delete all but the `keep` newest checkpoints (by offset) and any half-written one;
     returns the names deleted. A replica that has loaded one keeps its mapped pages."""

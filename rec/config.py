@@ -29,6 +29,21 @@ class EventLogConfig(_Config):
     max_batch_events: int = Field(
         10_000, gt=0, description="Largest batch accepted by one POST /events call."
     )
+    retention_max_age_s: float | None = Field(
+        None,
+        gt=0,
+        description="Retention by event time: behaviour records (events, impressions) of a "
+        "sealed segment whose newest event is older than this are removed, once every kept "
+        "checkpoint is past the segment. Catalogue records and tombstones are kept. None: "
+        "kept forever.",
+    )
+    retention_max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Retention by size: while the log is larger than this, the behaviour "
+        "records of its oldest sealed segments are removed (same rules as by age). None: no "
+        "bound.",
+    )
 
 
 class ProfileConfig(_Config):
