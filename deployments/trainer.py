@@ -111,6 +111,23 @@ class Trainer:
         self.checkpoint_lock = asyncio.Lock()
         self.last: dict | None = None
         self.last_checkpoint: dict | None = None
+        self.last_expiry: dict | None = None
+        self.cleaned = clean_after_crash(self.config)
+        if self.cleaned:
+            log_.warning("removed what an interrupted run left: %s", self.cleaned)
+        # The schedules belong to the actor, not to whoever created it: a restarted trainer
+        # (its process killed, its node lost) resumes them. Ray runs an async actor's __init__
+        # on its event loop; a test that builds the class by hand has none and drives it.
+        self.schedules: list[asyncio.Task] = []
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        t, c = self.config.train, self.config.checkpoint
+        if t.every_s:
+            self.schedules.append(loop.create_task(self.run_every(t.every_s)))
+        if c.every_s:
+            self.schedules.append(loop.create_task(self.run_checkpoints(c.every_s, c.min_records)))
 
     async def checkpoint(
         self, upto: int | None = None, min_records: int = 0, version: str | None = None
@@ -141,6 +158,7 @@ class Trainer:
                     )
                 await asyncio.to_thread(_apply_low, state, records)
             path = await asyncio.to_thread(_save_low, state, config)
+            await self._expire(log)
             self.last_checkpoint = {
                 "checkpoint": path.name,
                 "offset": state.offset,
@@ -149,6 +167,21 @@ class Trainer:
             }
             log_.info("checkpoint %s", self.last_checkpoint)
             return self.last_checkpoint
+
+    async def _expire(self, log) -> None:
+        """The log's retention policy, applied after each checkpoint below the oldest kept
+        (what no state will start before again); a failure is logged, the next one retries."""
+        e = self.config.eventlog
+        protect = checkpoint.oldest_offset(self.config.checkpoint_dir)
+        if protect is None or (e.retention_max_age_s is None and e.retention_max_bytes is None):
+            return
+        try:
+            self.last_expiry = await log.expire.remote(protect)
+        except Exception:
+            log_.exception("applying the log's retention policy failed")
+            return
+        if self.last_expiry["expired_records"]:
+            log_.info("retention: %s", self.last_expiry)
 
     async def run_checkpoints(self, interval_s: float, min_records: int) -> None:
         while True:
@@ -214,6 +247,27 @@ class Trainer:
             return head
         meta = json.loads((model_dir / version / "meta.json").read_text())
         return head - int(meta["log_offset"])
+
+
+def clean_after_crash(config: RecConfig) -> list[str]:
+    """What a retrain killed midway leaves, removed when the trainer (re)starts, when no run is
+    under way: log snapshots, half-written version directories, and Ray Train run directories
+    of versions never saved. A version saved but not published stays (a complete model someone
+    may publish by hand; `collect_versions` bounds them). Returns what went."""
+    gone = []
+    snapshots = Path(config.data_dir) / "snapshots"
+    for path in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
+        path.unlink(missing_ok=True)
+        gone.append(f"snapshots/{path.name}")
+    model_dir, runs = Path(config.model_dir), Path(config.data_dir) / "ray_train"
+    for path in sorted(model_dir.glob(".*.tmp")) if model_dir.is_dir() else []:
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(f"models/{path.name}")
+    for path in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if path.is_dir() and not (model_dir / path.name / "meta.json").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(f"ray_train/{path.name}")
+    return gone
 
 
 def _apply_low(state, records: list[dict]) -> None:

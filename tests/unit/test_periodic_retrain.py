@@ -76,3 +76,48 @@ def test_periodic_retrain_waits_for_new_records_and_survives_failures(tmp_path, 
         task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_started_trainer_runs_its_own_schedules(tmp_path):
+    """The actor starts its schedules itself, so a restarted trainer resumes them."""
+    config = small_config(tmp_path)
+    config.train.every_s, config.checkpoint.every_s = 3600.0, 60.0
+    cls = Trainer.__ray_actor_class__
+
+    async def scenario() -> list[str]:
+        trainer = cls(config.model_dump(mode="json"))
+        names = sorted(t.get_coro().__name__ for t in trainer.schedules)
+        for t in trainer.schedules:
+            t.cancel()
+        return names
+
+    assert asyncio.run(scenario()) == ["run_checkpoints", "run_every"]
+    config.train.every_s = config.checkpoint.every_s = None
+    assert asyncio.run(_schedules(cls, config)) == []
+
+
+async def _schedules(cls, config) -> list:
+    return cls(config.model_dump(mode="json")).schedules
+
+
+def test_a_restarted_trainer_removes_what_a_killed_run_left(tmp_path):
+    config = small_config(tmp_path)
+    snapshots, runs = tmp_path / "snapshots", tmp_path / "ray_train"
+    for path in (snapshots, runs / "v2", runs / "v1", config.model_dir / ".v2.tmp"):
+        path.mkdir(parents=True)
+    (snapshots / "00000000000000000120.parquet").write_bytes(b"x")
+    (snapshots / "00000000000000000130.parquet.tmp").write_bytes(b"x")
+    (config.model_dir / "v1").mkdir()
+    (config.model_dir / "v1" / "meta.json").write_text("{}")
+    publish(config.model_dir, "v1")
+
+    trainer = Trainer.__ray_actor_class__(config.model_dump(mode="json"))
+
+    assert sorted(trainer.cleaned) == [
+        "models/.v2.tmp",
+        "ray_train/v2",
+        "snapshots/00000000000000000120.parquet",
+        "snapshots/00000000000000000130.parquet.tmp",
+    ]
+    assert list(snapshots.iterdir()) == [] and [p.name for p in runs.iterdir()] == ["v1"]
+    assert (config.model_dir / "v1" / "meta.json").exists()  # the served version is untouched
