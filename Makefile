@@ -7,7 +7,7 @@ export HNSWLIB_NO_NATIVE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: run test fuzz lint loadtest bench-hnsw bench-gpu bench-scale clean
+.PHONY: run test fuzz lint loadtest chaos soak bench-hnsw bench-gpu bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,12 @@ lint: $(STAMP)
 
 loadtest: $(STAMP)  ## start a local stack, run bounded scenarios on 127.0.0.1 (<= 15 min), stop it; loadtest/results/
 	$(BIN)/python -m loadtest.run $(if $(DATA),--data $(DATA) --format $(or $(FORMAT),csv)) $(if $(CONFIG),--config $(CONFIG)) $(LOADTEST_ARGS)
+
+chaos: $(STAMP)  ## one fault at a time under mixed load (replica, log, shard, trainer, proxy killed), fused and split; loadtest/results/chaos.md (CHAOS_ARGS="--only fused/log")
+	$(BIN)/python -m loadtest.chaos $(CHAOS_ARGS)
+
+soak: $(STAMP)  ## 20 minutes of mixed load with periodic retrains: errors, lost events, every process's RSS slope; loadtest/results/soak.md (SOAK_ARGS="--minutes 5")
+	$(BIN)/python -m loadtest.soak $(SOAK_ARGS)
 
 bench-hnsw: $(STAMP)  ## 1M x 64 HNSW over 2 shard actors: build, memory, latency, recall@100, churn (ITEMS=20000 for a smoke run)
 	$(BIN)/python -m loadtest.hnsw_shards $(if $(ITEMS),--items $(ITEMS))

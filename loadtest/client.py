@@ -31,6 +31,10 @@ import aiohttp
 
 JSON = {"Content-Type": "application/json"}
 FRESH_RETRY_S = 2.0  # how long a freshness probe re-reads before giving up
+# A refused connection is resent to the next replica; once every one refused, the round starts
+# again after a pause, at most this many rounds (HAProxy's `retries` with `option redispatch`).
+REDISPATCH_ROUNDS = 3
+REDISPATCH_WAIT_S = 0.1
 
 
 @dataclass
@@ -122,22 +126,18 @@ class Client:
     """One aiohttp session against the stack (127.0.0.1 only). Given several base URLs (the
     direct-ingress replicas of one app), each request goes to the one with the fewest requests
     in flight, first in turn among equals (HAProxy's `balance leastconn`, the usual choice in
-    front of Serve's direct ingress): a replica slowed by an expensive request gets less."""
+    front of Serve's direct ingress): a replica slowed by an expensive request gets less.
+    Like such a balancer, a request whose connection is refused (nothing was sent, so even a
+    POST is safe to resend) goes to the next replica, and `set_bases` follows replicas that
+    restarted on new ports."""
 
     def __init__(self, base: str | list[str], api_key: str = "") -> None:
-        bases = [base] if isinstance(base, str) else list(base)
-        if not bases:
-            raise ValueError("no base URL")
-        for b in bases:
-            if not b.startswith(("http://127.", "http://localhost", "http://[::1]")):
-                raise ValueError(
-                    "load tests only target this machine (127.0.0.0/8, localhost, ::1)"
-                )
-        self.bases = [b.rstrip("/") for b in bases]
+        self.bases = _local([base] if isinstance(base, str) else list(base))
         self._in_flight = dict.fromkeys(self.bases, 0)
         self._turn = 0
         self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
+        self.failovers = 0  # requests resent to another replica after a refused connection
 
     async def __aenter__(self) -> Client:
         self.session = aiohttp.ClientSession(
@@ -162,27 +162,47 @@ class Client:
         """(status, body, seconds); status -1 for a transport failure (body = the error)."""
         t = time.perf_counter()
         extra = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
-        base = self._pick()
-        self._in_flight[base] += 1
-        try:
-            async with self.session.request(
-                method, base + path, data=body, headers=headers, **extra
-            ) as r:
-                data = await r.read()
-                status = r.status
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            status, data = -1, repr(exc).encode()
-        finally:
-            self._in_flight[base] -= 1
-        return status, data, time.perf_counter() - t
+        tried: set[str] = set()
+        rounds = 0
+        while True:
+            if len(tried) >= len(self.bases):  # every replica refused: a new round shortly
+                tried.clear()
+                await asyncio.sleep(REDISPATCH_WAIT_S)
+            base = self._pick(tried)
+            tried.add(base)
+            self._in_flight[base] = self._in_flight.get(base, 0) + 1
+            try:
+                async with self.session.request(
+                    method, base + path, data=body, headers=headers, **extra
+                ) as r:
+                    data = await r.read()
+                    status = r.status
+            except aiohttp.ClientConnectorError as exc:  # refused: nothing was sent
+                status, data = -1, repr(exc).encode()
+                rounds += len(tried) >= len(self.bases)
+                if rounds < REDISPATCH_ROUNDS:
+                    self.failovers += 1
+                    continue
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                status, data = -1, repr(exc).encode()
+            finally:
+                self._in_flight[base] -= 1
+            return status, data, time.perf_counter() - t
 
-    def _pick(self) -> str:
+    def set_bases(self, bases: list[str]) -> None:
+        """Balance over these URLs from now on (requests in flight finish where they are)."""
+        if bases:
+            self.bases = _local(bases)
+            for b in self.bases:
+                self._in_flight.setdefault(b, 0)
+
+    def _pick(self, tried: set[str] = frozenset()) -> str:
         n = len(self.bases)
         if n == 1:
             return self.bases[0]
         self._turn = (self._turn + 1) % n
-        order = self.bases[self._turn :] + self.bases[: self._turn]
-        return min(order, key=self._in_flight.__getitem__)
+        order = [b for b in self.bases[self._turn :] + self.bases[: self._turn] if b not in tried]
+        return min(order or self.bases, key=self._in_flight.__getitem__)
 
     async def timed(
         self,
@@ -229,6 +249,15 @@ class Client:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{path} not ready: {status} {data[:200]!r}")
                 await asyncio.sleep(0.5)
+
+
+def _local(bases: list[str]) -> list[str]:
+    if not bases:
+        raise ValueError("no base URL")
+    for b in bases:
+        if not b.startswith(("http://127.", "http://localhost", "http://[::1]")):
+            raise ValueError("load tests only target this machine (127.0.0.0/8, localhost, ::1)")
+    return [b.rstrip("/") for b in bases]
 
 
 def _accepted(data: bytes) -> int:

@@ -83,8 +83,8 @@ def free_port() -> int:
 
 
 class Stack:
-    """`rec serve --floor` in a child process (its own session), stopped with SIGTERM, then
-    SIGKILL for anything of its process tree still alive."""
+    """`rec serve` (with `--floor` unless told not to) in a child process (its own session),
+    stopped with SIGTERM, then SIGKILL for anything of its process tree still alive."""
 
     def __init__(
         self,
@@ -95,6 +95,7 @@ class Stack:
         config: str | None,
         replicas: int,
         log_path: Path,
+        floor: bool = True,
     ) -> None:
         self.port, self.data_dir, self.log_path = port, data_dir, log_path
         self.cmd = [
@@ -102,7 +103,7 @@ class Stack:
             "-m",
             "deployments.cli",
             "serve",
-            "--floor",
+            *(["--floor"] if floor else []),
             "--replicas",
             str(replicas),
             "--host",

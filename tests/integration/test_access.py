@@ -158,3 +158,35 @@ def test_fuzzed_requests_get_no_5xx_and_match_the_schema(stack):
     print(f"\n[fuzz] {sum(sent.values())} requests over {len(sent)} operations: {statuses}")
     assert len(sent) == len(operations)
     assert not any(code >= 500 for code in statuses)
+
+
+def test_stateful_sequences_follow_the_links_with_no_5xx(stack):
+    """schemathesis's stateful mode along the OpenAPI links: add an item, read it, act on it,
+    ask for that user's recommendations, delete the item or forget the user, in sequences of
+    up to 6 calls; every answer as the document declares, never a 5xx."""
+    base = str(stack["client"].base_url)
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    seen: dict[str, int] = {}
+
+    class Sequences(schema.as_state_machine()):
+        def get_call_kwargs(self, case):
+            return {"base_url": base, "headers": ADMIN}
+
+        def validate_response(self, response, case, additional_checks=None, **kwargs):
+            label = f"{case.method.upper()} {case.operation.path} {response.status_code}"
+            seen[label] = seen.get(label, 0) + 1
+            case.validate_response(response, checks=FUZZ_CHECKS)
+
+    Sequences.run(
+        settings=settings(
+            max_examples=max(FUZZ_EXAMPLES // 3, 3),
+            stateful_step_count=6,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+    )
+    print(f"\n[stateful] {sum(seen.values())} calls: {dict(sorted(seen.items()))}")
+    assert not any(label.endswith(tuple(f" 5{d:02d}" for d in range(100))) for label in seen)
+    # the links were followed: an added item was read and acted on by its id
+    assert seen.get("GET /items/{item_id} 200", 0) + seen.get("POST /events 200", 0) > 0

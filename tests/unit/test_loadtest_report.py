@@ -139,3 +139,39 @@ def test_open_loop_fires_at_the_rate_whatever_the_answers_do() -> None:
     assert started == 20 and len(fired) == 20 and sorted(done) == sorted(fired)
     gaps = np.diff(fired)
     assert gaps == pytest.approx([0.005] * 19)
+
+
+def test_client_resends_a_refused_request_to_another_replica() -> None:
+    """A replica whose port refuses (killed, restarting elsewhere): the request goes to the
+    next one, as a load balancer with redispatch does; all refusing is a failure (-1)."""
+    import asyncio
+    import socket
+
+    from aiohttp import web
+
+    def closed_port() -> str:
+        with socket.socket() as s:  # bound then closed: nothing listens there
+            s.bind(("127.0.0.1", 0))
+            return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    async def scenario() -> tuple:
+        app = web.Application()
+        app.router.add_get("/x", lambda _r: web.json_response({"ok": True}))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        live = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with Client([closed_port(), live]) as client:
+                answers = [(await client.call("GET", "/x"))[0] for _ in range(4)]
+                sent_elsewhere = client.failovers
+            async with Client([closed_port(), closed_port()]) as client:
+                dead = (await client.call("GET", "/x"))[0]
+        finally:
+            await runner.cleanup()
+        return answers, sent_elsewhere, dead
+
+    answers, sent_elsewhere, dead = asyncio.run(scenario())
+    assert answers == [200] * 4 and sent_elsewhere >= 1
+    assert dead == -1

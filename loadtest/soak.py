@@ -1,0 +1,263 @@
+"""`make soak`: the `mixed` load at 8 clients for 20 minutes (--minutes) against a local fused
+stack that retrains and checkpoints on its own schedule meanwhile (train.every_s 600 unless
+--retrain-every says otherwise), sampling every process's resident memory every 10 s.
+
+Reported (loadtest/results/soak.json and soak.md): requests and errors, latency, and per
+process of the stack its RSS after the warm-up (the first 3 minutes) and at the end with the
+least-squares slope in MB per 10 minutes; a process counts as flat when its fitted growth
+over the measured window is at most max(10 MB, 3% of its mean). Every event the load posted
+and got a 200 for is looked up in the log at the end (lost: 0 expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from loadtest.chaos import (
+    Load,
+    attach,
+    follow_targets,
+    read_request_ids,
+    summarize,
+    wait_targets,
+)
+from loadtest.client import Client
+from loadtest.run import (
+    RESULTS,
+    ROOT,
+    Stack,
+    client_key,
+    free_port,
+    load_population,
+    machine,
+    uvloop_run,
+)
+
+SAMPLE_S = 10.0
+WARMUP_S = 180.0
+FLAT_MB = 10.0
+FLAT_SHARE = 0.03
+
+
+def label(p: psutil.Process) -> str:
+    """What a process of the stack is: Ray's process title for workers and actors
+    (ray::ServeReplica:rec:Aggregator, ray::EventLogService ...), else the program's name."""
+    with contextlib.suppress(psutil.Error):
+        cmd = p.cmdline()
+        if cmd and cmd[0].startswith("ray::"):
+            return cmd[0].split()[0]
+        if cmd:
+            prog = Path(cmd[0]).name
+            if prog.startswith("python") and len(cmd) > 2:
+                return " ".join(Path(c).name for c in cmd[1:3])
+            return prog
+    return "?"
+
+
+def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list[dict]:
+    """Per process: RSS after the warm-up and at the end, and the least-squares slope (MB per
+    10 minutes) of the samples after it (pure)."""
+    rows = []
+    for name, points in sorted(samples.items()):
+        after = [(t, mb) for t, mb in points if t >= t_warm]
+        if len(after) < 3:
+            continue
+        t, mb = np.array(after).T
+        slope = float(np.polyfit(t, mb, 1)[0]) * 600.0
+        growth = slope * (t[-1] - t[0]) / 600.0
+        rows.append(
+            {
+                "process": name,
+                "rss_mb_after_warmup": round(float(mb[0]), 1),
+                "rss_mb_end": round(float(mb[-1]), 1),
+                "rss_mb_max": round(float(mb.max()), 1),
+                "slope_mb_per_10min": round(slope, 2),
+                "fitted_growth_mb": round(growth, 1),
+                "flat": growth <= max(FLAT_MB, FLAT_SHARE * float(mb.mean())),
+            }
+        )
+    return rows
+
+
+async def soak(args, results: dict) -> None:
+    from deployments.cli import TARGETS_FILE
+    from rec.config import RecConfig
+
+    work = ROOT / "var" / "soak"
+    config = RecConfig()
+    config.train.every_s = args.retrain_every
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.yaml").write_text(json.dumps(config.model_dump(mode="json")))
+    stack = Stack(
+        free_port(),
+        work / "data",
+        args.data,
+        args.format,
+        str(work / "config.yaml"),
+        2,
+        work / "server.log",
+        floor=False,
+    )
+    pop = load_population(args.data, args.format, 0)
+    print(f"starting the stack (log: {stack.log_path}) ...", flush=True)
+    stack.start()
+    stop = asyncio.Event()
+    try:
+        async with Client(stack.url, args.api_key) as proxy:
+            ready = time.monotonic() + 600
+            while (await proxy.call("GET", "/readyz"))[0] != 200:
+                if not stack.alive() or time.monotonic() > ready:
+                    raise RuntimeError(f"the stack did not start; see {stack.log_path}")
+                await asyncio.sleep(1.0)
+            targets = stack.data_dir / TARGETS_FILE
+            urls = await wait_targets(targets)
+            attach()
+            from deployments.eventlog import get_log
+
+            import ray
+
+            start_offset = ray.get(get_log().next_offset.remote())
+            async with Client(urls, args.api_key) as direct:
+                follower = asyncio.create_task(follow_targets(direct, targets, stop))
+                load = Load(direct, pop, f"soak-{results['run_id']}")
+                samples: dict[str, list[tuple[float, float]]] = {}
+                served: list[tuple[float, str | None]] = []
+                end = args.minutes * 60.0
+                done = asyncio.get_running_loop().create_future()
+
+                async def sample() -> None:
+                    while load.now() < end:
+                        seen: dict[str, int] = {}
+                        for p in stack.tree():
+                            with contextlib.suppress(psutil.Error):
+                                name = label(p)
+                                seen[name] = seen.get(name, 0) + 1
+                                key = name if seen[name] == 1 else f"{name} #{seen[name]}"
+                                rss = p.memory_info().rss / 2**20
+                                samples.setdefault(key, []).append((load.now(), rss))
+                        status, data, _ = await proxy.call("GET", "/models")
+                        version = json.loads(data).get("serving") if status == 200 else None
+                        if not served or served[-1][1] != version:
+                            served.append((round(load.now(), 1), version))
+                        print(
+                            f"  {load.now():6.0f} s  {len(load.answers)} requests, "
+                            f"{sum(a.status != 200 for a in load.answers)} errors, "
+                            f"serving {version}",
+                            flush=True,
+                        )
+                        await asyncio.sleep(SAMPLE_S)
+                    done.set_result(None)
+
+                sampler = asyncio.create_task(sample())
+                await load.run(done)
+                await sampler
+                stop.set()
+                await follower
+            logged = await asyncio.to_thread(read_request_ids, start_offset, load.tag)
+            figures = summarize(load.answers, t_fault=end, acked=load.acked, logged=logged)
+            results.update(
+                minutes=args.minutes,
+                requests=figures["requests"],
+                errors=figures["failed"],
+                by_kind=figures["by_kind"],
+                error_examples=figures["failure_examples"],
+                events_acked=figures["events_acked"],
+                events_lost=figures["events_lost"],
+                models_served=served,
+                memory=slopes(samples, WARMUP_S),
+                samples={k: [(round(t), round(mb, 1)) for t, mb in v] for k, v in samples.items()},
+            )
+    finally:
+        stop.set()
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        results["stack"] = stack.stop()
+
+
+def to_markdown(results: dict) -> str:
+    out = [
+        "# make soak",
+        "",
+        f"{results['started']} on {results['machine']}: mixed load (90% GET /recommend, 10% "
+        f"POST /events) at 8 clients for {results.get('minutes')} minutes, retrain every "
+        f"{results.get('retrain_every_s')} s and checkpoints on their default schedule; "
+        f"RSS sampled every {SAMPLE_S:.0f} s, slopes after a {WARMUP_S / 60:.0f}-minute warm-up.",
+        "",
+    ]
+    if "requests" not in results:
+        return "\n".join([*out, f"No figures: {results.get('error')}", ""])
+    rk = results["by_kind"]
+    out += [
+        f"Requests {results['requests']}, errors {results['errors']}; recommend p50 "
+        f"{rk['recommend']['p50_ms']} / p99 {rk['recommend']['p99_ms']} ms, events p99 "
+        f"{rk['events']['p99_ms']} ms; events acknowledged {results['events_acked']}, lost "
+        f"{results['events_lost']}. Models served: "
+        + ", ".join(f"{v} from {t} s" for t, v in results["models_served"]),
+        "",
+        "| process | RSS MB after warm-up | at the end | max | slope MB/10 min | flat |",
+        "|---|---|---|---|---|---|",
+    ]
+    out += [
+        f"| {m['process']} | {m['rss_mb_after_warmup']} | {m['rss_mb_end']} | "
+        f"{m['rss_mb_max']} | {m['slope_mb_per_10min']} | {'yes' if m['flat'] else 'no'} |"
+        for m in results["memory"]
+    ]
+    if results.get("error_examples"):
+        out += ["", "Errors: " + "; ".join(results["error_examples"])]
+    out += ["", f"Reproduce: `make soak` ({results.get('total_s')} s)."]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--retrain-every", type=float, default=600.0, help="train.every_s (s)")
+    p.add_argument("--data", help="data set to load (default: the generated demo data)")
+    p.add_argument("--format", default="csv", choices=["csv", "movielens", "lightgcn"])
+    args = p.parse_args(argv)
+    args.attach = args.targets = args.api_key = None
+    args.api_key = client_key(args)
+    results = {
+        "machine": machine(),
+        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "run_id": f"{int(time.time())}",
+        "retrain_every_s": args.retrain_every,
+        "pid": os.getpid(),
+    }
+    t0 = time.monotonic()
+    rc = 0
+    try:
+        uvloop_run(soak(args, results))
+    except Exception as exc:
+        rc = 1
+        results["error"] = f"{type(exc).__name__}: {exc}"
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        results["total_s"] = round(time.monotonic() - t0, 1)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "soak.json").write_text(json.dumps(results, indent=2))
+        (RESULTS / "soak.md").write_text(to_markdown(results))
+    print((RESULTS / "soak.md").read_text())
+    ok = results.get("errors") == 0 and all(m["flat"] for m in results.get("memory", []))
+    return rc or (0 if ok else 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

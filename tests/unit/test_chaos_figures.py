@@ -1,0 +1,46 @@
+"""The figures `make chaos` and `make soak` report, from made-up request records: what counts
+as a failure outside the fault's first second, recovery, lost and doubled events, and a
+memory slope."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.chaos import Answer, summarize, timeline
+from loadtest.soak import slopes
+
+
+def test_failures_in_the_first_second_are_the_faults_own():
+    ok = [Answer(t / 10, t / 10 + 0.05, "recommend", 200) for t in range(200)]
+    failed = [
+        Answer(10.2, 10.3, "recommend", -1, "refused"),  # in the fault's first second
+        Answer(10.9, 12.5, "events", 500, "log restarting"),  # started inside it
+        Answer(13.0, 13.4, "recommend", 503, "late"),  # after it: counted
+    ]
+    out = summarize(ok + failed, t_fault=10.0, acked={"a", "b", "c"}, logged=["a", "b", "b"])
+    assert out["requests"] == 203 and out["failed"] == 3
+    assert out["failed_outside_first_s"] == 1
+    assert out["failed_share"] == pytest.approx(1 / 203, abs=1e-5)
+    assert out["recovery_s"] == pytest.approx(3.4)  # fault -> end of the last failure
+    assert out["events_lost"] == 1 and out["events_logged_twice"] == 1
+    assert out["by_kind"]["events"]["failed"] == 1
+    assert not out["targets_met"]  # 0.49% failed and an event lost
+
+
+def test_a_clean_fault_meets_the_targets_and_the_timeline_counts_per_second():
+    answers = [Answer(t / 10, t / 10 + 0.05, "recommend", 200) for t in range(100)]
+    answers.append(Answer(5.1, 5.2, "events", -1))
+    out = summarize(answers, t_fault=5.0, acked={"a"}, logged=["a"])
+    assert out["targets_met"] and out["recovery_s"] == pytest.approx(0.2)
+    seconds = {row["t_s"]: row for row in timeline(answers, 5.0)}
+    assert seconds[0.0] == {"t_s": 0.0, "requests": 11, "failed": 1}
+    assert sum(row["requests"] for row in seconds.values()) == 101
+
+
+def test_memory_slope_after_the_warm_up():
+    flat = [(t, 500.0 + (t % 20) * 0.1) for t in range(0, 1200, 10)]
+    growing = [(t, 300.0 + t * 0.05) for t in range(0, 1200, 10)]  # 30 MB per 10 minutes
+    rows = {r["process"]: r for r in slopes({"a": flat, "b": growing}, t_warm=180)}
+    assert rows["a"]["flat"] and abs(rows["a"]["slope_mb_per_10min"]) < 1
+    assert not rows["b"]["flat"] and rows["b"]["slope_mb_per_10min"] == pytest.approx(30, rel=1e-3)
+    assert rows["b"]["rss_mb_after_warmup"] == pytest.approx(309.0)
