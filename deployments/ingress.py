@@ -29,6 +29,7 @@ from rec.events import (
     item_record,
     user_delete_record,
 )
+from rec.filters import Filters
 from rec.finalize import finalize
 from rec.model import current_version
 
@@ -141,6 +142,15 @@ class RecommendIn(BaseModel):
         None, description="Request context (e.g. hour, device) passed to the ranker."
     )
     request_id: str | None = Field(None, max_length=ID_MAX, description="Caller's request id.")
+    categories: list[str] | None = Field(
+        None, max_length=100, description="Only items of these categories (422 names unknown ones)."
+    )
+    exclude_categories: list[str] = Field(
+        default_factory=list, max_length=100, description="No items of these categories."
+    )
+    include_seen: bool = Field(
+        False, description="Items the user already acted on may come back (default: never)."
+    )
 
 
 RECOMMEND_QUERY = [
@@ -165,6 +175,27 @@ RECOMMEND_QUERY = [
         "description": "Comma-separated item ids to leave out.",
         "schema": {"type": "string"},
     },
+    {
+        "name": "categories",
+        "in": "query",
+        "required": False,
+        "description": "Comma-separated categories: only items of these.",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "exclude_categories",
+        "in": "query",
+        "required": False,
+        "description": "Comma-separated categories: no items of these.",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "include_seen",
+        "in": "query",
+        "required": False,
+        "description": "true: items the user already acted on may come back.",
+        "schema": {"type": "boolean"},
+    },
 ]
 
 
@@ -188,6 +219,10 @@ class InvalidInput(HTTPException):
         else:
             detail = [{"field": field, "error": exc}]
         super().__init__(422, detail)
+
+
+def _csv(query, name: str) -> list[str]:
+    return [x for x in query.get(name, "").split(",") if x]
 
 
 def _parse(model: type[BaseModel], body: object) -> BaseModel:
@@ -262,8 +297,17 @@ class Aggregator:
         k = req.k or self.config.aggregate.default_k
         if k > self.config.aggregate.max_k:
             raise InvalidInput(f"at most {self.config.aggregate.max_k}", "k")
+        filters = Filters(
+            None if req.categories is None else frozenset(req.categories),
+            frozenset(req.exclude_categories),
+            req.include_seen,
+        )
+        if filters.narrows:
+            unknown = await self.stages.unknown_categories(filters.named())
+            if unknown:
+                raise InvalidInput(f"unknown categories {unknown[:10]}", "categories")
         view = await self.stages.view(req.user_id)
-        recalled = await self.stages.recall(view, req.context)
+        recalled = await self.stages.recall(view, req.context, filters)
         scores = await self.stages.rank(recalled)
         out = finalize(
             self.config.aggregate,
@@ -274,6 +318,7 @@ class Aggregator:
             frozenset(req.exclude),
             recalled.version,
             req.request_id or uuid.uuid4().hex,
+            filters,
         )
         if self.config.serving.log_impressions and req.user_id != READYZ_USER:
             self._log_impression(
@@ -429,8 +474,13 @@ class Aggregator:
     async def http_get_recommend(self, request: Request) -> JSONResponse:
         self._allow(request, "read")
         q = request.query_params
-        ex = [x for x in q.get("exclude", "").split(",") if x]
-        body = {"user_id": q.get("user_id"), "k": q.get("k"), "exclude": ex}
+        body = {"user_id": q.get("user_id"), "k": q.get("k"), "exclude": _csv(q, "exclude")}
+        if "categories" in q:
+            body["categories"] = _csv(q, "categories")
+        if "exclude_categories" in q:
+            body["exclude_categories"] = _csv(q, "exclude_categories")
+        if "include_seen" in q:
+            body["include_seen"] = q["include_seen"]
         return JSONResponse(await self.recommend(body))
 
     @api.post(

@@ -25,6 +25,7 @@ from deployments.runtime import Startup, pin_threads
 from deployments.shards import RemoteIndex, shard_actors
 from rec.config import RecConfig
 from rec.features import RankInputs, rank_probabilities
+from rec.filters import NO_FILTERS, Filters
 from rec.live import Live
 from rec.model import current_version
 from rec.pipeline import Recalled, Recommender
@@ -49,7 +50,7 @@ def make_live(config: RecConfig, log, part: str = "all") -> Live:
 
 
 async def recall_with_index(
-    rec: Recommender, view: ProfileView, context: dict | None, rank: bool
+    rec: Recommender, view: ProfileView, context: dict | None, rank: bool, filters: Filters
 ) -> Recalled:
     """Recall (and rank=True: rank) with one version's `rec`; the embedding search goes to the
     shard actors when the index lives there."""
@@ -58,9 +59,9 @@ async def recall_with_index(
         vec = rec.recaller.user_vector(view)
         if vec is not None:
             n = rec.config.recall.per_source
-            ann = await index.asearch(vec, n, rec.recaller.ann_filter(view))
-            return rec.recalled(view, context, ann=ann, rank=rank)
-    return rec.recalled(view, context, rank=rank)
+            ann = await index.asearch(vec, n, rec.recaller.ann_filter(view, filters))
+            return rec.recalled(view, context, ann=ann, rank=rank, filters=filters)
+    return rec.recalled(view, context, rank=rank, filters=filters)
 
 
 def model_info(rec: Recommender, reloads: int) -> dict:
@@ -87,8 +88,8 @@ class LocalStages:
         await self.live.sync(user=user_id)
         return self.live.rec.view(user_id)
 
-    async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
-        return await recall_with_index(self.live.rec, view, context, rank=True)
+    async def recall(self, view: ProfileView, context: dict | None, filters: Filters) -> Recalled:
+        return await recall_with_index(self.live.rec, view, context, True, filters)
 
     async def rank(self, recalled: Recalled) -> np.ndarray:
         return recalled.scores
@@ -104,6 +105,10 @@ class LocalStages:
     async def unknown_items(self, item_ids: list[str]) -> list[str]:
         await self.live.sync()
         return sorted(set(item_ids) - set(self.live.rec.catalog.index))
+
+    async def unknown_categories(self, names: set[str]) -> list[str]:
+        await self.live.sync()
+        return sorted(names - self.live.rec.catalog.category_names())
 
     async def model_info(self) -> dict:
         return model_info(self.live.rec, self.live.reloads)
@@ -123,8 +128,8 @@ class RemoteStages:
     async def view(self, user_id: str) -> ProfileView:
         return await self.profile.view.remote(user_id)
 
-    async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
-        return await self.recall_h.recall.remote(view, context)
+    async def recall(self, view: ProfileView, context: dict | None, filters: Filters) -> Recalled:
+        return await self.recall_h.recall.remote(view, context, filters)
 
     async def rank(self, recalled: Recalled) -> np.ndarray:
         if recalled.scores is not None:  # a recall order is served: no ranker hop
@@ -139,6 +144,9 @@ class RemoteStages:
 
     async def unknown_items(self, item_ids: list[str]) -> list[str]:
         return await self.recall_h.unknown_items.remote(item_ids)
+
+    async def unknown_categories(self, names: set[str]) -> list[str]:
+        return await self.recall_h.unknown_categories.remote(names)
 
     async def model_info(self) -> dict:
         return await self.recall_h.model_info.remote()
@@ -190,11 +198,13 @@ class RecallStage(_Following):
 
     part = "recall"
 
-    async def recall(self, view: ProfileView, context: dict | None) -> Recalled:
+    async def recall(
+        self, view: ProfileView, context: dict | None, filters: Filters = NO_FILTERS
+    ) -> Recalled:
         await self._started.wait()
         # the user's own records (item-CF's partners) and catalogue changes, never stale
         await self.live.sync(user=view.user_id)
-        return await recall_with_index(self.live.rec, view, context, rank=False)
+        return await recall_with_index(self.live.rec, view, context, False, filters)
 
     async def similar(self, item_id: str, k: int) -> dict | None:
         await self._started.wait()
@@ -210,6 +220,11 @@ class RecallStage(_Following):
         await self._started.wait()
         await self.live.sync()
         return sorted(set(item_ids) - set(self.live.rec.catalog.index))
+
+    async def unknown_categories(self, names: set[str]) -> list[str]:
+        await self._started.wait()
+        await self.live.sync()
+        return sorted(names - self.live.rec.catalog.category_names())
 
     async def model_info(self) -> dict:
         if not self._started.done():  # /readyz answers "loading" now, not after the replay

@@ -56,6 +56,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from rec.filters import NO_FILTERS
+
 for _key, _value in (
     ("RAY_USAGE_STATS_ENABLED", "0"),
     ("RAY_AUTH_MODE", "disabled"),
@@ -295,10 +297,10 @@ class _RecallStub:
     def user_vector(self, view) -> np.ndarray:
         return view.vec
 
-    def ann_filter(self, view) -> np.ndarray:
+    def ann_filter(self, view, filters=None) -> np.ndarray:
         return view.filter_ids
 
-    def recalled(self, view, context=None, ann=None, rank=False):
+    def recalled(self, view, context=None, ann=None, rank=False, filters=None):
         return ann
 
 
@@ -464,7 +466,7 @@ async def run(a: argparse.Namespace) -> dict:
             if recall_with_index is None:
                 return (await index.asearch(q, a.k, f))[0]
             view = SimpleNamespace(vec=q, filter_ids=f)
-            return (await recall_with_index(stub, view, None, rank=False))[0]
+            return (await recall_with_index(stub, view, None, False, NO_FILTERS))[0]
 
         async def timed_pass(order: list[int], concurrency: int) -> tuple[list, list, float]:
             lat, found = [0.0] * len(order), [None] * len(order)

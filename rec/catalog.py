@@ -52,6 +52,7 @@ class Catalog:
     _first_ts: np.ndarray = field(
         default_factory=lambda: np.zeros(0, np.float64), repr=False, compare=False
     )
+    _category_names: frozenset[str] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_ids(cls, ids: list[str]) -> Catalog:
@@ -140,6 +141,13 @@ class Catalog:
         names = self._names
         return [None if c == NO_CODE else names[c] for c in self.category_codes(idx).tolist()]
 
+    def category_names(self) -> frozenset[str]:
+        """The categories items of this catalogue carry (deleted ones included)."""
+        if self._category_names is None:
+            used = np.unique(self._category[self._category != NO_CODE]).tolist()
+            self._category_names = frozenset(self._names[c] for c in used)
+        return self._category_names
+
     def code(self, name: str | None) -> int:
         """The code of a category or tag name (NO_CODE for None or a name no item carries)."""
         return NO_CODE if name is None else self._codes.get(name, NO_CODE)
@@ -180,6 +188,7 @@ class Catalog:
     def _store(self, idx: int) -> None:
         """Copy item idx's metadata into the per-index arrays (growing them for a new index)."""
         meta = self.meta[self.ids[idx]]
+        self._category_names = None
         self._category = grown(self._category, idx + 1, NO_CODE)
         self._first_ts = grown(self._first_ts, idx + 1, np.nan)
         self._tags = grown(self._tags, idx + 1, NO_CODE)

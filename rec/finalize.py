@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 
 from rec.config import AggregateConfig
+from rec.filters import NO_FILTERS, Filters
 from rec.profile import ProfileView
 from rec.recall.registry import MODELS
 from rec.recall.stage import CandidateSet
@@ -24,22 +25,27 @@ def finalize(
     exclude: frozenset[str] = frozenset(),
     version: str | None = None,
     request_id: str | None = None,
+    filters: Filters = NO_FILTERS,
 ) -> dict:
     """The answer: at most k items, best first, the exploration slots last."""
-    blocked = view.seen | exclude
+    blocked = filters.blocked(view.seen) | exclude
     order = [
         r
         for r in np.argsort(-np.asarray(scores), kind="stable").tolist()
         if cands.item_ids[r] not in blocked
+        and (not filters.narrows or filters.allows(cands.categories[r]))
     ]
     n_explore = min(int(round(k * config.explore_fraction)), k) if view.known else 0
     per_cat: dict[str | None, int] = {}
+    cap = config.max_per_category
+    if cap is not None and filters.categories:  # narrowed to n categories: k/n of each fits
+        cap = max(cap, -(-k // len(filters.categories)))
 
     def fits(row: int) -> bool:  # the diversity rule, counted over the whole list
         cat = cands.categories[row]
-        if config.max_per_category is None or cat is None:
+        if cap is None or cat is None:
             return True
-        if per_cat.get(cat, 0) >= config.max_per_category:
+        if per_cat.get(cat, 0) >= cap:
             return False
         per_cat[cat] = per_cat.get(cat, 0) + 1
         return True

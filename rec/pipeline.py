@@ -14,6 +14,7 @@ import numpy as np
 
 from rec.config import RecConfig
 from rec.features import FeatureBuilder, RankInputs, rank_probabilities, recall_order
+from rec.filters import NO_FILTERS, Filters
 from rec.finalize import finalize
 from rec.index import Index
 from rec.model import ModelBundle
@@ -86,9 +87,12 @@ class Recommender:
         return self.state.profiles.view(user_id)
 
     def recall(
-        self, view: ProfileView, ann: tuple[np.ndarray, np.ndarray] | None = None
+        self,
+        view: ProfileView,
+        ann: tuple[np.ndarray, np.ndarray] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> CandidateSet:
-        return self.recaller.recall(view, ann)
+        return self.recaller.recall(view, ann, filters)
 
     @property
     def ordering(self) -> str:
@@ -107,10 +111,11 @@ class Recommender:
         context: dict | None = None,
         ann: tuple[np.ndarray, np.ndarray] | None = None,
         rank: bool = False,
+        filters: Filters = NO_FILTERS,
     ) -> Recalled:
         """Recall, with what ranking needs: the recall order's scores, or the ranker's inputs
         (rank=True: the ranker's scores, in this process and this version)."""
-        cands = self.recall(view, ann)
+        cands = self.recall(view, ann, filters)
         ordering = self.ordering
         if ordering != "ranker":
             return Recalled(cands, self.version, scores=self._recall_order(cands, ordering))
@@ -157,9 +162,18 @@ class Recommender:
         k: int,
         exclude: frozenset[str] = frozenset(),
         request_id: str | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> dict:
         return finalize(
-            self.config.aggregate, view, cands, scores, k, exclude, self.version, request_id
+            self.config.aggregate,
+            view,
+            cands,
+            scores,
+            k,
+            exclude,
+            self.version,
+            request_id,
+            filters,
         )
 
     # ---- one process, whole pipeline -------------------------------------------------------
@@ -172,11 +186,12 @@ class Recommender:
         exclude: frozenset[str] = frozenset(),
         context: dict | None = None,
         request_id: str | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> dict:
         k = k or self.config.aggregate.default_k
         view = self.view(user_id)
-        out = self.recalled(view, context, rank=True)
-        return self.finalize(view, out.cands, out.scores, k, exclude, request_id)
+        out = self.recalled(view, context, rank=True, filters=filters)
+        return self.finalize(view, out.cands, out.scores, k, exclude, request_id, filters)
 
     def similar(self, item_id: str, k: int = 10) -> list[dict] | None:
         return self.recaller.similar(item_id, k)

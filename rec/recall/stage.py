@@ -19,6 +19,7 @@ import numpy as np
 
 from rec.arrays import member
 from rec.config import RecConfig
+from rec.filters import NO_FILTERS, Filters
 from rec.index import Index
 from rec.model import ModelBundle
 from rec.profile import ProfileView
@@ -145,18 +146,26 @@ class Recall:
         vec = q[liked].sum(axis=0) - np.float32(0.5) * q[disliked].sum(axis=0)
         return vec.astype(np.float32)
 
-    def ann_filter(self, view: ProfileView) -> np.ndarray:
+    def ann_filter(self, view: ProfileView, filters: Filters = NO_FILTERS) -> np.ndarray:
         """Item indices the embedding search leaves out (deleted ones the index knows)."""
-        return self.indices(view.seen)
+        seen = self.indices(filters.blocked(view.seen))
+        return np.union1d(seen, filters.outside(self.state.catalog)) if filters.narrows else seen
 
     def recall(
-        self, view: ProfileView, ann: tuple[np.ndarray, np.ndarray] | None = None
+        self,
+        view: ProfileView,
+        ann: tuple[np.ndarray, np.ndarray] | None = None,
+        filters: Filters = NO_FILTERS,
     ) -> CandidateSet:
-        """Candidates from every source, merged and deduplicated, seen and deleted items out.
-        `ann` is the embedding search result when the index lives elsewhere (shard actors)."""
+        """Candidates from every source, merged and deduplicated, seen (unless the request
+        includes them), deleted and filtered-out items out. `ann` is the embedding search
+        result when the index lives elsewhere (shard actors)."""
         state, catalog = self.state, self.state.catalog
         n = self.config.recall.per_source
-        exclude = np.unique(self.indices(view.seen | catalog.deleted))  # sorted: `member`
+        seen = filters.blocked(view.seen)
+        exclude = np.unique(self.indices(seen | catalog.deleted))  # sorted: `member`
+        if filters.narrows:
+            exclude = np.union1d(exclude, filters.outside(catalog))
         seeds = self.seeds(view)
         scored = self._request_scores(view, seeds, len(catalog))
         # whole-catalogue rows are ranked together, with trending (one partition for all)
@@ -182,7 +191,7 @@ class Recall:
         new = [
             catalog.index[i]
             for i in reversed(list(state.stats.new_items)[-n:])
-            if i not in view.seen and i not in catalog.deleted
+            if i not in seen and i not in catalog.deleted and filters.allows(catalog.category(i))
         ]
         lists.append(("new", np.asarray(new, np.int64)))
         cand, sources = merge_lists(lists, self.config.aggregate.candidates)

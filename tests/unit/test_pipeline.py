@@ -242,6 +242,48 @@ def test_finalize_respects_k_and_exclude(rec, users) -> None:
     assert not view.seen & set(first)
 
 
+def test_request_filters_categories_and_seen(rec, users) -> None:
+    """categories: only these, a full list even when narrow (recall leaves the rest out);
+    exclude_categories: none of those; include_seen: items the user acted on may return."""
+    from rec.filters import Filters
+
+    user = users[3]
+    seen = rec.view(user).seen
+    unseen: dict[str, int] = {}  # per category, the items this user has not acted on
+    for item in rec.catalog.ids:
+        if item not in seen and rec.catalog.category(item) is not None:
+            unseen[rec.catalog.category(item)] = unseen.get(rec.catalog.category(item), 0) + 1
+    cats = sorted(unseen, key=lambda c: (-unseen[c], c))
+    assert len(cats) >= 3 and unseen[cats[0]] >= 4
+    only = frozenset(cats[:1])
+    got = rec.recommend(user, k=10, filters=Filters(categories=only))
+    # every unseen item of the category the list has room for: recall left the others out
+    assert len(got["items"]) == min(10, unseen[cats[0]])
+    assert {rec.catalog.category(i) for i in ids(got)} == set(only)
+    unwanted = frozenset(cats[:2])
+    got = rec.recommend(user, k=10, filters=Filters(exclude_categories=unwanted))
+    assert len(got["items"]) == 10
+    assert not {rec.catalog.category(i) for i in ids(got)} & unwanted
+    assert not seen & set(ids(rec.recommend(user, k=50)))
+    again = ids(rec.recommend(user, k=50, filters=Filters(include_seen=True)))
+    assert seen & set(again)  # a heavy user's favourites come back
+
+
+def test_filters_outside_and_known_categories() -> None:
+    from rec.catalog import Catalog
+    from rec.filters import Filters
+
+    catalog = Catalog()
+    for n, cat in enumerate(["a", "b", None, "a", "c"]):
+        catalog.upsert(f"i{n}", cat, ["t"], None, 0.0)
+    assert catalog.category_names() == {"a", "b", "c"}  # tags are not categories
+    assert Filters(categories=frozenset({"a"})).outside(catalog).tolist() == [1, 2, 4]
+    assert Filters(exclude_categories=frozenset({"a", "c"})).outside(catalog).tolist() == [0, 3, 4]
+    assert Filters().outside(catalog).tolist() == [] and not Filters().narrows
+    catalog.upsert("i5", "d", [], None, 0.0)
+    assert "d" in catalog.category_names()  # the cached set follows the catalogue
+
+
 def _category_counts(model, log, users, **aggregate) -> list[list[str]]:
     r = Recommender(make_config(aggregate=aggregate), model)
     r.apply(log)
