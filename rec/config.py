@@ -6,6 +6,7 @@ errors (`extra="forbid"`) so a typo in a YAML file never passes silently.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -384,3 +385,56 @@ class RecConfig(_Config):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md: every RecConfig field with its type, default and description,
+    from the models themselves (`python -m rec.config > docs/configuration.md`; a test fails
+    when the file is stale)."""
+    out = [
+        "# Configuration",
+        "",
+        "Generated from `rec/config.py` by `python -m rec.config > docs/configuration.md`; do "
+        "not edit by hand (tests/unit/test_project_files.py fails when it is stale).",
+        "",
+        "`rec serve --config FILE` and `serve deploy` (`args.config`) read a YAML file of these "
+        "sections; a missing key takes its default, an unknown key is an error. "
+        "`configs/rec.yaml` lists every default.",
+        "",
+    ]
+    defaults = RecConfig()
+    top = [(n, f) for n, f in RecConfig.model_fields.items() if not _is_section(f.annotation)]
+    out += _table("Top level", RecConfig, top, defaults)
+    for name, field in RecConfig.model_fields.items():
+        if _is_section(field.annotation):
+            model = field.annotation
+            rows = list(model.model_fields.items())
+            out += _table(f"`{name}`: {field.description}", model, rows, getattr(defaults, name))
+    return "\n".join(out)
+
+
+def _is_section(annotation) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Config)
+
+
+def _table(title: str, model: type[BaseModel], rows, values) -> list[str]:
+    out = [f"## {title}", "", "| key | type | default | what |", "|---|---|---|---|"]
+    for name, field in rows:
+        default = getattr(values, name)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        elif isinstance(default, list) and default and isinstance(default[0], BaseModel):
+            default = [d.model_dump(mode="json") for d in default]
+        a = field.annotation
+        kind = a.__name__ if isinstance(a, type) else str(a).replace("typing.", "")
+        for prefix in ("rec.config.", "__main__.", "pathlib."):
+            kind = kind.replace(prefix, "")
+        kind = kind.replace("|", "\\|")
+        shown = json.dumps(default, default=str).replace("|", "\\|")
+        what = (field.description or "").replace("|", "\\|")
+        out.append(f"| `{name}` | {kind} | `{shown}` | {what} |")
+    return [*out, ""]
+
+
+if __name__ == "__main__":
+    print(reference_markdown())

@@ -34,6 +34,18 @@ def test_serve_yaml_is_a_valid_serve_config() -> None:
     }
 
 
+def test_serve_yaml_states_the_admission_limits_the_code_uses() -> None:
+    from deployments.runtime import INGRESS_MAX_ONGOING, MAX_ONGOING, MAX_QUEUED
+
+    app = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())["applications"][0]
+    topology = RecConfig.model_validate({"serving": app["args"]["serving"]}).serving.topology
+    limits = {d["name"]: d for d in app["deployments"]}
+    assert limits["Aggregator"]["max_ongoing_requests"] == INGRESS_MAX_ONGOING[topology]
+    assert limits["Aggregator"]["max_queued_requests"] == MAX_QUEUED
+    for stage in ("ProfileStage", "RecallStage", "RankerStage"):
+        assert limits[stage]["max_ongoing_requests"] == MAX_ONGOING
+
+
 def test_serve_and_cluster_yaml_describe_one_layout() -> None:
     """What tests/cluster deploys on one machine: serve.yaml's serving settings are a valid
     split config whose placement resources the cluster's node types declare (the ranker's on
@@ -104,3 +116,11 @@ def test_rec_never_imports_ray() -> None:
                 names = [node.module]
             assert not any(n == "ray" or n.startswith("ray.") for n in names), path
             assert not any(n.startswith("deployments") for n in names), path
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is generated from RecConfig: regenerate it after changing a field
+    (`python -m rec.config > docs/configuration.md`)."""
+    from rec.config import reference_markdown
+
+    assert (ROOT / "docs/configuration.md").read_text() == reference_markdown() + "\n"
