@@ -407,7 +407,7 @@ class Aggregator:
         if info.get("loading"):
             return False, {"ready": False, "why": "loading"}  # a stage still replays the log
         if info["serving"] is None:
-            return False, {"ready": False, "why": "no model published yet"}
+            return False, {"ready": False, "why": await self._no_model_why()}
         try:
             out = await self.recommend({"user_id": READYZ_USER, "k": 1})
         except Exception as exc:  # not ready is an answer, not a crash
@@ -415,6 +415,21 @@ class Aggregator:
         if not out["items"]:
             return False, {"ready": False, "why": "no items to recommend"}
         return True, {"ready": True, "model_version": out["model_version"]}
+
+    async def _no_model_why(self) -> str:
+        """What to do when no model is published yet (a fresh `serve deploy`)."""
+        need = self.config.train.min_events
+        try:
+            have = await asyncio.wait_for(self.log.next_offset.remote(), 5)
+        except Exception:  # the answer stays useful without the count
+            have = None
+        if current_version(self.config.model_dir) is not None:
+            return "a model is published; the replicas are loading it"
+        held = "" if have is None else f"the log holds {have} records; "
+        return (
+            f"no model published yet: {held}the trainer trains the first one once it holds "
+            f"train.min_events ({need}): post events and items, or POST /admin/retrain"
+        )
 
     async def model_info(self) -> dict:
         root = self.config.model_dir

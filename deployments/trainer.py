@@ -21,6 +21,7 @@ from rec.model import collect_versions, current_version, load_basis, new_version
 
 TRAINER_ACTOR = "rec_trainer"
 READ_PAGE = 20_000  # log records per read while a checkpoint catches up
+FIRST_MODEL_POLL_S = 10.0  # how often a trainer with no published model checks the log
 log_ = logging.getLogger("rec.trainer")
 
 
@@ -124,6 +125,7 @@ class Trainer:
         except RuntimeError:
             return
         t, c = self.config.train, self.config.checkpoint
+        self.schedules.append(loop.create_task(self.first_model()))
         if t.every_s:
             self.schedules.append(loop.create_task(self.run_every(t.every_s)))
         if c.every_s:
@@ -226,6 +228,20 @@ class Trainer:
                 "metrics": meta["metrics"],
             }
             return self.last
+
+    async def first_model(self, interval_s: float = FIRST_MODEL_POLL_S) -> None:
+        """A deployment with no published model (`serve deploy` on a fresh cluster) trains the
+        first one as soon as the log holds train.min_events records; then this stops."""
+        while current_version(self.config.model_dir) is None:
+            await asyncio.sleep(interval_s)
+            if self.lock.locked():  # a retrain is under way (rec serve's first one)
+                continue
+            try:
+                if await get_log().next_offset.remote() >= self.config.train.min_events:
+                    log_.info("no model published yet: training the first one")
+                    await self.retrain()
+            except Exception:  # logged; the next poll tries again
+                log_.exception("training the first model failed")
 
     async def run_every(self, interval_s: float) -> None:
         """Retrain every interval once train.min_new_records have arrived since the published

@@ -75,7 +75,7 @@ def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list
             continue
         t, mb = np.array(after).T
         slope = float(np.polyfit(t, mb, 1)[0]) * 600.0
-        growth = slope * (t[-1] - t[0]) / 600.0
+        growth = slope * float(t[-1] - t[0]) / 600.0
         rows.append(
             {
                 "process": name,
@@ -84,7 +84,7 @@ def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list
                 "rss_mb_max": round(float(mb.max()), 1),
                 "slope_mb_per_10min": round(slope, 2),
                 "fitted_growth_mb": round(growth, 1),
-                "flat": growth <= max(FLAT_MB, FLAT_SHARE * float(mb.mean())),
+                "flat": bool(growth <= max(FLAT_MB, FLAT_SHARE * float(mb.mean()))),
             }
         )
     return rows
@@ -123,9 +123,9 @@ async def soak(args, results: dict) -> None:
             targets = stack.data_dir / TARGETS_FILE
             urls = await wait_targets(targets)
             attach()
-            from deployments.eventlog import get_log
-
             import ray
+
+            from deployments.eventlog import get_log
 
             start_offset = ray.get(get_log().next_offset.remote())
             async with Client(urls, args.api_key) as direct:
@@ -148,7 +148,7 @@ async def soak(args, results: dict) -> None:
                                 samples.setdefault(key, []).append((load.now(), rss))
                         status, data, _ = await proxy.call("GET", "/models")
                         version = json.loads(data).get("serving") if status == 200 else None
-                        if not served or served[-1][1] != version:
+                        if version is not None and (not served or served[-1][1] != version):
                             served.append((round(load.now(), 1), version))
                         print(
                             f"  {load.now():6.0f} s  {len(load.answers)} requests, "
@@ -205,7 +205,7 @@ def to_markdown(results: dict) -> str:
         f"{rk['recommend']['p50_ms']} / p99 {rk['recommend']['p99_ms']} ms, events p99 "
         f"{rk['events']['p99_ms']} ms; events acknowledged {results['events_acked']}, lost "
         f"{results['events_lost']}. Models served: "
-        + ", ".join(f"{v} from {t} s" for t, v in results["models_served"]),
+        + ", ".join(f"{v} from {t} s" for t, v in results["models_served"] if v),
         "",
         "| process | RSS MB after warm-up | at the end | max | slope MB/10 min | flat |",
         "|---|---|---|---|---|---|",
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         results["total_s"] = round(time.monotonic() - t0, 1)
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "soak.json").write_text(json.dumps(results, indent=2))
+        (RESULTS / "soak.json").write_text(json.dumps(results, indent=2, default=float))
         (RESULTS / "soak.md").write_text(to_markdown(results))
     print((RESULTS / "soak.md").read_text())
     ok = results.get("errors") == 0 and all(m["flat"] for m in results.get("memory", []))

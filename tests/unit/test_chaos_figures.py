@@ -4,6 +4,8 @@ memory slope."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loadtest.chaos import Answer, summarize, timeline
@@ -41,6 +43,7 @@ def test_memory_slope_after_the_warm_up():
     flat = [(t, 500.0 + (t % 20) * 0.1) for t in range(0, 1200, 10)]
     growing = [(t, 300.0 + t * 0.05) for t in range(0, 1200, 10)]  # 30 MB per 10 minutes
     rows = {r["process"]: r for r in slopes({"a": flat, "b": growing}, t_warm=180)}
-    assert rows["a"]["flat"] and abs(rows["a"]["slope_mb_per_10min"]) < 1
-    assert not rows["b"]["flat"] and rows["b"]["slope_mb_per_10min"] == pytest.approx(30, rel=1e-3)
+    assert rows["a"]["flat"] is True and abs(rows["a"]["slope_mb_per_10min"]) < 1
+    assert rows["b"]["flat"] is False and rows["b"]["slope_mb_per_10min"] == pytest.approx(30, rel=1e-3)
     assert rows["b"]["rss_mb_after_warmup"] == pytest.approx(309.0)
+    json.dumps(rows)  # what soak.json holds: plain JSON types

@@ -79,7 +79,8 @@ def test_periodic_retrain_waits_for_new_records_and_survives_failures(tmp_path, 
 
 
 def test_a_started_trainer_runs_its_own_schedules(tmp_path):
-    """The actor starts its schedules itself, so a restarted trainer resumes them."""
+    """The actor starts its schedules itself, so a restarted trainer resumes them (and the
+    first model's, which ends once a model is published)."""
     config = small_config(tmp_path)
     config.train.every_s, config.checkpoint.every_s = 3600.0, 60.0
     cls = Trainer.__ray_actor_class__
@@ -91,13 +92,16 @@ def test_a_started_trainer_runs_its_own_schedules(tmp_path):
             t.cancel()
         return names
 
-    assert asyncio.run(scenario()) == ["run_checkpoints", "run_every"]
+    assert asyncio.run(scenario()) == ["first_model", "run_checkpoints", "run_every"]
     config.train.every_s = config.checkpoint.every_s = None
-    assert asyncio.run(_schedules(cls, config)) == []
+    assert asyncio.run(_schedules(cls, config)) == ["first_model"]
 
 
-async def _schedules(cls, config) -> list:
-    return cls(config.model_dump(mode="json")).schedules
+async def _schedules(cls, config) -> list[str]:
+    schedules = cls(config.model_dump(mode="json")).schedules
+    for t in schedules:
+        t.cancel()
+    return [t.get_coro().__name__ for t in schedules]
 
 
 def test_a_restarted_trainer_removes_what_a_killed_run_left(tmp_path):
@@ -121,3 +125,34 @@ def test_a_restarted_trainer_removes_what_a_killed_run_left(tmp_path):
     ]
     assert list(snapshots.iterdir()) == [] and [p.name for p in runs.iterdir()] == ["v1"]
     assert (config.model_dir / "v1" / "meta.json").exists()  # the served version is untouched
+
+
+def test_a_trainer_without_a_model_trains_the_first_once_the_log_has_enough(tmp_path, monkeypatch):
+    """`serve deploy` on a fresh cluster: no model published, the trainer waits for
+    train.min_events records, trains the first model, and stops checking."""
+    config = small_config(tmp_path)
+    config.train.min_events = 10
+    log = _Log()
+    cls = Trainer.__ray_actor_class__
+    monkeypatch.setitem(cls.first_model.__globals__, "get_log", lambda: log)
+    trainer = cls(config.model_dump(mode="json"))
+    calls: list[int] = []
+
+    async def retrain():
+        calls.append(log.head)
+        (config.model_dir / "v1").mkdir(parents=True)
+        publish(config.model_dir, "v1")
+        return {"published": "v1"}
+
+    trainer.retrain = retrain
+
+    async def scenario() -> None:
+        log.head = 5
+        task = asyncio.ensure_future(trainer.first_model(0.01))
+        await asyncio.sleep(0.1)
+        assert calls == [] and not task.done()  # too few records: it waits
+        log.head = 20
+        await asyncio.wait_for(task, 10)  # trained once, then the loop ended
+        assert calls == [20]
+
+    asyncio.run(scenario())
