@@ -128,6 +128,7 @@ def serve_main(args: argparse.Namespace) -> int:
         object_store_memory=512 * 2**20,
         runtime_env={"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}},
         logging_level="WARNING",
+        _metrics_export_port=args.metrics_port,  # Prometheus (deployments/telemetry.py)
     )
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
@@ -168,6 +169,11 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"  curl {url}/models")
         print(f'  curl -X POST {url}/admin/retrain -H "X-API-Key: {key}"')
         print(f"  open {url}/docs for the whole API\n")
+        print(
+            f"Prometheus metrics (ray_rec_*, and Ray's and Serve's own): "
+            f"http://{args.host}:{args.metrics_port}/metrics "
+            "(a Grafana dashboard: docs/grafana/rec.json)\n"
+        )
         targets_path = config.data_dir / TARGETS_FILE
         targets = _publish_targets(targets_path, args.host, None)
         for app, urls in targets.items():
@@ -243,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-dir", help="where the log and models live (default: var/)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8080,
+        help="where Ray's metrics agent serves Prometheus metrics (default 8080)",
+    )
     s.add_argument(
         "--replicas",
         type=int,

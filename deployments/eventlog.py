@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import ray
 
+from deployments import telemetry
 from deployments.runtime import ON_HEAD, actor_options, lower_own_priority
 from rec.beacon import HeadWriter, owner
 from rec.config import EventLogConfig
@@ -34,6 +35,8 @@ class EventLogService:
         self.log = EventLog(Path(path), self.config)
         self.head = HeadWriter(path)
         self.head.publish(self.log.next_offset)
+        self.metrics = telemetry.log()
+        self.metrics.head.set(self.log.next_offset)
         self.recent: deque[dict] = deque(maxlen=self.config.tail_cache_records)
         self.pending: list[tuple[list[dict], asyncio.Future]] = []
         self.disk = asyncio.Lock()  # one disk operation at a time (append, snapshot, forget)
@@ -89,6 +92,12 @@ class EventLogService:
         and the head moved past them, before any of them is acknowledged."""
         records = [r for recs, _ in written for r in recs]
         first = written[0][1]
+        kinds: dict[str, int] = {}
+        for r in records:
+            kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+        for kind, n in kinds.items():
+            self.metrics.records.inc(n, tags={"kind": kind})
+        self.metrics.head.set(first + len(records))
         stored = [{**r, "offset": first + i} for i, r in enumerate(records)]
         self.recent.extend(stored)
         self.head.remember(stored)

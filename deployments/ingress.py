@@ -11,10 +11,16 @@ import time
 import uuid
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
+from deployments import telemetry
 from deployments.runtime import Startup, pin_threads
 from deployments.stages import LocalStages, RemoteStages, make_live
 from rec.access import Access, AccessDenied, retry_after_header
@@ -129,6 +135,25 @@ def _openapi() -> dict:
 
 
 api.openapi = _openapi
+
+
+@api.exception_handler(HTTPException)
+async def _counted_http_error(request: Request, exc: HTTPException):
+    telemetry.serving().errors.inc(tags={"status": str(exc.status_code)})
+    return await http_exception_handler(request, exc)
+
+
+@api.exception_handler(RequestValidationError)
+async def _counted_validation_error(request: Request, exc: RequestValidationError):
+    telemetry.serving().errors.inc(tags={"status": "422"})
+    return await request_validation_exception_handler(request, exc)
+
+
+@api.exception_handler(Exception)
+async def _counted_server_error(request: Request, exc: Exception):
+    """Starlette answers with this and then re-raises the exception, which Serve logs."""
+    telemetry.serving().errors.inc(tags={"status": "500"})
+    return JSONResponse({"detail": "internal error"}, status_code=500)
 
 
 class RecommendIn(BaseModel):
@@ -250,6 +275,7 @@ class Aggregator:
             self._started = Startup(self.live.start())
         self.trainer = trainer
         self.access = Access(self.config.access)
+        self.metrics = telemetry.serving()
         self._impressions: list[dict] = []
         self._impression_timer: asyncio.TimerHandle | None = None
 
@@ -271,6 +297,11 @@ class Aggregator:
                 raise InvalidInput(f"unknown items {unknown[:5]}", "item_id")
         now = time.time()
         first, last = await self._append([e.to_record(now) for e in events])
+        types: dict[str, int] = {}
+        for e in events:
+            types[e.type] = types.get(e.type, 0) + 1
+        for kind, n in types.items():
+            self.metrics.events.inc(n, tags={"type": kind})
         return {"accepted": len(events), "first_offset": first, "last_offset": last}
 
     async def _append(self, records: list[dict]) -> tuple[int, int]:
@@ -306,9 +337,13 @@ class Aggregator:
             unknown = await self.stages.unknown_categories(filters.named())
             if unknown:
                 raise InvalidInput(f"unknown categories {unknown[:10]}", "categories")
+        t0 = time.perf_counter()
         view = await self.stages.view(req.user_id)
+        t1 = time.perf_counter()
         recalled = await self.stages.recall(view, req.context, filters)
+        t2 = time.perf_counter()
         scores = await self.stages.rank(recalled)
+        t3 = time.perf_counter()
         out = finalize(
             self.config.aggregate,
             view,
@@ -320,7 +355,9 @@ class Aggregator:
             req.request_id or uuid.uuid4().hex,
             filters,
         )
+        self._measured(out, recalled, (t0, t1, t2, t3, time.perf_counter()))
         if self.config.serving.log_impressions and req.user_id != READYZ_USER:
+            self.metrics.impressions.inc(len(out["items"]))
             self._log_impression(
                 impression_record(
                     req.user_id,
@@ -331,6 +368,22 @@ class Aggregator:
                 )
             )
         return out
+
+    def _measured(self, out: dict, recalled, times: tuple[float, ...]) -> None:
+        """One answer into the metrics: stage latencies, its ordering and sources."""
+        m = self.metrics
+        for stage, start, end in zip(telemetry.STAGES, times[:-1], times[1:], strict=True):
+            m.stage_ms.observe((end - start) * 1000, tags={"stage": stage})
+        m.answers.inc(tags={"ordering": recalled.ordering})
+        sources: dict[str, int] = {}
+        for item in out["items"]:
+            for source in item["sources"]:
+                sources[source] = sources.get(source, 0) + 1
+        for source, n in sources.items():
+            m.source_items.inc(n, tags={"source": source})
+        m.serving(recalled.version)
+        if self.live is not None:
+            m.applied.set(self.live.rec.offset, tags={"part": "all"})
 
     def _log_impression(self, record: dict) -> None:
         """Feedback for training, not awaited: the answer does not wait for the disk. Records

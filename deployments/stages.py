@@ -20,6 +20,7 @@ import numpy as np
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from deployments import telemetry
 from deployments.eventlog import from_node
 from deployments.runtime import Startup, pin_threads
 from deployments.shards import RemoteIndex, shard_actors
@@ -189,6 +190,7 @@ class ProfileStage(_Following):
     async def view(self, user_id: str) -> ProfileView:
         await self._started.wait()
         await self.live.sync(user=user_id)  # read-your-writes: never stale for this user
+        telemetry.serving().applied.set(self.live.rec.offset, tags={"part": self.part})
         return self.live.rec.view(user_id)
 
 
@@ -204,6 +206,9 @@ class RecallStage(_Following):
         await self._started.wait()
         # the user's own records (item-CF's partners) and catalogue changes, never stale
         await self.live.sync(user=view.user_id)
+        metrics = telemetry.serving()
+        metrics.applied.set(self.live.rec.offset, tags={"part": self.part})
+        metrics.serving(self.live.rec.version)
         return await recall_with_index(self.live.rec, view, context, False, filters)
 
     async def similar(self, item_id: str, k: int) -> dict | None:

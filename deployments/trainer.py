@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ray
 
+from deployments import telemetry
 from deployments.eventlog import get_log
 from deployments.runtime import ON_HEAD, BackgroundStarts, actor_options, lower_own_priority
 from rec import checkpoint
@@ -113,6 +114,10 @@ class Trainer:
         self.last: dict | None = None
         self.last_checkpoint: dict | None = None
         self.last_expiry: dict | None = None
+        self.metrics = telemetry.training()
+        self._published = current_version(self.config.model_dir)
+        if self._published is not None:
+            self.metrics.published.set(1, tags={"version": self._published})
         self.cleaned = clean_after_crash(self.config)
         if self.cleaned:
             log_.warning("removed what an interrupted run left: %s", self.cleaned)
@@ -200,11 +205,16 @@ class Trainer:
             snap_dir = Path(self.config.data_dir) / "snapshots"
             snapshot, offset = await log.snapshot.remote(str(snap_dir))
             if offset < self.config.train.min_events:
+                Path(snapshot).unlink(missing_ok=True)
+                self.metrics.runs.inc(tags={"result": "skipped"})
                 return {"published": None, "why": f"only {offset} records in the log"}
             version = new_version_name()
             try:
                 with BackgroundStarts(os.getppid()):  # this actor's parent: the raylet
                     await asyncio.to_thread(run_train_job, self.config, snapshot, offset, version)
+            except Exception:
+                self.metrics.runs.inc(tags={"result": "failed"})
+                raise
             finally:
                 Path(snapshot).unlink(missing_ok=True)
             # The new version's state at its snapshot's offset, before it is published: its
@@ -227,6 +237,12 @@ class Trainer:
                 "seconds": round(time.perf_counter() - t0, 2),
                 "metrics": meta["metrics"],
             }
+            self.metrics.runs.inc(tags={"result": "published"})
+            self.metrics.seconds.set(self.last["seconds"])
+            if self._published is not None:
+                self.metrics.published.set(0, tags={"version": self._published})
+            self.metrics.published.set(1, tags={"version": version})
+            self._published = version
             return self.last
 
     async def first_model(self, interval_s: float = FIRST_MODEL_POLL_S) -> None:
@@ -234,8 +250,8 @@ class Trainer:
         first one as soon as the log holds train.min_events records; then this stops."""
         while current_version(self.config.model_dir) is None:
             await asyncio.sleep(interval_s)
-            if self.lock.locked():  # a retrain is under way (rec serve's first one)
-                continue
+            if self.lock.locked() or current_version(self.config.model_dir) is not None:
+                continue  # a retrain is under way (rec serve's first one), or just published
             try:
                 if await get_log().next_offset.remote() >= self.config.train.min_events:
                     log_.info("no model published yet: training the first one")

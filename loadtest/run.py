@@ -112,6 +112,8 @@ class Stack:
             str(port),
             "--data-dir",
             str(data_dir),
+            "--metrics-port",
+            str(free_port()),  # never another stack's (rec serve's default is 8080)
         ]
         if data:
             self.cmd += ["--data", data, "--format", fmt]

@@ -32,6 +32,7 @@ class Recalled:
     version: str | None
     inputs: RankInputs | None = None
     scores: np.ndarray | None = None
+    ordering: str = "ranker"  # what orders the list (Recommender.ordering)
 
 
 class Recommender:
@@ -118,7 +119,8 @@ class Recommender:
         cands = self.recall(view, ann, filters)
         ordering = self.ordering
         if ordering != "ranker":
-            return Recalled(cands, self.version, scores=self._recall_order(cands, ordering))
+            scores = self._recall_order(cands, ordering)
+            return Recalled(cands, self.version, scores=scores, ordering=ordering)
         inputs = self.rank_inputs(view, cands, context)
         if rank:
             scores = rank_probabilities(self.model.ranker, [inputs])[0]

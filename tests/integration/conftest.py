@@ -45,13 +45,17 @@ def ray_cluster():
     import ray
     from ray import serve
 
+    metrics_port = _free_port()
     ray.init(
         address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=256 * 2**20,
         logging_level="ERROR",
+        _metrics_export_port=metrics_port,  # Prometheus, as `rec serve --metrics-port`
+        _system_config={"metrics_report_interval_ms": 1000},  # a test waits seconds, not 10s
     )
+    os.environ["REC_TEST_METRICS_URL"] = f"http://127.0.0.1:{metrics_port}/metrics"
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"

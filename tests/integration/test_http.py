@@ -116,6 +116,9 @@ def test_bad_input_gets_4xx_and_server_stays_healthy(stack):
         ("user_id", True),
         ("k", False),
         ("exclude", False),
+        ("categories", False),
+        ("exclude_categories", False),
+        ("include_seen", False),
     }
 
 
@@ -133,3 +136,42 @@ def test_catalogue_and_forgetting(stack):
     assert c.delete("/users/forget-me").json()["deleted_events"] == 1
     items = c.get("/recommend", params={"user_id": "forget-me", "k": 5}).json()["items"]
     assert all(set(i["sources"]) <= {"pop", "new"} for i in items)
+
+
+def test_request_filters_over_http(stack):
+    """categories / exclude_categories / include_seen on GET (comma lists) and POST; an
+    unknown category is a 422 that names it."""
+    c = stack["client"]
+    items = {}
+    for item in c.get("/recommend", params={"user_id": "u1", "k": 50}).json()["items"]:
+        items[item["item_id"]] = c.get(f"/items/{item['item_id']}").json()["category"]
+    cat = max(set(items.values()) - {None}, key=list(items.values()).count)
+    only = c.get("/recommend", params={"user_id": "u1", "k": 5, "categories": cat}).json()
+    assert only["items"]
+    assert {c.get(f"/items/{i['item_id']}").json()["category"] for i in only["items"]} == {cat}
+    without = c.post(
+        "/recommend", json={"user_id": "u1", "k": 20, "exclude_categories": [cat]}
+    ).json()
+    assert without["items"]
+    assert cat not in {c.get(f"/items/{i['item_id']}").json()["category"] for i in without["items"]}
+    bad = c.get("/recommend", params={"user_id": "u1", "categories": f"{cat},no-such,nor-this"})
+    assert bad.status_code == 422
+    assert (
+        "no-such" in bad.text
+        and "nor-this" in bad.text
+        and bad.json()["detail"][0]["field"] == "categories"
+    )
+    bad = c.post("/recommend", json={"user_id": "u1", "exclude_categories": ["no-such"]})
+    assert bad.status_code == 422 and "no-such" in bad.text
+    # include_seen: an item the user just clicked may come back; by default it never does
+    clicked = only["items"][0]["item_id"]
+    assert (
+        c.post("/events", json={"user_id": "u1", "item_id": clicked, "type": "click"}).status_code
+        == 200
+    )
+    default = c.get("/recommend", params={"user_id": "u1", "k": 5, "categories": cat}).json()
+    assert clicked not in {i["item_id"] for i in default["items"]}
+    seen_too = c.get(
+        "/recommend", params={"user_id": "u1", "k": 50, "categories": cat, "include_seen": "true"}
+    ).json()
+    assert clicked in {i["item_id"] for i in seen_too["items"]}

@@ -121,3 +121,57 @@ def test_retrain_and_hot_reload_without_a_failed_request(stack):
     at_snapshot = f"{r.json()['log_offset']:012d}-{new}"
     assert (config.checkpoint_dir / at_snapshot / "meta.json").exists()
     assert c.get("/models").json()["started_from"] == at_snapshot
+
+
+# Every metric rec exports (deployments/telemetry.py), as Ray's Prometheus exporter names them:
+# its namespace "ray_" before rec's own names.
+METRICS = (
+    "ray_rec_stage_latency_ms_bucket",
+    "ray_rec_answers_total",
+    "ray_rec_answer_items_total",
+    "ray_rec_events_ingested_total",
+    "ray_rec_impressions_total",
+    "ray_rec_http_errors_total",
+    "ray_rec_follower_offset",
+    "ray_rec_served_model",
+    "ray_rec_log_head",
+    "ray_rec_log_records_total",
+    "ray_rec_retrain_seconds",
+    "ray_rec_retrains_total",
+    "ray_rec_published_model",
+)
+
+
+def test_metrics_are_exported_with_values(stack):
+    """After a few requests (and the retrain of the test before), Ray's metrics endpoint has
+    every rec metric with a value, per stage, ordering, source, event type and status."""
+    c = stack["client"]
+    for n in range(5):
+        assert c.get("/recommend", params={"user_id": f"u{n}"}).status_code == 200
+        body = {"user_id": f"u{n}", "item_id": "i1", "type": "click"}
+        assert c.post("/events", json=body).status_code == 200
+    assert c.get("/similar", params={"item_id": "no-such-item"}).status_code == 404
+    assert c.post("/events", json={"user_id": "u1"}).status_code == 422
+    url = os.environ["REC_TEST_METRICS_URL"]
+
+    def scraped() -> dict[str, list[str]] | None:
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.HTTPError:
+            return None
+        found: dict[str, list[str]] = {}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in METRICS:
+                found.setdefault(name, []).append(line)
+        return found if set(found) == set(METRICS) else None
+
+    found = wait_for(scraped, timeout_s=60, interval_s=1)
+    text = "\n".join(line for lines in found.values() for line in lines)
+    for stage in ("profile", "recall", "rank", "finalize"):
+        assert f'stage="{stage}"' in text
+    assert 'type="click"' in text and 'status="404"' in text and 'status="422"' in text
+    assert 'result="published"' in text
+    assert f'version="{c.get("/models").json()["serving"]}"' in text
+    head = [float(x.rsplit(" ", 1)[1]) for x in found["ray_rec_log_head"]]
+    assert max(head) > 0

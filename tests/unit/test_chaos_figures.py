@@ -44,6 +44,8 @@ def test_memory_slope_after_the_warm_up():
     growing = [(t, 300.0 + t * 0.05) for t in range(0, 1200, 10)]  # 30 MB per 10 minutes
     rows = {r["process"]: r for r in slopes({"a": flat, "b": growing}, t_warm=180)}
     assert rows["a"]["flat"] is True and abs(rows["a"]["slope_mb_per_10min"]) < 1
-    assert rows["b"]["flat"] is False and rows["b"]["slope_mb_per_10min"] == pytest.approx(30, rel=1e-3)
+    assert rows["b"]["flat"] is False and rows["b"]["slope_mb_per_10min"] == pytest.approx(
+        30, rel=1e-3
+    )
     assert rows["b"]["rss_mb_after_warmup"] == pytest.approx(309.0)
     json.dumps(rows)  # what soak.json holds: plain JSON types

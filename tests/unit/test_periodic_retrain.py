@@ -156,3 +156,31 @@ def test_a_trainer_without_a_model_trains_the_first_once_the_log_has_enough(tmp_
         assert calls == [20]
 
     asyncio.run(scenario())
+
+
+def test_the_first_model_loop_does_not_retrain_what_was_just_published(tmp_path, monkeypatch):
+    """rec serve trains the first model itself: if it is published while the loop sleeps, the
+    loop's next wake-up must not start a second Train job (on 2 cores it took the CPU the
+    replicas needed)."""
+    config = small_config(tmp_path)
+    log = _Log()
+    log.head = 100
+    cls = Trainer.__ray_actor_class__
+    monkeypatch.setitem(cls.first_model.__globals__, "get_log", lambda: log)
+    trainer = cls(config.model_dump(mode="json"))
+    calls: list[int] = []
+
+    async def retrain():
+        calls.append(log.head)
+
+    trainer.retrain = retrain
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(trainer.first_model(0.05))
+        await asyncio.sleep(0.01)  # the loop sleeps: a retrain elsewhere publishes v1
+        (config.model_dir / "v1").mkdir(parents=True)
+        publish(config.model_dir, "v1")
+        await asyncio.wait_for(task, 5)
+        assert calls == []
+
+    asyncio.run(scenario())

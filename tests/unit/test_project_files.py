@@ -124,3 +124,17 @@ def test_configuration_reference_is_current() -> None:
     from rec.config import reference_markdown
 
     assert (ROOT / "docs/configuration.md").read_text() == reference_markdown() + "\n"
+
+
+def test_the_grafana_dashboard_plots_every_metric() -> None:
+    """docs/grafana/rec.json queries each metric deployments/telemetry.py defines, by the name
+    Ray's exporter gives it (its namespace "ray_" first)."""
+    import json
+    import re
+
+    names = set(re.findall(r'"(rec_[a-z_]+)"', (ROOT / "deployments/telemetry.py").read_text()))
+    assert len(names) >= 12
+    dashboard = json.loads((ROOT / "docs/grafana/rec.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    missing = {n for n in names if not re.search(rf"\bray_{n}(_bucket)?\b", exprs)}
+    assert not missing
