@@ -26,6 +26,7 @@ from rec.events import KIND_EVENT, KIND_IMPRESSION
 LOG_ACTOR = "rec_eventlog"
 FORGOTTEN = "forgotten"  # in-memory stand-in for a removed record; followers skip it
 BEHAVIOUR = (KIND_EVENT, KIND_IMPRESSION)  # what the retention policy removes
+RECENT_DICTS = 20_000
 NAMESPACE = "rec"
 
 
@@ -37,7 +38,10 @@ class EventLogService:
         self.head.publish(self.log.next_offset)
         self.metrics = telemetry.log()
         self.metrics.head.set(self.log.next_offset)
-        self.recent: deque[dict] = deque(maxlen=self.config.tail_cache_records)
+        # The newest records as dicts, for `read` without decoding Arrow; older ones come from
+        # the log's Arrow tail cache (tail_cache_records) or disk. Capped apart and lower: a
+        # dict costs several times its Arrow row (docs/ray-notes.md, the soak).
+        self.recent: deque[dict] = deque(maxlen=min(self.config.tail_cache_records, RECENT_DICTS))
         self.pending: list[tuple[list[dict], asyncio.Future]] = []
         self.disk = asyncio.Lock()  # one disk operation at a time (append, snapshot, forget)
         self.flushing = False
@@ -265,6 +269,9 @@ def get_or_create_log(path: str | Path, config: EventLogConfig, num_cpus: float 
         get_if_exists=True,
         lifetime="detached",
         max_concurrency=1000,
+        # Every append and read is a task whose events the GCS would keep (growing with the
+        # load; docs/ray-notes.md); Serve turns them off for its replicas too.
+        enable_task_events=False,
         **actor_options(num_cpus, resources=ON_HEAD),
     ).remote(str(path), config.model_dump(mode="json"))
 

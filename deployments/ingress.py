@@ -178,49 +178,25 @@ class RecommendIn(BaseModel):
     )
 
 
+def _query(name: str, description: str, kind: str = "string", **schema) -> dict:
+    """One query parameter of GET /recommend, as the OpenAPI page declares it."""
+    required = name == "user_id"
+    return {
+        "name": name,
+        "in": "query",
+        "required": required,
+        "description": description,
+        "schema": {"type": kind, **schema},
+    }
+
+
 RECOMMEND_QUERY = [
-    {
-        "name": "user_id",
-        "in": "query",
-        "required": True,
-        "description": "User id.",
-        "schema": {"type": "string", "minLength": 1, "maxLength": ID_MAX},
-    },
-    {
-        "name": "k",
-        "in": "query",
-        "required": False,
-        "description": "How many items (default from config).",
-        "schema": {"type": "integer", "minimum": 1},
-    },
-    {
-        "name": "exclude",
-        "in": "query",
-        "required": False,
-        "description": "Comma-separated item ids to leave out.",
-        "schema": {"type": "string"},
-    },
-    {
-        "name": "categories",
-        "in": "query",
-        "required": False,
-        "description": "Comma-separated categories: only items of these.",
-        "schema": {"type": "string"},
-    },
-    {
-        "name": "exclude_categories",
-        "in": "query",
-        "required": False,
-        "description": "Comma-separated categories: no items of these.",
-        "schema": {"type": "string"},
-    },
-    {
-        "name": "include_seen",
-        "in": "query",
-        "required": False,
-        "description": "true: items the user already acted on may come back.",
-        "schema": {"type": "boolean"},
-    },
+    _query("user_id", "User id.", minLength=1, maxLength=ID_MAX),
+    _query("k", "How many items (default from config).", "integer", minimum=1),
+    _query("exclude", "Comma-separated item ids to leave out."),
+    _query("categories", "Comma-separated categories: only items of these."),
+    _query("exclude_categories", "Comma-separated categories: no items of these."),
+    _query("include_seen", "true: items the user already acted on may come back.", "boolean"),
 ]
 
 

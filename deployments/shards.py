@@ -78,6 +78,7 @@ def shard_actors(n: int, num_cpus: float, resources: dict[str, float] | None = N
             get_if_exists=True,
             lifetime="detached",
             scheduling_strategy="SPREAD",  # one node's loss takes as few shards as it can
+            enable_task_events=False,  # a search per request: not worth the GCS's memory
             **actor_options(num_cpus, resources=resources),
         ).remote()
         for i in range(n)

@@ -449,32 +449,14 @@ def config_file(topology: str, dest: Path) -> Path:
 async def run_topology(
     args, topology: str, faults: tuple[str, ...], pop: lc.Population, results: dict
 ) -> None:
-    from deployments.cli import TARGETS_FILE
-
     work = ROOT / "var" / "chaos" / topology
-    stack = Stack(
-        free_port(),
-        work / "data",
-        args.data,
-        args.format,
-        str(config_file(topology, work / "config.yaml")),
-        2,
-        work / "server.log",
-        floor=False,
-    )
+    stack = local_stack(args, work, config_file(topology, work / "config.yaml"))
     print(f"[{topology}] starting the stack (log: {stack.log_path}) ...", flush=True)
     stack.start()
     stop = asyncio.Event()
     try:
         async with lc.Client(stack.url, args.api_key) as proxy:
-            ready = time.monotonic() + 600
-            while (await proxy.call("GET", "/readyz"))[0] != 200:
-                if not stack.alive() or time.monotonic() > ready:
-                    raise RuntimeError(f"the {topology} stack did not start; see {stack.log_path}")
-                await asyncio.sleep(1.0)
-            targets = stack.data_dir / TARGETS_FILE
-            urls = await wait_targets(targets)
-            attach()
+            targets, urls = await started(stack, proxy)
             async with lc.Client(urls, args.api_key) as direct:
                 follower = asyncio.create_task(follow_targets(direct, targets, stop))
                 chaos = Chaos(args, pop, results)
@@ -496,6 +478,36 @@ async def run_topology(
         if ray.is_initialized():
             ray.shutdown()
         results.setdefault("stacks", {})[topology] = stack.stop()
+
+
+def local_stack(args, work: Path, config: Path) -> Stack:
+    """`rec serve` with 2 ingress replicas on a fresh data dir under `work`, no floor app."""
+    return Stack(
+        free_port(),
+        work / "data",
+        args.data,
+        args.format,
+        str(config),
+        2,
+        work / "server.log",
+        floor=False,
+    )
+
+
+async def started(stack: Stack, proxy: lc.Client) -> tuple[Path, list[str]]:
+    """Wait until the stack answers /readyz and lists its direct-ingress URLs, and attach
+    this process to its Ray cluster; returns the targets file and the URLs."""
+    from deployments.cli import TARGETS_FILE
+
+    ready = time.monotonic() + 600
+    while (await proxy.call("GET", "/readyz"))[0] != 200:
+        if not stack.alive() or time.monotonic() > ready:
+            raise RuntimeError(f"the stack did not start; see {stack.log_path}")
+        await asyncio.sleep(1.0)
+    targets = stack.data_dir / TARGETS_FILE
+    urls = await wait_targets(targets)
+    attach()
+    return targets, urls
 
 
 async def wait_targets(path: Path, timeout_s: float = 180.0) -> list[str]:

@@ -42,7 +42,9 @@ def test_a_clean_fault_meets_the_targets_and_the_timeline_counts_per_second():
 def test_memory_slope_after_the_warm_up():
     flat = [(t, 500.0 + (t % 20) * 0.1) for t in range(0, 1200, 10)]
     growing = [(t, 300.0 + t * 0.05) for t in range(0, 1200, 10)]  # 30 MB per 10 minutes
-    rows = {r["process"]: r for r in slopes({"a": flat, "b": growing}, t_warm=180)}
+    short = [(t, 400.0 + t) for t in range(600, 900, 10)]  # a Train worker's life
+    rows = {r["process"]: r for r in slopes({"a": flat, "b": growing, "c": short}, t_warm=180)}
+    assert rows["c"]["flat"] is None  # listed, not judged
     assert rows["a"]["flat"] is True and abs(rows["a"]["slope_mb_per_10min"]) < 1
     assert rows["b"]["flat"] is False and rows["b"]["slope_mb_per_10min"] == pytest.approx(
         30, rel=1e-3
