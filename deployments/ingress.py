@@ -168,7 +168,10 @@ class RecommendIn(BaseModel):
     )
     request_id: str | None = Field(None, max_length=ID_MAX, description="Caller's request id.")
     categories: list[str] | None = Field(
-        None, max_length=100, description="Only items of these categories (422 names unknown ones)."
+        None,
+        min_length=1,
+        max_length=100,
+        description="Only items of these categories (422 names unknown ones).",
     )
     exclude_categories: list[str] = Field(
         default_factory=list, max_length=100, description="No items of these categories."
@@ -519,7 +522,7 @@ class Aggregator:
         self._allow(request, "read")
         q = request.query_params
         body = {"user_id": q.get("user_id"), "k": q.get("k"), "exclude": _csv(q, "exclude")}
-        if "categories" in q:
+        if _csv(q, "categories"):  # `categories=` alone restricts nothing
             body["categories"] = _csv(q, "categories")
         if "exclude_categories" in q:
             body["exclude_categories"] = _csv(q, "exclude_categories")
