@@ -180,11 +180,16 @@ class EventLogService:
         """Remove the user's events from disk and memory (the tombstone record stays)."""
         async with self.disk:
             removed = await asyncio.to_thread(self.log.forget_user, user_id)
-        for i, r in enumerate(self.recent):  # placeholders keep offsets dense in memory
-            if r["kind"] == "event" and r["user_id"] == user_id:
-                self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
-        self.head.forget_recent()  # followers on this machine read the placeholders from here
+        self._forget_in_memory(lambda r: r["kind"] == "event" and r["user_id"] == user_id)
         return removed
+
+    def _forget_in_memory(self, gone) -> None:
+        """Replace the records `gone(record)` picks in memory by placeholders (offsets stay
+        dense), and wipe the shared ring: followers on this machine read them from here."""
+        for i, r in enumerate(self.recent):
+            if gone(r):
+                self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
+        self.head.forget_recent()
 
     async def expire(self, protect_from: int) -> dict:
         """Apply the log's retention policy below `protect_from` (rec.eventlog.EventLog.expire)
@@ -192,12 +197,12 @@ class EventLogService:
         async with self.disk:
             out = await asyncio.to_thread(self.log.expire, protect_from)
         if out["expired_records"]:
-            for i, r in enumerate(self.recent):  # placeholders keep offsets dense in memory
-                if r["kind"] in BEHAVIOUR and any(
-                    lo <= r["offset"] < hi for lo, hi in out["ranges"]
-                ):
-                    self.recent[i] = {"offset": r["offset"], "kind": FORGOTTEN}
-            self.head.forget_recent()
+            self._forget_in_memory(
+                lambda r: (
+                    r["kind"] in BEHAVIOUR
+                    and any(lo <= r["offset"] < hi for lo, hi in out["ranges"])
+                )
+            )
         return out
 
     def recovery(self) -> dict:

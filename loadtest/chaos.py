@@ -42,7 +42,16 @@ from pathlib import Path
 
 from loadtest import client as lc
 from loadtest import report
-from loadtest.run import RESULTS, ROOT, Stack, client_key, free_port, load_population, machine
+from loadtest.run import (
+    RESULTS,
+    ROOT,
+    Stack,
+    client_key,
+    free_port,
+    load_population,
+    machine,
+    uvloop_run,
+)
 
 BEFORE_S = 8.0  # load before the fault
 AFTER_S = 20.0  # load after it (the trainer scenario runs on until its next retrain published)
@@ -627,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for topology, faults in plan.items():
             if faults:
-                lc_run(run_topology(args, topology, faults, pop, results))
+                uvloop_run(run_topology(args, topology, faults, pop, results))
     except Exception as exc:
         rc = 1
         results["error"] = f"{type(exc).__name__}: {exc}"
@@ -640,12 +649,6 @@ def main(argv: list[str] | None = None) -> int:
     print((RESULTS / "chaos.md").read_text())
     met = all(r.get("targets_met") for r in results["scenarios"])
     return rc or (0 if met else 3)
-
-
-def lc_run(coro):
-    from loadtest.run import uvloop_run
-
-    return uvloop_run(coro)
 
 
 if __name__ == "__main__":

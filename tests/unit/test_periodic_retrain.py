@@ -26,6 +26,16 @@ class _Log:
         return _Remote()
 
 
+def _trainer(config, monkeypatch, head: int = 0):
+    """The trainer actor's class built by hand around a fake log at `head`."""
+    log = _Log()
+    log.head = head
+    cls = Trainer.__ray_actor_class__
+    # the globals the methods read (the module's may be another copy after a reload)
+    monkeypatch.setitem(cls._new_records.__globals__, "get_log", lambda: log)
+    return cls(config.model_dump(mode="json")), log
+
+
 def test_periodic_retrain_waits_for_new_records_and_survives_failures(tmp_path, monkeypatch):
     config = small_config(tmp_path)
     config.train.min_new_records = 100
@@ -33,11 +43,7 @@ def test_periodic_retrain_waits_for_new_records_and_survives_failures(tmp_path, 
     version_dir.mkdir(parents=True)
     (version_dir / "meta.json").write_text(json.dumps({"version": "v1", "log_offset": 50}))
     publish(config.model_dir, "v1")
-    log = _Log()
-    cls = Trainer.__ray_actor_class__
-    # the globals the method itself reads (the module's may be another copy after a reload)
-    monkeypatch.setitem(cls._new_records.__globals__, "get_log", lambda: log)
-    trainer = cls(config.model_dump(mode="json"))
+    trainer, log = _trainer(config, monkeypatch)
     calls: list[int] = []
 
     async def retrain():
@@ -132,10 +138,7 @@ def test_a_trainer_without_a_model_trains_the_first_once_the_log_has_enough(tmp_
     train.min_events records, trains the first model, and stops checking."""
     config = small_config(tmp_path)
     config.train.min_events = 10
-    log = _Log()
-    cls = Trainer.__ray_actor_class__
-    monkeypatch.setitem(cls.first_model.__globals__, "get_log", lambda: log)
-    trainer = cls(config.model_dump(mode="json"))
+    trainer, log = _trainer(config, monkeypatch)
     calls: list[int] = []
 
     async def retrain():
@@ -163,11 +166,7 @@ def test_the_first_model_loop_does_not_retrain_what_was_just_published(tmp_path,
     loop's next wake-up must not start a second Train job (on 2 cores it took the CPU the
     replicas needed)."""
     config = small_config(tmp_path)
-    log = _Log()
-    log.head = 100
-    cls = Trainer.__ray_actor_class__
-    monkeypatch.setitem(cls.first_model.__globals__, "get_log", lambda: log)
-    trainer = cls(config.model_dump(mode="json"))
+    trainer, log = _trainer(config, monkeypatch, head=100)
     calls: list[int] = []
 
     async def retrain():
