@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from rec.config import EventLogConfig
 from rec.events import KIND_EVENT, KIND_IMPRESSION
+from rec.memory import release_memory
 
 RECORD_FIELDS = (
     "kind",
@@ -64,6 +65,11 @@ _META_LAST = b"rec.last"
 _META_TOKENS = b"rec.tokens"
 TOKENS_KEPT = 100_000  # append tokens remembered while the writer runs (retries come in seconds)
 _READ_BUFFER = 1 << 20
+# The tail cache merges each run of this many newest frames into one batch: a frame of a few
+# records costs kilobytes of per-batch bookkeeping in memory, whatever its rows (the soak,
+# docs/benchmarks.md), so a cache of small group commits would grow with frames, not records.
+TAIL_MERGE_FRAMES = 64
+SNAPSHOT_ROWS = 1 << 16  # a snapshot holds at most about this many rows in memory at once
 _BEHAVIOUR = pa.array([KIND_EVENT, KIND_IMPRESSION])
 
 
@@ -127,6 +133,7 @@ class EventLog:
         self._file = open(active.path, "ab", buffering=0)  # noqa: SIM115 - lives until close()
         self._tail: deque[_Cached] = deque()
         self._tail_rows = 0
+        self._tail_unmerged = 0  # newest frames in the cache not merged yet
         self._tail_start = self._next_offset
         self._expired: set[int] = set()  # first offsets of segments with no behaviour records
         self._closed = False
@@ -232,16 +239,25 @@ class EventLog:
             tmp = target.with_name(target.name + ".tmp")
             try:
                 with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+                    chunk: list[pa.RecordBatch] = []
+                    rows = 0
                     for idx in range(len(self._segments)):
-                        batches = [b for _, b in self._segment_batches(idx, 0, None) if b.num_rows]
-                        if batches:
-                            writer.write_table(pa.Table.from_batches(batches, SCHEMA))
+                        for _, batch in self._segment_batches(idx, 0, None):
+                            if batch.num_rows:
+                                chunk.append(batch)
+                                rows += batch.num_rows
+                            if rows >= SNAPSHOT_ROWS:
+                                writer.write_batch(pa.concat_batches(chunk))
+                                chunk, rows = [], 0
+                    if chunk:
+                        writer.write_batch(pa.concat_batches(chunk))
                 _fsync_file(tmp)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
             os.replace(tmp, target)
             _fsync_dir(target.parent)
+        release_memory()
         return target, upto
 
     def forget_user(self, user_id: str) -> int:
@@ -261,6 +277,7 @@ class EventLog:
                     removed += self._rewrite(idx, lambda b: _of_user(b, user_id), data, needle)
             if removed:
                 self._filter_tail(lambda b: _of_user(b, user_id))
+        release_memory()  # every segment was read
         return removed
 
     def expire(self, protect_from: int, now: float | None = None) -> dict[str, Any]:
@@ -302,6 +319,8 @@ class EventLog:
                 out["ranges"].append((seg.first, nxt.first))
             if out["expired_records"]:
                 self._filter_tail(_behaviour, out["ranges"])
+        if out["segments"]:
+            release_memory()
         out["bytes"] = total
         out["over_budget"] = budget is not None and total > budget
         return out
@@ -380,15 +399,19 @@ class EventLog:
         return removed
 
     def _filter_tail(self, drop, ranges: list[tuple[int, int]] | None = None) -> None:
-        """Drop from the tail cache the rows `drop` masks (in frames inside the offset ranges
-        [first, end) given, else in all)."""
+        """Drop from the tail cache the rows `drop` masks (only those with offsets inside the
+        ranges [first, end) given, else all)."""
+
+        def kept(c: _Cached) -> _Cached:
+            if ranges is not None and not any(c.first < hi and lo <= c.last for lo, hi in ranges):
+                return c
+            mask = drop(c.batch)
+            if ranges is not None:
+                mask = pc.and_(mask, _in_ranges(c.batch.column(0), ranges))
+            return _Cached(c.first, c.last, c.batch.filter(pc.invert(mask)))
+
         with self._state_lock:
-            self._tail = deque(
-                c
-                if ranges is not None and not any(lo <= c.first < hi for lo, hi in ranges)
-                else _Cached(c.first, c.last, c.batch.filter(pc.invert(drop(c.batch))))
-                for c in self._tail
-            )
+            self._tail = deque(kept(c) for c in self._tail)
             self._tail_rows = sum(c.batch.num_rows for c in self._tail)
 
     def _newest_ts(self, idx: int) -> float | None:
@@ -401,11 +424,19 @@ class EventLog:
         return newest
 
     def _cache(self, item: _Cached) -> None:
-        """Add a committed frame to the tail cache, evicting whole old frames beyond the cap."""
+        """Add a committed frame to the tail cache, merging each TAIL_MERGE_FRAMES newest
+        frames into one batch, and evicting whole old batches beyond the cap."""
         self._tail.append(item)
         self._tail_rows += item.batch.num_rows
+        self._tail_unmerged += 1
+        if self._tail_unmerged >= TAIL_MERGE_FRAMES:
+            run = [self._tail.pop() for _ in range(self._tail_unmerged)][::-1]
+            merged = pa.concat_batches([c.batch for c in run])
+            self._tail.append(_Cached(run[0].first, run[-1].last, merged))
+            self._tail_unmerged = 0
         while self._tail and self._tail_rows > self.config.tail_cache_records:
             self._tail_rows -= self._tail.popleft().batch.num_rows
+        self._tail_unmerged = min(self._tail_unmerged, len(self._tail))
         self._tail_start = self._tail[0].first if self._tail else self._next_offset
 
     def _batches(self, start: int, end: int | None, limit: int | None) -> list[pa.RecordBatch]:
@@ -613,6 +644,14 @@ def _clip(
             if limit is not None and taken >= limit:
                 break
     return out
+
+
+def _in_ranges(offsets: pa.Array, ranges: list[tuple[int, int]]) -> pa.Array:
+    """Mask of the offsets inside any of the ranges [first, end)."""
+    mask = pa.array(np.zeros(len(offsets), dtype=bool))
+    for lo, hi in ranges:
+        mask = pc.or_(mask, pc.and_(pc.greater_equal(offsets, lo), pc.less(offsets, hi)))
+    return mask
 
 
 def _behaviour(batch: pa.RecordBatch) -> pa.Array:

@@ -22,6 +22,7 @@ from rec import checkpoint
 from rec.beacon import HeadReader
 from rec.config import RecConfig
 from rec.index import Index
+from rec.memory import release_memory
 from rec.model import ModelBundle, current_version, load_saved_index
 from rec.pipeline import Recommender
 
@@ -163,8 +164,10 @@ class Live:
         # a full collection walks them all (175 ms in process) while the replica serves
         # nothing: they are long-lived, so they move out of the collector's sight (Serve's
         # throughput mode froze only what existed at start-up, before any model loaded). The
-        # old version is freed by reference counting; only its cycles, if any, stay.
+        # old version is freed by reference counting (it holds no reference cycle: a frozen
+        # cycle is never collected), and its pages go back to the OS.
         gc.freeze()
+        await asyncio.to_thread(release_memory)
         self.reloads += 1
         log.info("now serving model %s", version)
         return True

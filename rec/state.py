@@ -9,6 +9,7 @@ gives the same state, part by part.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -125,7 +126,17 @@ class LiveState:
         self.model_items = 0  # catalogue indices below this are the model's items
         self.model_version: str | None = None  # the version whose item order indexes the catalogue
         self.checkpoint: str | None = None  # the checkpoint this state started from, if any
-        self.listener: CatalogListener | None = None
+        self._listener: weakref.ref | None = None
+
+    @property
+    def listener(self) -> CatalogListener | None:
+        return self._listener() if self._listener is not None else None
+
+    @listener.setter
+    def listener(self, listener: CatalogListener | None) -> None:
+        """Held weakly: the listener (the recall stage) holds this state, and a cycle between
+        them would outlive a model swap in a replica that has frozen its objects (gc.freeze)."""
+        self._listener = weakref.ref(listener) if listener is not None else None
 
     def rebase(self, basis: Basis) -> None:
         """Index the catalogue in a model's item order, its categories filling in items the
@@ -158,8 +169,8 @@ class LiveState:
                 self._apply_item(r)
             elif kind == KIND_ITEM_DELETE:
                 idx = self.catalog.delete(r["item_id"])
-                if idx is not None and self.listener is not None:
-                    self.listener.item_deleted(idx)
+                if idx is not None and (listener := self.listener) is not None:
+                    listener.item_deleted(idx)
             elif kind == KIND_USER_DELETE:
                 if self.profiles is not None:
                     self.profiles.forget(r["user_id"])
@@ -186,8 +197,8 @@ class LiveState:
             item_id, p.get("category"), p.get("tags") or [], p.get("title"), r["ts"]
         )
         self._grown(before)
-        if was_deleted and self.listener is not None:
-            self.listener.item_restored(idx)
+        if was_deleted and (listener := self.listener) is not None:
+            listener.item_restored(idx)
         if self.stats is not None and (is_new or idx >= self.model_items):
             self.stats.new_items.append(item_id)
 
@@ -198,5 +209,5 @@ class LiveState:
         return idx
 
     def _grown(self, before: int) -> None:
-        if len(self.catalog) > before and self.listener is not None:
-            self.listener.items_added(before, len(self.catalog))
+        if len(self.catalog) > before and (listener := self.listener) is not None:
+            listener.items_added(before, len(self.catalog))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from rec import eventlog
 from rec.config import EventLogConfig
 from rec.eventlog import SCHEMA, CorruptLogError, EventLog
 from rec.events import event_record, user_delete_record
@@ -201,7 +202,12 @@ def test_segments_roll_without_splitting_frames(tmp_path: Path) -> None:
         assert log.read(23, limit=3) == expected[23:26]
 
 
-def test_tail_cache_and_disk_reads_agree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("merge", [64, 2])
+def test_tail_cache_and_disk_reads_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge: int
+) -> None:
+    """Also with the cache's frames merged in twos (batches spanning segment boundaries)."""
+    monkeypatch.setattr(eventlog, "TAIL_MERGE_FRAMES", merge)
     config = EventLogConfig(segment_max_records=9, tail_cache_records=7)
     sizes = [random.Random(14).randint(1, 5) for _ in range(12)]
     with EventLog(tmp_path, config) as cached:

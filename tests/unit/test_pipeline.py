@@ -483,6 +483,27 @@ def test_a_new_version_replayed_from_the_log_keeps_profiles(rec, model2, log, us
         assert gone not in ids(response)
 
 
+def test_a_swapped_out_version_is_freed_without_the_cycle_collector(model, log) -> None:
+    """A replica freezes its objects out of the collector's sight (gc.freeze) after a swap, so
+    the version it swaps out must go by reference counting alone: a reference cycle in it
+    would keep the whole old pipeline (profiles, counts, models) for good."""
+    import gc
+    import weakref
+
+    r = Recommender(CONFIG, model)
+    r.apply(log)
+    r.recommend(log[-1]["user_id"])
+    parts = [weakref.ref(x) for x in (r, r.recaller, r.state, r.state.catalog, model.ranker)]
+    gc.disable()
+    try:
+        del r
+        alive = [ref() for ref in parts[:-1]]
+        assert alive == [None] * len(alive)
+        assert parts[-1]() is not None  # the model itself is the fixture's, still held
+    finally:
+        gc.enable()
+
+
 def test_records_in_the_model_do_not_count_cooccurrence_twice(model, log) -> None:
     """Training's replay applies the events its model was fitted on (interleaved with held-out
     ones, so no log offset separates them): their pairs are in item-CF already."""

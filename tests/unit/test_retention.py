@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from rec import eventlog
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
 from rec.events import ItemIn, event_record, impression_record, item_record, user_delete_record
@@ -114,11 +115,18 @@ def test_size_bound_expires_oldest_segments_first(tmp_path):
     assert kinds(log.read(40)) == {"item": 1, "user_delete": 1, "event": 7, "impression": 1}
 
 
-def test_expired_rows_leave_the_tail_cache_too(tmp_path):
+@pytest.mark.parametrize("merge", [64, 3])
+def test_expired_rows_leave_the_tail_cache_too(tmp_path, monkeypatch, merge):
+    """Also when the cache has merged frames into a batch that spans expired and kept
+    segments (merge=3: offsets 0..29 in one batch, 0..19 expired)."""
+    monkeypatch.setattr(eventlog, "TAIL_MERGE_FRAMES", merge)
     log, written = make_log(tmp_path, retention_max_age_s=30 * DAY)
+    assert len(log._tail) == (5 if merge == 64 else 3)
     assert log.read(0) == written  # served from the cache (it holds the whole log)
     log.expire(protect_from=log.next_offset, now=NOW)
-    assert kinds([r for r in log.read(0) if r["offset"] < 20]) == {"item": 2, "user_delete": 2}
+    after = log.read(0)
+    assert kinds([r for r in after if r["offset"] < 20]) == {"item": 2, "user_delete": 2}
+    assert [r for r in after if r["offset"] >= 20] == written[20:]
 
 
 @pytest.mark.parametrize("field", ["retention_max_age_s", "retention_max_bytes"])
