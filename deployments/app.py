@@ -13,6 +13,9 @@ from ray.serve import Application
 
 from deployments.eventlog import get_or_create_log
 from deployments.ingress import Aggregator
+from deployments.push import APP_NAME as PUSH_APP
+from deployments.push import REC_APP, build_push
+from deployments.push import ROUTE as PUSH_ROUTE
 from deployments.runtime import (
     INGRESS_MAX_ONGOING,
     MAX_ONGOING,
@@ -74,12 +77,45 @@ def merged(base: dict, overrides: dict) -> dict:
     return out
 
 
-def app_builder(args: dict) -> Application:
-    """Entry point for `serve run` / `serve deploy`: args {config: path/to/rec.yaml, and any
-    RecConfig sections to override, e.g. serving: {topology: split}}, merged key by key."""
+def config_from_args(args: dict) -> RecConfig:
+    """A `serve deploy` application's args: {config: path/to/rec.yaml, and any RecConfig
+    sections to override, e.g. serving: {topology: split}}, merged key by key."""
     path = args.get("config")
     config = RecConfig.from_yaml(Path(path)) if path else RecConfig()
     overrides = {k: v for k, v in args.items() if k != "config"}
     if overrides:
         config = RecConfig.model_validate(merged(config.model_dump(mode="json"), overrides))
-    return build_app(config)
+    return config
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point of the rec application for `serve run` / `serve deploy`."""
+    return build_app(config_from_args(args))
+
+
+def push_builder(args: dict) -> Application:
+    """Entry point of the /stream application (deployments.push), the same args as rec's."""
+    return build_push(config_from_args(args))
+
+
+def deploy(config: RecConfig, replicas: int = 1, **build) -> None:
+    """Run both applications on the Serve instance started: rec at / (`replicas` ingress
+    replicas; `build`: build_app's other arguments) and /stream."""
+    from ray import serve
+
+    serve.run(
+        build_app(config, replicas=replicas, **build),
+        name=REC_APP,
+        route_prefix="/",
+        blocking=False,
+    )
+    serve.run(
+        build_push(config, build.get("log")), name=PUSH_APP, route_prefix=PUSH_ROUTE, blocking=False
+    )
+
+
+def undeploy() -> None:
+    from ray import serve
+
+    for name in (PUSH_APP, REC_APP):
+        serve.delete(name)

@@ -106,7 +106,7 @@ def serve_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy
     from deployments.eventlog import get_or_create_log
     from deployments.trainer import get_or_create_trainer
     from rec.model import current_version
@@ -140,9 +140,7 @@ def serve_main(args: argparse.Namespace) -> int:
             print("training the first model with Ray Train ...")
             result = ray.get(get_or_create_trainer(config).retrain.remote())
             print(f"published {result['published']} in {result['seconds']} s")
-        serve.run(
-            build_app(config, replicas=args.replicas), name="rec", route_prefix="/", blocking=False
-        )
+        deploy(config, replicas=args.replicas)
         if args.floor:  # the load tests' baseline: same Ray, same proxy, same replica settings
             from deployments.floor import APP_NAME, ROUTE, build_floor
 

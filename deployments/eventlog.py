@@ -22,6 +22,7 @@ from rec.beacon import HeadWriter, owner
 from rec.config import EventLogConfig
 from rec.eventlog import EventLog
 from rec.events import KIND_EVENT, KIND_IMPRESSION
+from rec.push import Change, Watches
 
 LOG_ACTOR = "rec_eventlog"
 FORGOTTEN = "forgotten"  # in-memory stand-in for a removed record; followers skip it
@@ -43,6 +44,7 @@ class EventLogService:
         # dict costs several times its Arrow row (docs/ray-notes.md, the soak).
         self.recent: deque[dict] = deque(maxlen=min(self.config.tail_cache_records, RECENT_DICTS))
         self.pending: list[tuple[list[dict], asyncio.Future]] = []
+        self.watches = Watches(self.log.next_offset)  # ingress replicas pushing to streams
         self.disk = asyncio.Lock()  # one disk operation at a time (append, snapshot, forget)
         self.flushing = False
         # The Ray node this actor runs on (None without Ray: Serve's local testing mode), and
@@ -110,9 +112,41 @@ class EventLogService:
             # impressions alone (training's feedback, which serving does not apply) leave
             # followers where they are
             self.head.publish(first + len(records))
+        self.watches.published(stored, first + len(records))
 
     def next_offset(self) -> int:
         return self.log.next_offset
+
+    async def watch(
+        self, watcher: str, users: list[str], after: int, timeout_s: float = 1.0
+    ) -> Change:
+        """Answers when a record from offset `after` on concerns one of `users` or the
+        catalogue, or after `timeout_s` with nothing (rec.push.Watches: one pending watch per
+        watcher, a newer one replaces it)."""
+        return await self.watches.wait(watcher, users, after, self._since(after), timeout_s)
+
+    def recent_users(self, limit: int) -> list[str]:
+        """Up to `limit` users with the newest events in memory, newest first."""
+        users: dict[str, None] = {}
+        for r in reversed(self.recent):
+            if r["kind"] == KIND_EVENT:
+                users.setdefault(r["user_id"], None)
+                if len(users) >= limit:
+                    break
+        return list(users)
+
+    def _since(self, start: int) -> list[dict] | None:
+        """The records from offset `start` to the head, when memory still holds them all."""
+        if start >= self.log.next_offset:
+            return []
+        if not self.recent or self.recent[0]["offset"] > start:
+            return None
+        out = []
+        for r in reversed(self.recent):
+            if r["offset"] < start:
+                break
+            out.append(r)
+        return out[::-1]
 
     def head_info(self, reader_node: str | None = None) -> dict | None:
         """Where replicas on this machine read the head offset without calling this actor.

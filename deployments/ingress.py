@@ -9,14 +9,10 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.exception_handlers import (
-    http_exception_handler,
-    request_validation_exception_handler,
-)
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
@@ -40,6 +36,7 @@ from rec.finalize import finalize
 from rec.model import current_version
 
 READYZ_USER = "__readyz__"
+PAGE = Path(__file__).with_name("page") / "index.html"
 IMPRESSION_FLUSH_S = 0.5  # impressions wait at most this long to be appended, in one batch
 IMPRESSION_BATCH = 1000
 # How long a write waits for the event log (a restarting log answers when it is back; the
@@ -137,23 +134,7 @@ def _openapi() -> dict:
 api.openapi = _openapi
 
 
-@api.exception_handler(HTTPException)
-async def _counted_http_error(request: Request, exc: HTTPException):
-    telemetry.serving().errors.inc(tags={"status": str(exc.status_code)})
-    return await http_exception_handler(request, exc)
-
-
-@api.exception_handler(RequestValidationError)
-async def _counted_validation_error(request: Request, exc: RequestValidationError):
-    telemetry.serving().errors.inc(tags={"status": "422"})
-    return await request_validation_exception_handler(request, exc)
-
-
-@api.exception_handler(Exception)
-async def _counted_server_error(request: Request, exc: Exception):
-    """Starlette answers with this and then re-raises the exception, which Serve logs."""
-    telemetry.serving().errors.inc(tags={"status": "500"})
-    return JSONResponse({"detail": "internal error"}, status_code=500)
+telemetry.count_errors(api)
 
 
 class RecommendIn(BaseModel):
@@ -227,6 +208,27 @@ class InvalidInput(HTTPException):
 
 def _csv(query, name: str) -> list[str]:
     return [x for x in query.get(name, "").split(",") if x]
+
+
+_PAGE: str | None = None
+
+
+def _page() -> str:
+    global _PAGE
+    if _PAGE is None:
+        _PAGE = PAGE.read_text(encoding="utf-8")
+    return _PAGE
+
+
+def allow(access: Access, request: Request, scope: str) -> None:
+    """401 without a known key, 403 without the scope, 429 over the key's rate."""
+    try:
+        access.check(request.headers.get("x-api-key"), scope)
+    except AccessDenied as exc:
+        headers = None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": retry_after_header(exc.retry_after)}
+        raise HTTPException(exc.status, exc.detail, headers=headers) from None
 
 
 def _parse(model: type[BaseModel], body: object) -> BaseModel:
@@ -432,6 +434,14 @@ class Aggregator:
         removed = await self.log.forget_user.remote(user_id)
         return {"user_id": user_id, "deleted_events": removed, "offset": first}
 
+    async def known_users(self, limit: int) -> dict:
+        """Users with the newest events, for the page's picker."""
+        return {"users": await self.log.recent_users.remote(limit)}
+
+    async def served_version(self) -> str | None:
+        """The model version this replica's pipeline serves (GET /stream pushes on a change)."""
+        return (await self.stages.model_info()).get("serving")
+
     async def readiness(self) -> tuple[bool, dict]:
         if not self._started.done():
             return False, {"ready": False, "why": "loading"}
@@ -492,14 +502,7 @@ class Aggregator:
             raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
 
     def _allow(self, request: Request, scope: str) -> None:
-        """401 without a known key, 403 without the scope, 429 over the key's rate."""
-        try:
-            self.access.check(request.headers.get("x-api-key"), scope)
-        except AccessDenied as exc:
-            headers = None
-            if exc.retry_after is not None:
-                headers = {"Retry-After": retry_after_header(exc.retry_after)}
-            raise HTTPException(exc.status, exc.detail, headers=headers) from None
+        allow(self.access, request, scope)
 
     @api.post(
         "/events",
@@ -587,6 +590,25 @@ class Aggregator:
     async def http_readyz(self) -> JSONResponse:
         ok, body = await self.readiness()
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @api.get(
+        "/users",
+        summary="Users with the newest events (the page's picker)",
+        openapi_extra=KEYED,
+    )
+    async def http_users(
+        self,
+        request: Request,
+        limit: int = Query(12, ge=1, le=100, description="How many users."),
+    ) -> JSONResponse:
+        self._allow(request, "events")
+        return JSONResponse(await self.known_users(limit))
+
+    @api.get(
+        "/", summary="A page that shows a user's recommendations live", include_in_schema=False
+    )
+    async def http_page(self) -> HTMLResponse:
+        return HTMLResponse(_page())
 
     @api.get(
         "/models",

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import functools
 
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from ray.serve import metrics as serve_metrics
 from ray.util import metrics as ray_metrics
 
@@ -73,6 +77,20 @@ class Serving:
             self._version = version
 
 
+class Push:
+    """What a GET /stream replica (deployments.push) reports."""
+
+    def __init__(self) -> None:
+        self.streams = serve_metrics.Gauge(
+            "rec_streams_open", description="GET /stream connections open on this replica."
+        )
+        self.pushes = serve_metrics.Counter(
+            "rec_pushes_total",
+            description="Lists sent on streams, per trigger (connect, events, catalog, model).",
+            tag_keys=("trigger",),
+        )
+
+
 class Log:
     """What the event log actor reports."""
 
@@ -112,6 +130,11 @@ def serving() -> Serving:
 
 
 @functools.cache
+def push() -> Push:
+    return Push()
+
+
+@functools.cache
 def log() -> Log:
     return Log()
 
@@ -119,3 +142,23 @@ def log() -> Log:
 @functools.cache
 def training() -> Training:
     return Training()
+
+
+def count_errors(api: FastAPI) -> None:
+    """Count the error answers of `api`'s routes in rec_http_errors_total, per status."""
+
+    @api.exception_handler(HTTPException)
+    async def _counted_http_error(request: Request, exc: HTTPException):
+        serving().errors.inc(tags={"status": str(exc.status_code)})
+        return await http_exception_handler(request, exc)
+
+    @api.exception_handler(RequestValidationError)
+    async def _counted_validation_error(request: Request, exc: RequestValidationError):
+        serving().errors.inc(tags={"status": "422"})
+        return await request_validation_exception_handler(request, exc)
+
+    @api.exception_handler(Exception)
+    async def _counted_server_error(request: Request, exc: Exception):
+        """Starlette answers with this and then re-raises the exception, which Serve logs."""
+        serving().errors.inc(tags={"status": "500"})
+        return JSONResponse({"detail": "internal error"}, status_code=500)

@@ -307,6 +307,12 @@ class ServingConfig(_Config):
         "node leaves a replica of each serving elsewhere. None: no limit.",
     )
     replica_cpus: float = Field(0.25, gt=0, description="num_cpus reserved per Serve replica.")
+    max_streams: int = Field(
+        1000,
+        ge=0,
+        description="Open GET /stream connections per ingress replica; beyond it a new one is "
+        "answered 503.",
+    )
     log_impressions: bool = Field(
         True, description="Append what each /recommend showed to the log (training feedback)."
     )

@@ -52,6 +52,7 @@ def small_config(data_dir, topology: str = "fused") -> RecConfig:
     )
     config.serving.topology = topology
     config.serving.reload_poll_s = 0.2
+    config.serving.max_streams = 8  # a test reaches the bound
     config.train.every_s = config.checkpoint.every_s = None  # a test starts what it needs
     config.ranker.epochs = 1
     config.ranker.max_examples = 3000

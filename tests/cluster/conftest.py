@@ -154,9 +154,8 @@ def stack(cluster, tmp_path_factory):
     """The split app across the cluster, on a fresh data dir: data in the log, a first model
     published; `ingress` maps each worker node to the direct HTTP URL of its ingress replica."""
     import ray
-    from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy
     from deployments.eventlog import get_or_create_log
 
     root = tmp_path_factory.mktemp("cluster")
@@ -170,16 +169,7 @@ def stack(cluster, tmp_path_factory):
     model = train(snapshot_table(records), config)
     model.save(config.model_dir, model.build_index(config.recall, config.serving.ann_shards))
     publish(config.model_dir, model.version)
-    serve.run(
-        build_app(
-            config,
-            replicas=replicas["Aggregator"],
-            stage_replicas=replicas["ProfileStage"],
-        ),
-        name="rec",
-        route_prefix="/",
-        blocking=False,
-    )
+    deploy(config, replicas=replicas["Aggregator"], stage_replicas=replicas["ProfileStage"])
     client = httpx.Client(base_url=cluster["url"], timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(client), timeout_s=START_TIMEOUT_S, interval_s=0.5)
     ingress = wait_for(lambda: ingress_urls(cluster), timeout_s=60, interval_s=0.5)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import queue
 import socket
+import threading
 import time
 
 import httpx
@@ -67,16 +70,15 @@ def ray_cluster():
 def stack(request, ray_cluster, tmp_path_factory):
     """The app in one topology on a fresh data dir: data in the log, a first model published."""
     import ray
-    from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy, undeploy
     from deployments.trainer import get_or_create_trainer
 
     topology = request.param
     root = tmp_path_factory.mktemp(f"stack-{topology}")
     config = small_config(root, topology)
     log, model = seeded(config, seed=3)
-    serve.run(build_app(config), name="rec", route_prefix="/", blocking=False)
+    deploy(config)
     client = httpx.Client(base_url=ray_cluster, timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(client), timeout_s=120, interval_s=0.2)
     yield {
@@ -88,7 +90,7 @@ def stack(request, ray_cluster, tmp_path_factory):
         "trainer": get_or_create_trainer(config),
     }
     client.close()
-    serve.delete("rec")
+    undeploy()
     for name in ("rec_eventlog", "rec_trainer"):
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(name, namespace="rec"), no_restart=True)
@@ -121,3 +123,73 @@ def _ready(client: httpx.Client) -> bool:
 @pytest.fixture(autouse=True)
 def _threads():
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class Stream:
+    """A GET /stream connection read on a thread of its own: `status` once the server
+    answered, then each `recommendations` message in order (`next`)."""
+
+    def __init__(self, base_url: str, user_id: str, k: int = 10, headers=ADMIN) -> None:
+        self._messages: queue.Queue = queue.Queue()
+        self._answered = threading.Event()
+        self.status: int | None = None
+        self.headers: httpx.Headers | None = None
+        self.body = b""  # an answer other than 200
+        self._client = httpx.Client(base_url=base_url, timeout=httpx.Timeout(30, read=None))
+        self._request = self._client.build_request(
+            "GET", "/stream", params={"user_id": user_id, "k": k}, headers=headers
+        )
+        self._response: httpx.Response | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            self._response = self._client.send(self._request, stream=True)
+            self.status, self.headers = self._response.status_code, self._response.headers
+            self._answered.set()
+            if self.status != 200:
+                self.body = self._response.read()
+                return
+            event, data = None, []
+            for line in self._response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line == "":
+                    if event == "recommendations":
+                        self._messages.put(json.loads("".join(data)))
+                    event, data = None, []
+        except Exception:  # closed by the test (from its thread), or the server went away
+            pass
+        finally:
+            self._answered.set()
+
+    def answered(self, timeout_s: float = 30.0) -> int | None:
+        self._answered.wait(timeout_s)
+        return self.status
+
+    def next(self, timeout_s: float = 10.0) -> dict:
+        """The next message (fails after timeout_s without one)."""
+        return self._messages.get(timeout=timeout_s)
+
+    def until(self, predicate, timeout_s: float = 10.0) -> dict:
+        """The first message for which predicate(message) holds, skipping the others."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            message = self.next(max(deadline - time.monotonic(), 0.001))
+            if predicate(message):
+                return message
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+        self._client.close()
+        self._thread.join(5)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -27,6 +27,7 @@ ROUTES = [
     ("GET", "/similar?item_id=i1", None, "read"),
     ("GET", "/items/i1", None, "read"),
     ("GET", "/models", None, "read"),
+    ("GET", "/users", None, "events"),
     ("POST", "/items", {"item_id": "acc-new", "category": "c01"}, "catalog"),
     ("DELETE", "/items/acc-new", None, "catalog"),
     ("DELETE", "/users/acc-gone", None, "admin"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import queue
 import time
 
 import numpy as np
+import pytest
 
 from rec.events import KIND_EVENT
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import Stream, wait_for
 
 
 def test_recommend_and_cold_start(stack):
@@ -175,3 +177,81 @@ def test_request_filters_over_http(stack):
         "/recommend", params={"user_id": "u1", "k": 50, "categories": cat, "include_seen": "true"}
     ).json()
     assert clicked in {i["item_id"] for i in seen_too["items"]}
+
+
+# ---- push: GET /stream -----------------------------------------------------------------------
+
+
+def test_a_stream_sends_the_list_then_each_change(stack):
+    """The current list on connect; after the user's event is acknowledged, a list reflecting
+    it (its offset past the event's), the clicked item gone; a catalogue change to an item the
+    list shows pushes a list without it; another user's event pushes nothing."""
+    c = stack["client"]
+    base = str(c.base_url)
+    with Stream(base, "push-1", k=10) as s, Stream(base, "push-2", k=10) as other:
+        assert s.answered() == 200 and other.answered() == 200, (s.body, other.body)
+        first = s.next()
+        assert first["trigger"] == "connect" and first["user_id"] == "push-1"
+        assert len(first["items"]) == 10 and first["model_version"] == stack["model"].version
+        assert other.next()["trigger"] == "connect"
+        lags = []
+        shown = first
+        for n in range(5):
+            item = shown["items"][0]["item_id"]
+            ack = c.post("/events", json={"user_id": "push-1", "item_id": item, "type": "click"})
+            t0 = time.perf_counter()
+            assert ack.status_code == 200, ack.text
+            acked = ack.json()["last_offset"]
+            shown = s.until(lambda m, acked=acked: m["offset"] > acked)
+            lags.append((time.perf_counter() - t0) * 1000)
+            assert shown["trigger"] == "events", (n, shown)
+            assert item not in {i["item_id"] for i in shown["items"]}
+        victim = shown["items"][3]["item_id"]
+        assert c.delete(f"/items/{victim}").status_code == 200
+        after = s.until(lambda m: m["trigger"] == "catalog")
+        assert victim not in {i["item_id"] for i in after["items"]}
+        # push-2 got nothing from push-1's clicks: at most the catalogue change, if it showed it
+        with pytest.raises(queue.Empty):
+            other.until(lambda m: m["trigger"] != "catalog", timeout_s=0.5)
+    print(
+        f"\n[{stack['topology']}] POST /events answer -> pushed list: "
+        f"p50 {np.percentile(lags, 50):.1f} ms, max {max(lags):.1f} ms"
+    )
+
+
+def test_streams_are_bounded_per_replica_and_the_bound_answers_503(stack):
+    c = stack["client"]
+    base = str(c.base_url)
+    bad = [
+        c.get("/stream"),
+        c.get("/stream", params={"user_id": "u1", "k": 0}),
+        c.get("/stream", params={"user_id": "u1", "k": 10_000}),
+    ]
+    assert [r.status_code for r in bad] == [422, 422, 422], [r.text for r in bad]
+    limit = stack["config"].serving.max_streams
+    # streams an earlier test closed hold their place until the replica notices (at most
+    # until its next keepalive write)
+    streams = [
+        wait_for(lambda n=n: _opened(base, f"bound-{n}"), timeout_s=30) for n in range(limit)
+    ]
+    try:
+        with Stream(base, "bound-over", k=3) as over:
+            assert over.answered() == 503, over.body
+            assert int(over.headers["retry-after"]) > 0
+        streams.pop().close()  # a closed stream frees its place
+        t0 = time.perf_counter()
+        streams.append(wait_for(lambda: _opened(base, "bound-again"), timeout_s=30))
+        print(
+            f"\n[{stack['topology']}] a closed stream's place free in {time.perf_counter() - t0:.1f} s"
+        )
+    finally:
+        for s in streams:
+            s.close()
+
+
+def _opened(base: str, user: str) -> Stream | None:
+    s = Stream(base, user, k=3)
+    if s.answered() == 200:
+        return s
+    s.close()
+    return None

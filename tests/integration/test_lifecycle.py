@@ -13,7 +13,7 @@ import httpx
 import ray
 
 from tests.conftest import ADMIN
-from tests.integration.conftest import wait_for
+from tests.integration.conftest import Stream, wait_for
 
 
 def test_log_actor_sigkill_loses_no_acknowledged_event(stack):
@@ -139,6 +139,8 @@ METRICS = (
     "ray_rec_retrain_seconds",
     "ray_rec_retrains_total",
     "ray_rec_published_model",
+    "ray_rec_streams_open",
+    "ray_rec_pushes_total",
 )
 
 
@@ -152,6 +154,8 @@ def test_metrics_are_exported_with_values(stack):
         assert c.post("/events", json=body).status_code == 200
     assert c.get("/similar", params={"item_id": "no-such-item"}).status_code == 404
     assert c.post("/events", json={"user_id": "u1"}).status_code == 422
+    with Stream(str(c.base_url), "u1") as s:  # a stream: rec_streams_open, rec_pushes_total
+        assert s.answered() == 200 and s.next()["trigger"] == "connect"
     url = os.environ["REC_TEST_METRICS_URL"]
 
     def scraped() -> dict[str, list[str]] | None:
@@ -171,7 +175,7 @@ def test_metrics_are_exported_with_values(stack):
     for stage in ("profile", "recall", "rank", "finalize"):
         assert f'stage="{stage}"' in text
     assert 'type="click"' in text and 'status="404"' in text and 'status="422"' in text
-    assert 'result="published"' in text
+    assert 'result="published"' in text and 'trigger="connect"' in text
     assert f'version="{c.get("/models").json()["serving"]}"' in text
     head = [float(x.rsplit(" ", 1)[1]) for x in found["ray_rec_log_head"]]
     assert max(head) > 0

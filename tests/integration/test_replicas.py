@@ -17,13 +17,12 @@ from tests.integration.conftest import _ready, seeded, wait_for
 @pytest.fixture(scope="module")
 def two_replicas(ray_cluster, tmp_path_factory):
     import ray
-    from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy, undeploy
 
     config = small_config(tmp_path_factory.mktemp("two-replicas"), "fused")
     log, _ = seeded(config, seed=4)
-    serve.run(build_app(config, replicas=2), name="rec", route_prefix="/", blocking=False)
+    deploy(config, replicas=2)
     proxy = httpx.Client(base_url=ray_cluster, timeout=30, headers=ADMIN)
     wait_for(lambda: _ready(proxy), timeout_s=180, interval_s=0.2)
     urls = wait_for(lambda: len(direct_targets("127.0.0.1").get("rec", [])) == 2, timeout_s=60)
@@ -37,7 +36,7 @@ def two_replicas(ray_cluster, tmp_path_factory):
     yield a, b, log
     for c in (proxy, a, b):
         c.close()
-    serve.delete("rec")
+    undeploy()
     for name in ("rec_eventlog", "rec_trainer"):
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(name, namespace="rec"), no_restart=True)

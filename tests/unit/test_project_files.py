@@ -46,6 +46,20 @@ def test_serve_yaml_states_the_admission_limits_the_code_uses() -> None:
         assert limits[stage]["max_ongoing_requests"] == MAX_ONGOING
 
 
+def test_serve_yaml_deploys_the_stream_app_as_the_code_does() -> None:
+    from deployments.push import APP_NAME, HEADROOM, ROUTE
+    from deployments.runtime import MAX_QUEUED
+
+    rec, stream = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())["applications"]
+    assert (stream["name"], stream["route_prefix"]) == (APP_NAME, ROUTE)
+    assert stream["import_path"] == "deployments.app:push_builder"
+    assert stream["args"] == rec["args"]
+    config = RecConfig.model_validate({"serving": rec["args"]["serving"]})
+    (pusher,) = stream["deployments"]
+    assert pusher["max_ongoing_requests"] == config.serving.max_streams + HEADROOM
+    assert pusher["max_queued_requests"] == MAX_QUEUED
+
+
 def test_serve_and_cluster_yaml_describe_one_layout() -> None:
     """What tests/cluster deploys on one machine: serve.yaml's serving settings are a valid
     split config whose placement resources the cluster's node types declare (the ranker's on
