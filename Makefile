@@ -16,10 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[serve,dev]'
 	touch $(STAMP)
 
+# The page's browser test drives Debian's Chromium through its driver (tests/integration/test_page.py).
+BROWSER := /usr/bin/chromedriver
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+APT     := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+
+$(BROWSER):
+	$(APT) install -y -q chromium chromium-driver || ($(APT) update -q && $(APT) install -y -q chromium chromium-driver)
+
 run: $(STAMP)  ## serve the default demo on 127.0.0.1:8000 (DATA=path FORMAT=csv|movielens|lightgcn to bring your own)
 	$(BIN)/rec serve $(if $(DATA),--data $(DATA) --format $(or $(FORMAT),csv)) $(if $(CONFIG),--config $(CONFIG))
 
-test: $(STAMP)  ## the whole suite: unit, wiring (Serve local mode), integration (local Ray + HTTP)
+test: $(STAMP) $(BROWSER)  ## the whole suite: unit, wiring (Serve local mode), integration (local Ray + HTTP)
 	$(BIN)/python -m pytest tests -q
 
 fuzz: $(STAMP)  ## schemathesis against the API, 300 cases per operation (make test runs 15)
@@ -29,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check rec deployments tests loadtest
 	$(BIN)/ruff format --check rec deployments tests loadtest
 
-loadtest: $(STAMP)  ## start a local stack, run bounded scenarios on 127.0.0.1 (<= 15 min), stop it; loadtest/results/
+loadtest: $(STAMP) $(BROWSER)  ## start a local stack, run bounded scenarios on 127.0.0.1 (<= 15 min), stop it; loadtest/results/
 	$(BIN)/python -m loadtest.run $(if $(DATA),--data $(DATA) --format $(or $(FORMAT),csv)) $(if $(CONFIG),--config $(CONFIG)) $(LOADTEST_ARGS)
 
 chaos: $(STAMP)  ## one fault at a time under mixed load (replica, log, shard, trainer, proxy killed), fused and split; loadtest/results/chaos.md (CHAOS_ARGS="--only fused/log")

@@ -3,23 +3,28 @@
 Its own Serve application (route /stream), not a route of the Aggregator: an open stream holds
 one of its replica's request slots for as long as it lasts, and the Aggregator's slots are its
 admission control (deployments.runtime.INGRESS_MAX_ONGOING). A Pusher replica admits
-`serving.max_streams` streams (beyond: 503 with Retry-After) and computes each list with the
-rec application's `recommend` through a handle, so a pushed list is exactly what GET
-/recommend answers, read-your-writes included.
+`serving.max_streams` streams (beyond: 503 with Retry-After) and asks the rec application's
+ingress for each list with GET /recommend, so a pushed list is exactly what a client would get,
+read-your-writes included. It asks on the ingress replicas' direct-ingress ports, where its
+requests queue first come first served with the clients'; through a Serve handle they would
+wait for a free slot, which a saturated ingress never has (docs/ray-notes.md).
 
 Each replica keeps one watch pending at the log actor naming its streams' users
 (rec.push.Watches); the log answers it when it publishes a record that concerns one of them or
-the catalogue. The watch is renewed every `serving.reload_poll_s` (when a model swap is
-noticed) or when a stream of a new user opens: the CPU an idle replica spends does not grow
-with its streams.
+the catalogue. The watch is renewed when it times out (WATCH_S) or when a stream of a
+new user opens, and the served model version is asked for every `serving.reload_poll_s`: the
+CPU an idle replica spends does not grow with its streams.
 """
 
 import asyncio
+import itertools
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import StreamingResponse
 from ray import serve
@@ -29,7 +34,7 @@ from starlette._utils import get_route_path
 from deployments import telemetry
 from deployments.eventlog import get_or_create_log
 from deployments.ingress import InvalidInput, allow
-from deployments.runtime import MAX_QUEUED, actor_options
+from deployments.runtime import actor_options
 from rec.access import Access
 from rec.config import RecConfig
 from rec.events import ID_MAX
@@ -42,10 +47,18 @@ REC_APP = "rec"  # the application whose ingress computes the lists
 # A stream with nothing to send writes an SSE comment this often: proxies keep the connection
 # and a client that went away is noticed by the failed write.
 KEEPALIVE_S = 15.0
-PUSH_CONCURRENCY = 16  # pushed lists one replica computes at once
+# Lists one replica asks the rec application for at once (first lists of opening streams and
+# pushes together): a burst of connections or a model swap that touches every stream waits
+# here instead of overflowing the ingress's queue (its max_queued_requests, per caller).
+PUSH_CONCURRENCY = 8
 # Request slots beyond max_streams, so that a stream over the bound reaches the code that answers
-# it 503 with Retry-After instead of waiting in Serve's queue.
+# it 503 with Retry-After instead of waiting in Serve's queue. Opening streams queue in Serve's
+# routers (the proxy's) until the replica takes them, and a burst of reconnects is that many at
+# once: up to max_streams of them wait there, beyond that Serve answers 503 itself.
 HEADROOM = 16
+WATCH_S = 10.0  # how long one watch waits at the log for a change
+TARGETS_S = 10.0  # how often the ingress replicas' direct-ingress URLs are looked up again
+LIST_TIMEOUT_S = 10.0  # one GET /recommend for a pushed list
 
 
 class _Bare:
@@ -64,6 +77,23 @@ class _Bare:
 api = FastAPI(title="rec stream", docs_url=None, redoc_url=None, openapi_url=None)
 api.add_middleware(_Bare)
 telemetry.count_errors(api)
+
+
+def _ingress_urls(app: str) -> list[str]:
+    """The direct-ingress URLs of `app`'s ingress replicas, on the host Serve's HTTP binds
+    (none: Serve has no such ports, or they could not be found; the handle serves then)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from deployments.cli import direct_targets
+
+    try:
+        controller = _get_global_client()._controller  # not public API, as direct_targets
+        host = ray.get(controller.get_http_config.remote(), timeout=10).host
+    except Exception:
+        log.exception("finding Serve's HTTP host failed; lists go through the handle")
+        return []
+    return direct_targets(host).get(app, [])
 
 
 def _ignore_result(future: asyncio.Future) -> None:
@@ -85,6 +115,13 @@ class Pusher:
         self.streams = Streams(self.config.serving.max_streams)
         self._watcher = uuid.uuid4().hex  # this replica's name for its watch at the log
         self._pusher: asyncio.Task | None = None
+        self._asking = asyncio.Semaphore(PUSH_CONCURRENCY)
+        self._http = httpx.AsyncClient(timeout=LIST_TIMEOUT_S)
+        self._targets: list[str] = []
+        self._targets_at = -TARGETS_S
+        self._turn = itertools.count()
+        self._swapped = asyncio.Event()  # the ingress serves a model version not seen before
+        self._versions: asyncio.Task | None = None
 
     @property
     def rec(self):
@@ -92,22 +129,25 @@ class Pusher:
             self._rec = serve.get_app_handle(self.rec_app)
         return self._rec
 
-    async def open(self, user_id: str, k: int) -> Stream:
+    async def open(self, user_id: str, k: int, key: str | None = None) -> Stream:
         """A new stream of `user_id`'s lists, its first (the current list) queued; 503 when
         this replica holds serving.max_streams already."""
         try:
-            stream = self.streams.open(user_id, k)
+            stream = self.streams.open(user_id, k, key)
         except StreamsFull as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
         try:
             head = await self.log.next_offset.remote()
-            stream.offer(await self._list(user_id, k, head, "connect"), always=True)
+            stream.offer(await self._list(user_id, k, key, head, "connect"), always=True)
         except BaseException:
             self.streams.close(stream)
             raise
         self.metrics.streams.set(len(self.streams))
+        loop = asyncio.get_running_loop()
         if self._pusher is None or self._pusher.done():
-            self._pusher = asyncio.get_running_loop().create_task(self._push_changes(head))
+            self._pusher = loop.create_task(self._push_changes(head))
+        if self._versions is None or self._versions.done():
+            self._versions = loop.create_task(self._watch_versions())
         return stream
 
     async def _sse(self, stream: Stream) -> AsyncIterator[str]:
@@ -124,70 +164,103 @@ class Pusher:
             self.streams.close(stream)
             self.metrics.streams.set(len(self.streams))
 
-    async def _list(self, user_id: str, k: int, head: int, trigger: str) -> dict:
+    async def _list(self, user_id: str, k: int, key: str | None, head: int, trigger: str) -> dict:
         """The user's list as a stream sends it: the /recommend answer, which reflects every
         record below log offset `head` (`offset`), and what made it (`trigger`)."""
-        out = await self.rec.recommend.remote({"user_id": user_id, "k": k})
+        async with self._asking:
+            out = await self._recommend(user_id, k, key)
         self.metrics.pushes.inc(tags={"trigger": trigger})
         return {**out, "offset": head, "trigger": trigger}
 
+    async def _recommend(self, user_id: str, k: int, key: str | None) -> dict:
+        """GET /recommend on an ingress replica's direct-ingress port (round robin), or through
+        the handle where Serve has none."""
+        now = time.monotonic()
+        if now - self._targets_at >= TARGETS_S:
+            self._targets_at = now
+            self._targets = await asyncio.to_thread(_ingress_urls, self.rec_app)
+        if not self._targets:
+            return await self.rec.recommend.remote({"user_id": user_id, "k": k})
+        url = self._targets[next(self._turn) % len(self._targets)]
+        try:
+            resp = await self._http.get(
+                f"{url}/recommend",
+                params={"user_id": user_id, "k": k},
+                headers={"X-API-Key": key} if key else None,
+            )
+        except httpx.HTTPError:
+            self._targets_at = -TARGETS_S  # a replica gone: look them up again
+            raise
+        resp.raise_for_status()
+        return resp.json()
+
+    async def _watch_versions(self) -> None:
+        """While streams are open: ask the ingress every reload_poll_s which model version it
+        serves; a version not seen before sets _swapped (replicas swap one after the other,
+        and an old one answering meanwhile is no change). Off the path of the changes: a
+        saturated ingress may keep this waiting."""
+        seen: set[str | None] = set()
+        while len(self.streams):
+            try:
+                version = await self.rec.served_version.remote()
+            except Exception:
+                log.exception("asking the served model version failed")
+            else:
+                if seen and version not in seen:
+                    self._swapped.set()
+                seen.add(version)
+            await asyncio.sleep(self.config.serving.reload_poll_s)
+
     async def _push_changes(self, after: int) -> None:
         """While streams are open: keep one watch pending at the log for their users and give
-        each stream a change touches its new list."""
-        seen = {await self.rec.served_version.remote()}
+        each stream a change touches its new list; every stream when the model changed."""
         while len(self.streams):
             self.streams.changed.clear()
             watch = asyncio.ensure_future(
-                self.log.watch.remote(
-                    self._watcher, self.streams.users(), after, self.config.serving.reload_poll_s
-                )
+                self.log.watch.remote(self._watcher, self.streams.users(), after, WATCH_S)
             )
             added = asyncio.ensure_future(self.streams.changed.wait())
+            swapped = asyncio.ensure_future(self._swapped.wait())
             try:
-                await asyncio.wait({watch, added}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({watch, added, swapped}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 added.cancel()
-            if not watch.done():  # a user was added: the next watch names them too
+                swapped.cancel()
+            if not watch.done():  # a user was added, or a new model: the next watch covers it
                 watch.add_done_callback(_ignore_result)
-                continue
-            try:
-                change: Change = watch.result()
-                version = await self.rec.served_version.remote()
-            except Exception:  # the log or the ingress restarting: the next watch finds it
-                log.exception("watching the log for streams failed")
-                await asyncio.sleep(0.5)
-                continue
+                change = Change(after)
+            else:
+                try:
+                    change = watch.result()
+                except Exception:  # the log restarting: the next watch finds it back
+                    log.exception("watching the log for streams failed")
+                    await asyncio.sleep(0.5)
+                    continue
+            model = self._swapped.is_set()
+            self._swapped.clear()
             after = change.head
-            # a version not seen before (replicas swap one after the other: an old one
-            # answering meanwhile is no change)
-            swapped = version not in seen
-            seen.add(version)
-            touched = self.streams.touched(change, swapped)
+            touched = self.streams.touched(change, model)
             if touched:
                 trigger = "events" if change.users else "catalog" if change.items else "model"
                 await self._push(touched, change.head, trigger)
 
     async def _push(self, touched: list[tuple[Stream, bool]], head: int, trigger: str) -> None:
-        """One list per (user, k) for the streams touched, PUSH_CONCURRENCY at a time, the
-        users who acted first (a model swap touches every stream at once)."""
+        """One list per (user, k) for the streams touched, the users who acted first (the
+        order they queue for PUSH_CONCURRENCY in)."""
         groups: dict[tuple[str, int], list[tuple[Stream, bool]]] = {}
         for stream, always in sorted(touched, key=lambda t: not t[1]):
             groups.setdefault((stream.user_id, stream.k), []).append((stream, always))
 
         async def push(user_id: str, k: int, members: list[tuple[Stream, bool]]) -> None:
             try:
-                answer = await self._list(user_id, k, head, trigger)
+                answer = await self._list(user_id, k, members[0][0].key, head, trigger)
             except Exception:  # one user's failure does not stop the others' pushes
                 log.exception("computing a pushed list failed")
                 return
             for stream, always in members:
                 stream.offer(answer, always)
 
-        batch = list(groups.items())
-        for start in range(0, len(batch), PUSH_CONCURRENCY):
-            await asyncio.gather(
-                *(push(u, k, m) for (u, k), m in batch[start : start + PUSH_CONCURRENCY])
-            )
+        await asyncio.gather(*(push(u, k, m) for (u, k), m in groups.items()))
 
     @api.get("/")
     async def http_stream(
@@ -200,7 +273,7 @@ class Pusher:
         k = k or self.config.aggregate.default_k
         if k > self.config.aggregate.max_k:
             raise InvalidInput(f"at most {self.config.aggregate.max_k}", "k")
-        stream = await self.open(user_id, k)
+        stream = await self.open(user_id, k, request.headers.get("x-api-key"))
         return StreamingResponse(
             self._sse(stream),
             media_type="text/event-stream",
@@ -217,7 +290,7 @@ def build_push(config: RecConfig, log_actor=None, replicas: int = 1) -> Applicat
     return Pusher.options(
         num_replicas=replicas,
         max_ongoing_requests=s.max_streams + HEADROOM,
-        max_queued_requests=MAX_QUEUED,
+        max_queued_requests=max(s.max_streams, 1),
         ray_actor_options=actor_options(s.replica_cpus, resources=s.replica_resources),
         **spread,
     ).bind(config.model_dump(mode="json"), log_actor)

@@ -449,3 +449,97 @@ async def new_item_trial(
             return time.perf_counter() - acked
         await asyncio.sleep(interval_s)
     return None
+
+
+class Pushes:
+    """Push probes: a click posted for a user with a stream open, and the time from its POST
+    answer to the first list on that stream whose offset is past the event's (0 when the
+    list came before the answer)."""
+
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+        self.never = 0
+        self.messages = 0
+        self.shown: dict[str, str] = {}  # user -> first item of the newest list
+        self._got: dict[str, tuple[int, float]] = {}  # user -> (newest offset, arrival)
+        self._waiting: dict[str, list[tuple[int, float, asyncio.Future]]] = {}
+
+    def received(self, user: str, message: dict, at: float) -> None:
+        self.messages += 1
+        self._got[user] = (message["offset"], at)
+        if message["items"]:
+            self.shown[user] = message["items"][0]["item_id"]
+        keep = []
+        for last, acked, done in self._waiting.pop(user, []):
+            if done.done():  # timed out
+                continue
+            if message["offset"] > last:
+                done.set_result(max(at - acked, 0.0))
+            else:
+                keep.append((last, acked, done))
+        if keep:
+            self._waiting[user] = keep
+
+    async def answered(self, user: str, last_offset: int, acked: float, timeout_s: float):
+        """Seconds from `acked` to the list reflecting offset `last_offset`, None if none came."""
+        offset, at = self._got.get(user, (-1, 0.0))
+        if offset > last_offset:
+            return max(at - acked, 0.0)
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(user, []).append((last_offset, acked, done))
+        try:
+            return await asyncio.wait_for(done, timeout_s)
+        except TimeoutError:
+            return None
+
+
+async def follow(client: Client, user: str, pushes: Pushes, opened: asyncio.Event) -> None:
+    """Read GET /stream for `user` until cancelled, handing each list to `pushes`."""
+    path = f"/stream?user_id={quote(user)}&k=10"
+    async with client.session.get(
+        client._pick() + path,
+        timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
+    ) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"GET /stream answered {resp.status}: {await resp.text()}")
+        opened.set()
+        event, data = None, []
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\r\n")
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+            elif not line:
+                if event == "recommendations":
+                    pushes.received(user, json.loads("".join(data)), time.perf_counter())
+                event, data = None, []
+
+
+def push_step(
+    client: Client, users: list[str], pushes: Pushes, ev: Tally, timeout_s: float, pace_s: float
+):
+    """A click for a streamed user (round robin) on the first item of its newest list, wait
+    for the list that reflects it, then `pace_s`."""
+    turn = itertools.cycle(users)
+
+    async def step(_w, _rng, win):
+        user = next(turn)
+        item = pushes.shown.get(user)
+        if item is None:
+            await asyncio.sleep(0.01)
+            return
+        body = json.dumps({"user_id": user, "item_id": item, "type": "click"}).encode()
+        status, data = await client.timed(ev, win, "POST", "/events", body, JSON)
+        if status != 200:
+            return
+        acked = time.perf_counter()
+        took = await pushes.answered(user, json.loads(data)["last_offset"], acked, timeout_s)
+        if win.active(acked):
+            if took is None:
+                pushes.never += 1
+            else:
+                pushes.ms.append(took * 1000)
+        await asyncio.sleep(pace_s)
+
+    return step

@@ -19,6 +19,9 @@ TARGET_TEXT = {
     "recommend32_p99": "recommend@32 p99 ≤ 400 ms",
     "freshness_p99": "POST /events answer → reflecting /recommend answer, p99 ≤ 50 ms (mixed@8)",
     "freshness_reflected": "the first /recommend after the event reflects it (every sample, mixed)",
+    "push_p99": "POST /events answer → the list pushed on the user's stream, p99 ≤ 100 ms "
+    "(push: mixed@8 with 20 streams open)",
+    "push_every_event": "every probed event pushed a list reflecting it (push)",
     "new_item_s": "POST /items → recommended ≤ 5 s (worst trial)",
     "events_batch_eps": "batched POST /events ≥ 10,000 acknowledged events/s (best run)",
     "events_single_p99": "single POST /events p99 ≤ 30 ms (1 client)",
@@ -184,6 +187,22 @@ def evaluate_targets(results: dict) -> list[dict]:
             p99,
             None if p99 is None else p99 <= 50,
             f"{fresh8.get('samples', 0)} samples",
+        )
+    )
+    push = find(results, "push")
+    out.append(
+        _check(
+            "push_p99",
+            push and push["p99_ms"],
+            None if not push or push["p99_ms"] is None else push["p99_ms"] <= 100,
+            f"{push['requests']} events" if push else "",
+        )
+    )
+    out.append(
+        _check(
+            "push_every_event",
+            push and f"{push['requests'] - push['never_pushed']}/{push['requests']}",
+            None if not push or not push["requests"] else push["never_pushed"] == 0,
         )
     )
     samples = stale = 0
@@ -354,6 +373,22 @@ def to_markdown(results: dict) -> str:
                 f"| {_fmt(f.get('p99_ms'))} |"
             )
         lines.append("")
+    push = find(results, "push")
+    if push:
+        lines += [
+            "## Push",
+            "",
+            f"{push['streams']} streams open (GET /stream through the proxy) during mixed@"
+            f"{push['concurrency']}; one client clicks for those users in turn: "
+            "POST /events answer → the list pushed on that user's stream reflecting it.",
+            "",
+            "| events | pushed | lists received | p50 ms | p95 ms | p99 ms |",
+            "|---|---|---|---|---|---|",
+            f"| {push['requests']} | {push['requests'] - push['never_pushed']} "
+            f"| {push['lists_received']} | {_fmt(push['p50_ms'])} | {_fmt(push['p95_ms'])} "
+            f"| {_fmt(push['p99_ms'])} |",
+            "",
+        ]
     new = results.get("new_items")
     if new:
         secs = ", ".join(f"{s:.3f}" for s in new.get("seconds", []))

@@ -13,6 +13,10 @@ Scenarios (closed loop at 1, 8 and 32 clients unless said otherwise; see loadtes
   mixed            90% recommend / 10% POST /events; each event is a click on an item the user
                    was just shown, and the next /recommend for that user must no longer show it:
                    freshness = POST answer -> reflecting /recommend answer
+  push             mixed at 8 clients, and GET /stream open for 20 known users (through the
+                   proxy: the stream app's route) while one more client clicks for them in
+                   turn, one click per 0.1 s + its push: push latency = POST answer -> the
+                   pushed list reflecting it
   new items        POST /items, then poll /recommend for a known user until the item shows
   retrain          recommend at 8 clients during POST /admin/retrain until the new model is
                    served (and a baseline at 8 clients just before)
@@ -66,6 +70,7 @@ SCENARIOS = (
     "recommend",
     "pipeline",
     "mixed",
+    "push",
     "new_items",
     "overload",
     "retrain",
@@ -436,6 +441,69 @@ class Run:
                 row["error_examples"] = rec.error_examples + ev.error_examples
             self.add(row)
 
+    async def push(self, n: int = 8, n_streams: int = 20, timeout_s: float = 5.0) -> None:
+        if not self.fits(self.per_run() + 5, f"push@{n}"):
+            return
+        import random
+
+        rng = random.Random(13)
+        users = sorted({self.pop.known_user(rng) for _ in range(n_streams * 4)})[:n_streams]
+        pushes, rec, ev, clicks = lc.Pushes(), lc.Tally(), lc.Tally(), lc.Tally()
+        opened = [asyncio.Event() for _ in users]
+        proxy = self.clients["proxy"]
+        readers = [
+            asyncio.ensure_future(lc.follow(proxy, u, pushes, o))
+            for u, o in zip(users, opened, strict=True)
+        ]
+        try:
+            all_open = asyncio.ensure_future(asyncio.gather(*(o.wait() for o in opened)))
+            await asyncio.wait([all_open, *readers], timeout=30, return_when="FIRST_COMPLETED")
+            if not all_open.done():
+                all_open.cancel()
+                failed = [r.exception() for r in readers if r.done() and r.exception()]
+                raise RuntimeError(f"streams did not open: {failed[:1] or 'in 30 s'}")
+            a = self.cpu.snap()
+            _, wall = await lc.closed_loop(
+                n + 1,  # n mixed clients and the one that clicks for the streamed users
+                self.args.seconds,
+                self.args.warmup,
+                _either(
+                    lc.mixed_step(self.c, self.pop, rec, ev, lc.Freshness()),
+                    # the clicks take the run's path (direct ingress): through the proxy they
+                    # would wait behind it for a free slot (docs/ray-notes.md)
+                    lc.push_step(self.c, users, pushes, clicks, timeout_s, pace_s=0.1),
+                ),
+            )
+            b = self.cpu.snap()
+        finally:
+            for r in readers:
+                r.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        failed = [r.exception() for r in readers if not r.cancelled() and r.exception()]
+        row = report.scenario_row(
+            "push",
+            n,
+            wall,
+            pushes.ms,
+            pushes.never + clicks.errors + len(failed),
+            cpu=self.cpu.delta(a, b),
+            measures="POST /events answer -> list pushed on the user's stream reflecting it",
+            streams=len(users),
+            lists_received=pushes.messages,
+            never_pushed=pushes.never,
+            by_kind={
+                k: {
+                    "requests": len(t.latencies_ms) + t.errors,
+                    "errors": t.errors,
+                    **report.latency_stats(t.latencies_ms),
+                }
+                for k, t in (("recommend", rec), ("events", ev), ("clicks", clicks))
+            },
+        )
+        if failed:
+            row["error_examples"] = [repr(e)[:200] for e in failed[:3]]
+        self.add(row)
+
     async def new_items(self, trials: int = 5, timeout_s: float = 10.0) -> None:
         if not self.fits(trials * 3 + 5, "new items"):
             return
@@ -632,6 +700,7 @@ class Run:
             "recommend": self.recommend_all,
             "pipeline": self.pipeline,
             "mixed": self.mixed,
+            "push": self.push,
             "new_items": self.new_items,
             "retrain": self.retrain,
             "overload": self.overload,
@@ -641,6 +710,15 @@ class Run:
             if name in only:
                 print(f"[{name}]", flush=True)
                 await steps[name]()
+
+
+def _either(mixed, push):
+    """Worker 0 runs `push`, the others `mixed`."""
+
+    async def step(w, rng, win):
+        await (push if w == 0 else mixed)(w, rng, win)
+
+    return step
 
 
 # ---- results -------------------------------------------------------------------------------------

@@ -128,6 +128,7 @@ class Stream:
 
     user_id: str
     k: int
+    key: str | None = None  # the API key it was opened with: its lists are asked for with it
     sent: dict | None = None
     _next: dict | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -182,10 +183,10 @@ class Streams:
     def __len__(self) -> int:
         return self.count
 
-    def open(self, user_id: str, k: int) -> Stream:
+    def open(self, user_id: str, k: int, key: str | None = None) -> Stream:
         if self.count >= self.limit:
             raise StreamsFull(f"this replica holds {self.limit} streams, its limit")
-        stream = Stream(user_id, k)
+        stream = Stream(user_id, k, key)
         if user_id not in self.by_user:
             self.by_user[user_id] = set()
             self.changed.set()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 import ray
 
 from tests.conftest import ADMIN
@@ -168,9 +169,14 @@ def test_metrics_are_exported_with_values(stack):
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in METRICS:
                 found.setdefault(name, []).append(line)
-        return found if set(found) == set(METRICS) else None
+        missing[:] = sorted(set(METRICS) - set(found))
+        return found if not missing else None
 
-    found = wait_for(scraped, timeout_s=60, interval_s=1)
+    missing: list[str] = []
+    try:
+        found = wait_for(scraped, timeout_s=60, interval_s=1)
+    except TimeoutError:
+        pytest.fail(f"not exported: {missing}")
     text = "\n".join(line for lines in found.values() for line in lines)
     for stage in ("profile", "recall", "rank", "finalize"):
         assert f'stage="{stage}"' in text

@@ -29,7 +29,7 @@ def test_scenario_row_has_the_required_fields() -> None:
     json.dumps(row)
 
 
-def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0) -> dict:
+def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0, never_pushed=0) -> dict:
     row = report.scenario_row
     fresh = {"samples": 50, "stale_first_reads": stale, "p99_ms": 40.0}
     scenarios = [
@@ -50,6 +50,12 @@ def _results(rec8_rps=130.0, rec8_p99=90.0, stale=0) -> dict:
         },
         row("recovery", 8, 1, [60.0] * 120, 0),
         row("pipeline", 1, 1, [10.0] * 100, 0),
+        {
+            **row("push", 8, 1, [20.0] * 50, never_pushed),
+            "streams": 20,
+            "lists_received": 70,
+            "never_pushed": never_pushed,
+        },
     ]
     return {
         "machine": "test",
@@ -72,6 +78,8 @@ def test_targets_pass_and_fail_on_the_right_figures() -> None:
     assert bad["recommend_proxy_vs_floor_proxy"]["ok"] is True  # 110 >= 0.7 * 150
     assert targets["pipeline_share"]["value"] == 0.65  # 130 / (2 cores * 100)
     assert bad["pipeline_share"]["ok"] is False  # 100 / 200 < 0.6
+    lost = {t["target"]: t for t in report.evaluate_targets(_results(never_pushed=1))}
+    assert lost["push_every_event"]["ok"] is False and lost["push_p99"]["ok"] is True
 
 
 def test_missing_scenarios_are_not_measured_rather_than_failed() -> None:
@@ -83,7 +91,7 @@ def test_summary_and_plot(tmp_path) -> None:
     results = _results()
     results["targets"] = report.evaluate_targets(results)
     md = report.to_markdown(results)
-    assert "| recommend | 8 |" in md and "## Targets" in md
+    assert "| recommend | 8 |" in md and "## Targets" in md and "## Push" in md
     report.plot(results, tmp_path / "latency.png")
     assert (tmp_path / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -48,7 +48,6 @@ def test_serve_yaml_states_the_admission_limits_the_code_uses() -> None:
 
 def test_serve_yaml_deploys_the_stream_app_as_the_code_does() -> None:
     from deployments.push import APP_NAME, HEADROOM, ROUTE
-    from deployments.runtime import MAX_QUEUED
 
     rec, stream = yaml.safe_load((ROOT / "configs/serve.yaml").read_text())["applications"]
     assert (stream["name"], stream["route_prefix"]) == (APP_NAME, ROUTE)
@@ -57,7 +56,7 @@ def test_serve_yaml_deploys_the_stream_app_as_the_code_does() -> None:
     config = RecConfig.model_validate({"serving": rec["args"]["serving"]})
     (pusher,) = stream["deployments"]
     assert pusher["max_ongoing_requests"] == config.serving.max_streams + HEADROOM
-    assert pusher["max_queued_requests"] == MAX_QUEUED
+    assert pusher["max_queued_requests"] == config.serving.max_streams
 
 
 def test_serve_and_cluster_yaml_describe_one_layout() -> None:
