@@ -166,7 +166,11 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"  curl '{url}/similar?item_id=i42&k=5'")
         print(f"  curl {url}/models")
         print(f'  curl -X POST {url}/admin/retrain -H "X-API-Key: {key}"')
-        print(f"  open {url}/docs for the whole API\n")
+        print(f"  open {url}/docs for the whole API")
+        if key.startswith("$(cat"):  # generated here and printed above: the page's link takes it
+            print(f"  open {url}/#key={config.access.keys[0].key} for the live page\n")
+        else:
+            print(f"  open {url}/ for the live page (it asks for a key with events and read)\n")
         print(
             f"Prometheus metrics (ray_rec_*, and Ray's and Serve's own): "
             f"http://{args.host}:{args.metrics_port}/metrics "
