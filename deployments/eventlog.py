@@ -117,9 +117,7 @@ class EventLogService:
     def next_offset(self) -> int:
         return self.log.next_offset
 
-    async def watch(
-        self, watcher: str, users: list[str], after: int, timeout_s: float = 1.0
-    ) -> Change:
+    async def watch(self, watcher: str, users: list[str], after: int, timeout_s: float) -> Change:
         """Answers when a record from offset `after` on concerns one of `users` or the
         catalogue, or after `timeout_s` with nothing (rec.push.Watches: one pending watch per
         watcher, a newer one replaces it)."""

@@ -6,6 +6,7 @@ Each route is a thin HTTP shell over a plain async method taking parsed JSON (`i
 `recommend`, ...), so the same logic is reachable through a DeploymentHandle in tests."""
 
 import asyncio
+import functools
 import json
 import time
 import uuid
@@ -210,14 +211,9 @@ def _csv(query, name: str) -> list[str]:
     return [x for x in query.get(name, "").split(",") if x]
 
 
-_PAGE: str | None = None
-
-
+@functools.cache
 def _page() -> str:
-    global _PAGE
-    if _PAGE is None:
-        _PAGE = PAGE.read_text(encoding="utf-8")
-    return _PAGE
+    return PAGE.read_text(encoding="utf-8")
 
 
 def allow(access: Access, request: Request, scope: str) -> None:

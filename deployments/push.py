@@ -23,6 +23,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextvars import Context
 
 import httpx
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -143,11 +144,13 @@ class Pusher:
             self.streams.close(stream)
             raise
         self.metrics.streams.set(len(self.streams))
+        # The loops outlive the request that starts them: started in a context of their own,
+        # else Serve cancels the actor calls they make when that request's client goes away.
         loop = asyncio.get_running_loop()
         if self._pusher is None or self._pusher.done():
-            self._pusher = loop.create_task(self._push_changes(head))
+            self._pusher = loop.create_task(self._push_changes(head), context=Context())
         if self._versions is None or self._versions.done():
-            self._versions = loop.create_task(self._watch_versions())
+            self._versions = loop.create_task(self._watch_versions(), context=Context())
         return stream
 
     async def _sse(self, stream: Stream) -> AsyncIterator[str]:
