@@ -21,6 +21,7 @@ from deployments.runtime import (
     MAX_ONGOING,
     MAX_QUEUED,
     actor_options,
+    serve_options,
 )
 from deployments.stages import ProfileStage, RankerStage, RecallStage
 from deployments.trainer import get_or_create_trainer
@@ -38,14 +39,14 @@ def build_app(
         trainer = get_or_create_trainer(config)
     cfg = config.model_dump(mode="json")
     s = config.serving
-    spread = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
+    common = serve_options(s)
 
     def opts(num_replicas: int) -> dict:
         return {
             "num_replicas": num_replicas,
             "ray_actor_options": actor_options(s.replica_cpus, resources=s.replica_resources),
             "max_ongoing_requests": MAX_ONGOING,
-            **spread,
+            **common,
         }
 
     ingress = Aggregator.options(
@@ -53,7 +54,7 @@ def build_app(
         max_queued_requests=MAX_QUEUED,
         ray_actor_options=actor_options(s.replica_cpus, resources=s.replica_resources),
         max_ongoing_requests=INGRESS_MAX_ONGOING[s.topology],
-        **spread,
+        **common,
     )
     if s.topology == "fused":
         return ingress.bind(cfg, log, trainer=trainer)
@@ -62,6 +63,7 @@ def build_app(
     ranker = RankerStage.options(
         ray_actor_options=actor_options(s.replica_cpus, s.ranker_num_gpus, s.ranker_resources),
         max_ongoing_requests=MAX_ONGOING,
+        health_check_period_s=s.health_check_period_s,
     ).bind(cfg)
     return ingress.bind(cfg, log, profile, recall, ranker, trainer=trainer)
 

@@ -20,7 +20,8 @@ from ray import serve
 from deployments import telemetry
 from deployments.runtime import Startup, pin_threads
 from deployments.stages import LocalStages, RemoteStages, make_live
-from rec.access import Access, AccessDenied, retry_after_header
+from deployments.web import InvalidInput, allow
+from rec.access import Access
 from rec.config import RecConfig
 from rec.events import (
     ID_MAX,
@@ -193,20 +194,6 @@ class ItemBatchIn(BaseModel):
 BODIES = (EventIn, EventBatchIn, ItemIn, ItemBatchIn, RecommendIn)
 
 
-class InvalidInput(HTTPException):
-    """422 whose detail lists each bad field with its problem."""
-
-    def __init__(self, exc: ValidationError | str, field: str = "body") -> None:
-        if isinstance(exc, ValidationError):
-            detail = [
-                {"field": ".".join(str(p) for p in e["loc"]) or field, "error": e["msg"]}
-                for e in exc.errors(include_url=False, include_input=False)
-            ]
-        else:
-            detail = [{"field": field, "error": exc}]
-        super().__init__(422, detail)
-
-
 def _csv(query, name: str) -> list[str]:
     return [x for x in query.get(name, "").split(",") if x]
 
@@ -214,17 +201,6 @@ def _csv(query, name: str) -> list[str]:
 @functools.cache
 def _page() -> str:
     return PAGE.read_text(encoding="utf-8")
-
-
-def allow(access: Access, request: Request, scope: str) -> None:
-    """401 without a known key, 403 without the scope, 429 over the key's rate."""
-    try:
-        access.check(request.headers.get("x-api-key"), scope)
-    except AccessDenied as exc:
-        headers = None
-        if exc.retry_after is not None:
-            headers = {"Retry-After": retry_after_header(exc.retry_after)}
-        raise HTTPException(exc.status, exc.detail, headers=headers) from None
 
 
 def _parse(model: type[BaseModel], body: object) -> BaseModel:
@@ -497,16 +473,13 @@ class Aggregator:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise HTTPException(400, f"body is not valid JSON: {exc}") from exc
 
-    def _allow(self, request: Request, scope: str) -> None:
-        allow(self.access, request, scope)
-
     @api.post(
         "/events",
         summary="Record one event or a batch {'events': [...]}",
         openapi_extra={**KEYED, **_body(EventIn, EventBatchIn)},
     )
     async def http_post_events(self, request: Request) -> JSONResponse:
-        self._allow(request, "events")
+        allow(self.access, request, "events")
         return JSONResponse(await self.ingest_events(await self._json(request)))
 
     # The hot route reads its query itself and validates it as RecommendIn (the POST body's
@@ -518,7 +491,7 @@ class Aggregator:
         openapi_extra={"parameters": RECOMMEND_QUERY, **OPTIONAL_KEY},
     )
     async def http_get_recommend(self, request: Request) -> JSONResponse:
-        self._allow(request, "read")
+        allow(self.access, request, "read")
         q = request.query_params
         body = {"user_id": q.get("user_id"), "k": q.get("k"), "exclude": _csv(q, "exclude")}
         if _csv(q, "categories"):  # `categories=` alone restricts nothing
@@ -535,7 +508,7 @@ class Aggregator:
         openapi_extra={**OPTIONAL_KEY, **_body(RecommendIn)},
     )
     async def http_post_recommend(self, request: Request) -> JSONResponse:
-        self._allow(request, "read")
+        allow(self.access, request, "read")
         return JSONResponse(await self.recommend(await self._json(request)))
 
     @api.get("/similar", summary="Items similar to an item", openapi_extra=OPTIONAL_KEY)
@@ -545,7 +518,7 @@ class Aggregator:
         item_id: str = Query(min_length=1, max_length=ID_MAX, description="Item id."),
         k: int = Query(10, ge=1, le=200, description="How many items."),
     ) -> JSONResponse:
-        self._allow(request, "read")
+        allow(self.access, request, "read")
         return JSONResponse(await self.similar_items(item_id, k))
 
     @api.post(
@@ -554,12 +527,12 @@ class Aggregator:
         openapi_extra={**KEYED, **_body(ItemIn, ItemBatchIn)},
     )
     async def http_post_items(self, request: Request) -> JSONResponse:
-        self._allow(request, "catalog")
+        allow(self.access, request, "catalog")
         return JSONResponse(await self.upsert_items(await self._json(request)))
 
     @api.get("/items/{item_id}", summary="One catalogue item", openapi_extra=OPTIONAL_KEY)
     async def http_get_item(self, request: Request, item_id: str) -> JSONResponse:
-        self._allow(request, "read")
+        allow(self.access, request, "read")
         return JSONResponse(await self.item(item_id))
 
     @api.delete(
@@ -568,14 +541,14 @@ class Aggregator:
         openapi_extra=KEYED,
     )
     async def http_delete_item(self, request: Request, item_id: str) -> JSONResponse:
-        self._allow(request, "catalog")
+        allow(self.access, request, "catalog")
         return JSONResponse(await self.remove_item(item_id))
 
     @api.delete(
         "/users/{user_id}", summary="Forget a user: profile and events", openapi_extra=KEYED
     )
     async def http_delete_user(self, request: Request, user_id: str) -> JSONResponse:
-        self._allow(request, "admin")
+        allow(self.access, request, "admin")
         return JSONResponse(await self.forget_user(user_id))
 
     @api.get("/healthz", summary="The process is up")
@@ -597,7 +570,7 @@ class Aggregator:
         request: Request,
         limit: int = Query(12, ge=1, le=100, description="How many users."),
     ) -> JSONResponse:
-        self._allow(request, "events")
+        allow(self.access, request, "events")
         return JSONResponse(await self.known_users(limit))
 
     @api.get(
@@ -612,7 +585,7 @@ class Aggregator:
         openapi_extra=OPTIONAL_KEY,
     )
     async def http_models(self, request: Request) -> JSONResponse:
-        self._allow(request, "read")
+        allow(self.access, request, "read")
         return JSONResponse(await self.model_info())
 
     @api.post("/admin/retrain", summary="Retrain from the log now", openapi_extra=KEYED)
@@ -621,7 +594,7 @@ class Aggregator:
         request: Request,
         wait: bool = Query(False, description="Answer when the new version is published."),
     ) -> JSONResponse:
-        self._allow(request, "admin")
+        allow(self.access, request, "admin")
         if self.trainer is None:
             raise HTTPException(503, "no trainer in this deployment")
         ref = self.trainer.retrain.remote()

@@ -18,7 +18,6 @@ CPU an idle replica spends does not grow with its streams.
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 import uuid
@@ -34,20 +33,17 @@ from starlette._utils import get_route_path
 
 from deployments import telemetry
 from deployments.eventlog import get_or_create_log
-from deployments.ingress import InvalidInput, allow
-from deployments.runtime import actor_options
+from deployments.runtime import actor_options, serve_options
+from deployments.web import InvalidInput, allow
 from rec.access import Access
 from rec.config import RecConfig
 from rec.events import ID_MAX
-from rec.push import Change, Stream, Streams, StreamsFull
+from rec.push import KEEPALIVE, KEEPALIVE_S, Change, Stream, Streams, StreamsFull, sse
 
 log = logging.getLogger("rec.push")
 APP_NAME = "rec-stream"
 ROUTE = "/stream"
 REC_APP = "rec"  # the application whose ingress computes the lists
-# A stream with nothing to send writes an SSE comment this often: proxies keep the connection
-# and a client that went away is noticed by the failed write.
-KEEPALIVE_S = 15.0
 # Lists one replica asks the rec application for at once (first lists of opening streams and
 # pushes together): a burst of connections or a model swap that touches every stream waits
 # here instead of overflowing the ingress's queue (its max_queued_requests, per caller).
@@ -159,10 +155,9 @@ class Pusher:
             while True:
                 answer = await stream.next(KEEPALIVE_S)
                 if answer is None:
-                    yield ": keepalive\n\n"
+                    yield KEEPALIVE
                     continue
-                data = json.dumps(answer, separators=(",", ":"))
-                yield f"event: recommendations\nid: {answer['offset']}\ndata: {data}\n\n"
+                yield sse(answer)
         finally:
             self.streams.close(stream)
             self.metrics.streams.set(len(self.streams))
@@ -289,11 +284,11 @@ def build_push(config: RecConfig, log_actor=None, replicas: int = 1) -> Applicat
     if log_actor is None:
         log_actor = get_or_create_log(config.log_dir, config.eventlog)
     s = config.serving
-    spread = {"max_replicas_per_node": s.max_replicas_per_node} if s.max_replicas_per_node else {}
+    common = serve_options(s)
     return Pusher.options(
         num_replicas=replicas,
         max_ongoing_requests=s.max_streams + HEADROOM,
         max_queued_requests=max(s.max_streams, 1),
         ray_actor_options=actor_options(s.replica_cpus, resources=s.replica_resources),
-        **spread,
+        **common,
     ).bind(config.model_dump(mode="json"), log_actor)

@@ -94,6 +94,15 @@ def actor_options(
     return opts
 
 
+def serve_options(serving) -> dict:
+    """The Serve deployment options every replica of ours takes from `serving`
+    (rec.config.ServingConfig): the health-check period and the per-node spread."""
+    out: dict = {"health_check_period_s": serving.health_check_period_s}
+    if serving.max_replicas_per_node:
+        out["max_replicas_per_node"] = serving.max_replicas_per_node
+    return out
+
+
 TRAIN_NICE = 19
 
 

@@ -12,6 +12,9 @@ Scenarios (fused: the default topology; split: Aggregator -> Profile -> Recall -
   proxy     ray.kill of Serve's HTTP proxy (fused), the load through it; the controller
             starts another
   proxy_direct  the same, the load on the direct-ingress path (the proxy is not on it)
+  pusher    ray.kill of the /stream app's replica (fused) with STREAMS streams open through
+            the proxy, each reopened with the page's backoff; every stream must get a list
+            again, and after that a click must be pushed to its user's stream
 
 Requests go where a load balancer in front of Serve sends them: the ingress replicas' direct
 ports (the client balances over them, resends a request whose connection was refused, and
@@ -60,8 +63,11 @@ EVENT_SHARE = 0.10
 FIRST_S = 1.0  # failures in the fault's first second are the fault's own, not counted
 TARGET_FAILED_SHARE = 0.001
 TARGET_RECOVERY_S = 10.0
+STREAMS = 20  # open in the pusher scenario
+PUSH_PROBES = 5  # clicks whose push is awaited once the streams are back
+PUSH_TIMEOUT_S = 5.0
 TOPOLOGIES = {
-    "fused": ("ingress", "log", "trainer", "proxy", "proxy_direct"),
+    "fused": ("ingress", "log", "trainer", "proxy", "proxy_direct", "pusher"),
     "split": ("ingress", "shard", "log"),
 }
 
@@ -271,6 +277,22 @@ def sigkill_shard() -> dict:
     return {"pid": pid, "restarted_s": round(time.monotonic() - t0, 1) if new else None}
 
 
+def pusher_replicas() -> list[str]:
+    from deployments.push import APP_NAME
+
+    return named(f"SERVE_REPLICA::{APP_NAME}#Pusher#", "serve")
+
+
+def kill_pusher() -> dict:
+    import ray
+
+    victim = pusher_replicas()[0]
+    t0 = time.monotonic()
+    ray.kill(ray.get_actor(victim, namespace="serve"))
+    back = wait_until(lambda: (r := pusher_replicas()) and victim not in r, 60)
+    return {"replaced_s": round(time.monotonic() - t0, 1) if back else None}
+
+
 def kill_proxy() -> dict:
     import ray
 
@@ -317,6 +339,9 @@ class Chaos:
         client = clients["proxy" if fault == "proxy" else "rec"]
         load = Load(client, self.pop, f"chaos-{topology}-{fault}-{self.results['run_id']}")
         info: dict = {}
+        streams = Streamed(clients["proxy"], self.pop, load.tag) if fault == "pusher" else None
+        if streams:
+            await streams.open()
         done = asyncio.get_running_loop().create_future()
 
         async def drive() -> None:
@@ -332,6 +357,7 @@ class Chaos:
                         "shard": sigkill_shard,
                         "proxy": kill_proxy,
                         "proxy_direct": kill_proxy,
+                        "pusher": kill_pusher,
                     }[fault]
                     info.update(await asyncio.to_thread(kill))
                     await asyncio.sleep(max(AFTER_S - (load.now() - info["t_fault"]), 0))
@@ -345,8 +371,13 @@ class Chaos:
         await driver
         if fault == "trainer" and "error" not in info:
             info["retrain_after"] = await self.retrain_after(clients["proxy"])
-        logged = await asyncio.to_thread(read_request_ids, start_offset, load.tag)
         t_fault = info.pop("t_fault", BEFORE_S)
+        if streams:
+            try:
+                info["streams"] = await streams.check(load.t0 + t_fault, clients["rec"])
+            finally:
+                await streams.close()
+        logged = await asyncio.to_thread(read_request_ids, start_offset, load.tag)
         row = {
             "topology": topology,
             "fault": fault,
@@ -358,6 +389,8 @@ class Chaos:
             "timeline": timeline(load.answers, t_fault),
             **info,
         }
+        if streams:
+            row["targets_met"] = row["targets_met"] and info["streams"]["met"]
         client.failovers = 0
         return row
 
@@ -405,6 +438,96 @@ class Chaos:
             "published": published,
             "served_s": round(time.monotonic() - t0, 1) if swapped else None,
         }
+
+
+class Streamed:
+    """STREAMS known users' GET /stream through the proxy (the stream app's route), each
+    reopened as the page does (lc.follow_reconnecting), and every list they got."""
+
+    def __init__(self, proxy: lc.Client, pop: lc.Population, tag: str) -> None:
+        rng = random.Random(tag)
+        self.proxy = proxy
+        self.users = sorted({pop.known_user(rng) for _ in range(STREAMS * 4)})[:STREAMS]
+        self.pushes = _Arrivals()
+        self.readers: list[asyncio.Task] = []
+        self.trace: list[tuple[float, str]] = []  # (perf_counter, how a connection ended)
+
+    async def open(self, timeout_s: float = 60.0) -> None:
+        self.readers = [
+            asyncio.create_task(lc.follow_reconnecting(self.proxy, u, self.pushes, self.trace))
+            for u in self.users
+        ]
+        deadline = time.monotonic() + timeout_s
+        while len(self.pushes.connects) < len(self.users):
+            if time.monotonic() > deadline:
+                await self.close()
+                raise RuntimeError(f"{len(self.pushes.connects)} of {len(self.users)} opened")
+            await asyncio.sleep(0.1)
+
+    async def check(self, t_fault: float, direct: lc.Client) -> dict:
+        """After the fault (perf_counter `t_fault`): when each stream had its list again (the
+        first `connect` list after the fault), then PUSH_PROBES clicks posted on the direct
+        path, each to be pushed to its user's stream within PUSH_TIMEOUT_S."""
+        back = [
+            min((t for t in self.pushes.connects.get(u, []) if t > t_fault), default=None)
+            for u in self.users
+        ]
+        reopened = [t - t_fault for t in back if t is not None]
+        probes = []
+        for user in self.users[:PUSH_PROBES]:
+            item = self.pushes.shown.get(user)
+            body = {"user_id": user, "item_id": item, "type": "click"}
+            status, data = await direct.post_json("/events", body)
+            if status != 200:
+                probes.append(None)
+                continue
+            acked = time.perf_counter()
+            took = await self.pushes.answered(
+                user, json.loads(data)["last_offset"], acked, PUSH_TIMEOUT_S
+            )
+            probes.append(None if took is None else round(took * 1000, 1))
+        out = {
+            "streams": len(self.users),
+            "reopened": len(reopened),
+            "reopened_s_max": round(max(reopened), 2) if reopened else None,
+            "reopened_s_p50": round(sorted(reopened)[len(reopened) // 2], 2) if reopened else None,
+            "connects": sum(len(v) for v in self.pushes.connects.values()),
+            "attempts": attempts(self.trace, t_fault),
+            "probe_push_ms": probes,
+        }
+        out["met"] = (
+            out["reopened"] == len(self.users)
+            and out["reopened_s_max"] <= TARGET_RECOVERY_S
+            and None not in probes
+        )
+        return out
+
+    async def close(self) -> None:
+        for r in self.readers:
+            r.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
+
+
+def attempts(trace: list[tuple[float, str]], t_fault: float) -> list[dict]:
+    """How stream connections ended, per second from the fault: [{t_s, how, n}]."""
+    counts: dict[tuple[int, str], int] = {}
+    for t, how in trace:
+        key = (int((t - t_fault) // 1), how)
+        counts[key] = counts.get(key, 0) + 1
+    return [{"t_s": t, "how": how, "n": n} for (t, how), n in sorted(counts.items())]
+
+
+class _Arrivals(lc.Pushes):
+    """lc.Pushes that also keeps when each stream's `connect` lists came, per user."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connects: dict[str, list[float]] = {}
+
+    def received(self, user: str, message: dict, at: float) -> None:
+        super().received(user, message, at)
+        if message.get("trigger") == "connect":
+            self.connects.setdefault(user, []).append(at)
 
 
 def read_request_ids(start: int, tag: str) -> list[str]:
@@ -571,6 +694,13 @@ def to_markdown(results: dict) -> str:
             recovered += (
                 f"; served unchanged: {r.get('served_unchanged')}; left behind: "
                 f"{r.get('left_behind')}; next retrain served in {ra.get('served_s')} s"
+            )
+        if r.get("streams"):
+            st = r["streams"]
+            recovered += (
+                f"; streams with a list again: {st['reopened']} of {st['streams']}, the last "
+                f"after {st['reopened_s_max']} s; clicks pushed after it (ms): "
+                f"{st['probe_push_ms']}"
             )
         if r.get("error"):
             recovered += f"; ERROR {r['error']}"

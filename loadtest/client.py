@@ -29,6 +29,8 @@ from urllib.parse import quote
 
 import aiohttp
 
+from rec.push import KEEPALIVE_S, SSEReader
+
 JSON = {"Content-Type": "application/json"}
 FRESH_RETRY_S = 2.0  # how long a freshness probe re-reads before giving up
 # A refused connection is resent to the next replica; once every one refused, the round starts
@@ -493,27 +495,57 @@ class Pushes:
             return None
 
 
-async def follow(client: Client, user: str, pushes: Pushes, opened: asyncio.Event) -> None:
-    """Read GET /stream for `user` until cancelled, handing each list to `pushes`."""
+async def follow(
+    client: Client,
+    user: str,
+    pushes: Pushes,
+    opened: asyncio.Event,
+    open_timeout_s: float | None = None,
+    silent_s: float | None = None,
+) -> None:
+    """Read GET /stream for `user` until cancelled, handing each list to `pushes`; TimeoutError
+    when the answer takes over `open_timeout_s`, or the stream says nothing (lists or
+    keepalives) for `silent_s`."""
     path = f"/stream?user_id={quote(user)}&k=10"
-    async with client.session.get(
-        client._pick() + path,
-        timeout=aiohttp.ClientTimeout(total=None, sock_read=None),
-    ) as resp:
+    request = client.session.get(
+        client._pick() + path, timeout=aiohttp.ClientTimeout(total=None, sock_read=silent_s)
+    )
+    async with await asyncio.wait_for(request, open_timeout_s) as resp:
         if resp.status != 200:
             raise RuntimeError(f"GET /stream answered {resp.status}: {await resp.text()}")
         opened.set()
-        event, data = None, []
+        reader = SSEReader()
         async for raw in resp.content:
-            line = raw.decode().rstrip("\r\n")
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-            elif not line:
-                if event == "recommendations":
-                    pushes.received(user, json.loads("".join(data)), time.perf_counter())
-                event, data = None, []
+            if (message := reader.line(raw.decode())) is not None:
+                pushes.received(user, message, time.perf_counter())
+
+
+# The page's reconnection (deployments/page/index.html): 0.5 s, doubling to 8 s, from 0.5 s
+# again after a stream that opened; an attempt unanswered for OPEN_TIMEOUT_S, or a stream
+# silent for two keepalives, is given up and made again.
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 8.0
+OPEN_TIMEOUT_S = 5.0
+SILENT_S = 2 * KEEPALIVE_S
+
+
+async def follow_reconnecting(
+    client: Client, user: str, pushes: Pushes, trace: list | None = None
+) -> None:
+    """`follow`, opened again whenever the stream ends or fails, until cancelled; `trace`
+    gets (perf_counter, how the attempt ended) for each attempt."""
+    attempt = 0
+    while True:
+        opened = asyncio.Event()
+        try:
+            await follow(client, user, pushes, opened, OPEN_TIMEOUT_S, SILENT_S)
+            how = "ended"
+        except (aiohttp.ClientError, OSError, RuntimeError, TimeoutError) as exc:
+            how = f"{type(exc).__name__}: {exc}"[:80]
+        if trace is not None:
+            trace.append((time.perf_counter(), how if not opened.is_set() else f"open, {how}"))
+        attempt = 0 if opened.is_set() else attempt + 1
+        await asyncio.sleep(min(RECONNECT_FIRST_S * 2**attempt, RECONNECT_MAX_S))
 
 
 def push_step(

@@ -310,8 +310,15 @@ class ServingConfig(_Config):
     max_streams: int = Field(
         1000,
         ge=0,
-        description="Open GET /stream connections per ingress replica; beyond it a new one is "
-        "answered 503.",
+        description="Open GET /stream connections per replica of the stream app; beyond it a "
+        "new one is answered 503.",
+    )
+    health_check_period_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often Serve runs every replica's health check: a replica that died "
+        "or reports a broken log follower or model is replaced, and no longer routed to, "
+        "within about this long (Serve's own default is 10 s).",
     )
     log_impressions: bool = Field(
         True, description="Append what each /recommend showed to the log (training feedback)."

@@ -14,6 +14,7 @@ ingress's.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -218,3 +219,43 @@ class Streams:
                 if own or version_changed or (change.items and change.items & s.shown):
                     out.append((s, own))
         return out
+
+
+# -- the wire: Server-Sent Events ----------------------------------------------------------
+
+EVENT = "recommendations"  # the SSE event name of a list
+# A stream with nothing to send writes this SSE comment every KEEPALIVE_S: proxies keep the
+# connection, the server notices a client that went away by the failed write, and a client
+# that hears nothing for longer knows the stream is dead.
+KEEPALIVE = ": keepalive\n\n"
+KEEPALIVE_S = 15.0
+
+
+def sse(answer: dict) -> str:
+    """One list as an SSE message; its `id` is the log offset the list reflects."""
+    data = json.dumps(answer, separators=(",", ":"))
+    return f"event: {EVENT}\nid: {answer['offset']}\ndata: {data}\n\n"
+
+
+class SSEReader:
+    """The client side: lines of a text/event-stream in, each complete list out
+    (`line` returns the decoded message on the blank line that ends it, else None). Comments,
+    ids and events other than EVENT are skipped; data lines are joined with newlines."""
+
+    def __init__(self) -> None:
+        self._event: str | None = None
+        self._data: list[str] = []
+
+    def line(self, line: str) -> dict | None:
+        line = line.rstrip("\r\n")
+        if line:
+            field_, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field_ == "event":
+                self._event = value
+            elif field_ == "data":
+                self._data.append(value)
+            return None
+        event, data = self._event, self._data
+        self._event, self._data = None, []
+        return json.loads("\n".join(data)) if event == EVENT and data else None

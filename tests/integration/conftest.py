@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import queue
 import socket
@@ -15,6 +14,7 @@ import pytest
 
 from deployments.runtime import set_process_env
 from rec.model import publish
+from rec.push import SSEReader
 from rec.train import snapshot_table, train
 from tests.conftest import ADMIN, live_dataset, small_config
 
@@ -151,16 +151,10 @@ class Stream:
             if self.status != 200:
                 self.body = self._response.read()
                 return
-            event, data = None, []
+            reader = SSEReader()
             for line in self._response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif line == "":
-                    if event == "recommendations":
-                        self._messages.put(json.loads("".join(data)))
-                    event, data = None, []
+                if (message := reader.line(line)) is not None:
+                    self._messages.put(message)
         except Exception:  # closed by the test (from its thread), or the server went away
             pass
         finally:

@@ -151,3 +151,31 @@ def test_the_grafana_dashboard_plots_every_metric() -> None:
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
     missing = {n for n in names if not re.search(rf"\bray_{n}(_bucket)?\b", exprs)}
     assert not missing
+
+
+def _deployments(app) -> list:
+    """Every deployment an application binds, the ingress first."""
+    from ray.serve import Application
+
+    bound = app._bound_deployment
+    return [bound] + [
+        d for a in bound.init_args if isinstance(a, Application) for d in _deployments(a)
+    ]
+
+
+def test_every_replica_is_health_checked_on_the_configured_period() -> None:
+    from deployments.app import build_app
+    from deployments.push import build_push
+
+    for topology, names in (
+        ("fused", {"Aggregator"}),
+        ("split", {"Aggregator", "ProfileStage", "RecallStage", "RankerStage"}),
+    ):
+        config = RecConfig.model_validate(
+            {"serving": {"topology": topology, "health_check_period_s": 1.5}}
+        )
+        built = _deployments(build_app(config, log=object())) + _deployments(
+            build_push(config, object())
+        )
+        assert {d.name for d in built} == names | {"Pusher"}
+        assert {d._deployment_config.health_check_period_s for d in built} == {1.5}

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from rec.events import KIND_EVENT, KIND_IMPRESSION, KIND_ITEM, KIND_USER_DELETE
-from rec.push import Change, Streams, StreamsFull, Watches, scan
+from rec.push import KEEPALIVE, Change, SSEReader, Streams, StreamsFull, Watches, scan, sse
 
 
 def event(user: str, item: str, offset: int = 0) -> dict:
@@ -136,3 +136,21 @@ def test_an_unchanged_list_is_sent_only_to_the_user_who_acted():
     assert [i["item_id"] for i in newest["items"]] == ["i2", "i1"]  # a slow reader skips lists
     assert idle is None
     assert shown == frozenset({"i1", "i2"})
+
+
+def test_sse_messages_read_back_whole_in_any_chunking():
+    lists = [{**answer(["i1"]), "offset": 7}, {**answer(["é", "i2"], "v2"), "offset": 9}]
+    wire = KEEPALIVE + sse(lists[0]) + "event: other\ndata: {}\n\n" + KEEPALIVE + sse(lists[1])
+    reader, got = SSEReader(), []
+    for line in wire.splitlines(keepends=True):
+        if (message := reader.line(line)) is not None:
+            got.append(message)
+    assert got == lists  # keepalives and other events skipped, order kept
+    assert sse(lists[0]).startswith("event: recommendations\nid: 7\n")
+
+
+def test_sse_reader_joins_data_lines_and_drops_a_message_without_data():
+    reader = SSEReader()
+    lines = ["event: recommendations", 'data: {"a":', "data: 1}", ""]
+    assert [reader.line(x) for x in lines] == [None, None, None, {"a": 1}]
+    assert [reader.line(x) for x in ("event: recommendations", "")] == [None, None]
