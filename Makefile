@@ -30,8 +30,8 @@ run: $(STAMP)  ## serve the default demo on 127.0.0.1:8000 (DATA=path FORMAT=csv
 test: $(STAMP) $(BROWSER)  ## the whole suite: unit, wiring (Serve local mode), integration (local Ray + HTTP)
 	$(BIN)/python -m pytest tests -q
 
-fuzz: $(STAMP)  ## schemathesis against the API, 300 cases per operation (make test runs 15)
-	REC_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest tests/integration/test_access.py -q -k fuzzed
+fuzz: $(STAMP)  ## schemathesis against the API: 300 cases per operation and 100 stateful sequences (make test: 15 and 5)
+	REC_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest tests/integration/test_access.py -q -s -k "fuzzed or stateful"
 
 lint: $(STAMP)
 	$(BIN)/ruff check rec deployments tests loadtest
