@@ -79,6 +79,17 @@ def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list
     return rows
 
 
+def with_files(rows: list[dict], files: dict[str, list[tuple[float, float]]], t_warm: float):
+    """`slopes` rows with the file-backed and shared part of each process's RSS (mapped model,
+    checkpoint and log files, shared memory) after the warm-up and at the end (pure)."""
+    for row in rows:
+        after = [mb for t, mb in files.get(row["process"], []) if t >= t_warm]
+        if after:
+            row["file_mb_after_warmup"] = round(after[0], 1)
+            row["file_mb_end"] = round(after[-1], 1)
+    return rows
+
+
 async def soak(args, results: dict) -> None:
     from rec.config import RecConfig
 
@@ -104,6 +115,7 @@ async def soak(args, results: dict) -> None:
                 follower = asyncio.create_task(follow_targets(direct, targets, stop))
                 load = Load(direct, pop, f"soak-{results['run_id']}")
                 samples: dict[str, list[tuple[float, float]]] = {}
+                files: dict[str, list[tuple[float, float]]] = {}  # file-backed part of RSS
                 served: list[tuple[float, str | None]] = []
                 end = args.minutes * 60.0
                 done = asyncio.get_running_loop().create_future()
@@ -113,8 +125,9 @@ async def soak(args, results: dict) -> None:
                         for p in stack.tree():
                             with contextlib.suppress(psutil.Error):
                                 key = f"{label(p)} (pid {p.pid})"  # a restart: a new row
-                                rss = p.memory_info().rss / 2**20
-                                samples.setdefault(key, []).append((load.now(), rss))
+                                mem = p.memory_info()
+                                samples.setdefault(key, []).append((load.now(), mem.rss / 2**20))
+                                files.setdefault(key, []).append((load.now(), mem.shared / 2**20))
                         status, data, _ = await proxy.call("GET", "/models")
                         version = json.loads(data).get("serving") if status == 200 else None
                         if version is not None and (not served or served[-1][1] != version):
@@ -144,7 +157,7 @@ async def soak(args, results: dict) -> None:
                 events_acked=figures["events_acked"],
                 events_lost=figures["events_lost"],
                 models_served=served,
-                memory=slopes(samples, WARMUP_S),
+                memory=with_files(slopes(samples, WARMUP_S), files, WARMUP_S),
                 samples={k: [(round(t), round(mb, 1)) for t, mb in v] for k, v in samples.items()},
             )
     finally:
@@ -176,12 +189,14 @@ def to_markdown(results: dict) -> str:
         f"{results['events_lost']}. Models served: "
         + ", ".join(f"{v} from {t} s" for t, v in results["models_served"] if v),
         "",
-        "| process | RSS MB after warm-up | at the end | max | slope MB/10 min | flat |",
-        "|---|---|---|---|---|---|",
+        "| process | RSS MB after warm-up | at the end | max | of it file-backed or shared "
+        "(warm-up → end) | slope MB/10 min | flat |",
+        "|---|---|---|---|---|---|---|",
     ]
     out += [
         f"| {m['process']} | {m['rss_mb_after_warmup']} | {m['rss_mb_end']} | "
-        f"{m['rss_mb_max']} | {m['slope_mb_per_10min']} | "
+        f"{m['rss_mb_max']} | {m.get('file_mb_after_warmup')} → {m.get('file_mb_end')} | "
+        f"{m['slope_mb_per_10min']} | "
         f"{ {True: 'yes', False: 'no', None: 'part of the window'}[m['flat']] } |"
         for m in results["memory"]
     ]
