@@ -1,14 +1,14 @@
 """Pushing a user's list when it changes (`GET /stream`): the log side and the replica side.
 
-The log writer holds `Watches`: each ingress replica keeps one watch pending there, naming the
-users it streams to; the writer answers it as soon as it publishes a record that concerns one
-of them (their events, their deletion) or the catalogue (`Change`). Nothing polls: an idle
+The log writer holds `Watches`: each stream replica (deployments.push) keeps one watch pending
+there, naming the users it streams to; the writer answers it as soon as it publishes a record
+that concerns one of them (their events, their deletion) or the catalogue (`Change`). Nothing polls: an idle
 stream is an entry in two dicts and a pending call, whatever the number of streams.
 
 The replica holds `Streams`: the open streams by user, at most `limit` of them, each with the
 newest list not yet sent (a slow reader skips lists, it never queues them). Which streams a
 change touches is decided here (`Streams.touched`); computing and sending the lists is the
-ingress's.
+stream replica's. The wire format both sides share is at the end (`sse`, `SSEReader`).
 """
 
 from __future__ import annotations
