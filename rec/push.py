@@ -2,8 +2,9 @@
 
 The log writer holds `Watches`: each stream replica (deployments.push) keeps one watch pending
 there, naming the users it streams to; the writer answers it as soon as it publishes a record
-that concerns one of them (their events, their deletion) or the catalogue (`Change`). Nothing polls: an idle
-stream is an entry in two dicts and a pending call, whatever the number of streams.
+that concerns one of them (their events, their deletion) or the catalogue (`Change`). Nothing
+polls: an idle stream is an entry in two dicts and a pending call, whatever the number of
+streams.
 
 The replica holds `Streams`: the open streams by user, at most `limit` of them, each with the
 newest list not yet sent (a slow reader skips lists, it never queues them). Which streams a
