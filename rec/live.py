@@ -63,6 +63,7 @@ class Live:
         if not await self.reload_if_changed():  # no model (or a part that holds none)
             self.rec = await asyncio.to_thread(self._fresh, None, None)
         await self.sync()
+        gc.collect()
         gc.freeze()
         self._reloader = asyncio.get_running_loop().create_task(self._watch())
 
@@ -165,7 +166,10 @@ class Live:
         # nothing: they are long-lived, so they move out of the collector's sight (Serve's
         # throughput mode froze only what existed at start-up, before any model loaded). The
         # old version is freed by reference counting (it holds no reference cycle: a frozen
-        # cycle is never collected), and its pages go back to the OS.
+        # cycle is never collected), and its pages go back to the OS. One full collection
+        # first: the cyclic garbage requests left since the last one would be frozen too, and
+        # never freed.
+        gc.collect()
         gc.freeze()
         await asyncio.to_thread(release_memory)
         self.reloads += 1
