@@ -440,29 +440,12 @@ class Chaos:
         }
 
 
-class Streamed:
-    """STREAMS known users' GET /stream through the proxy (the stream app's route), each
-    reopened as the page does (lc.follow_reconnecting), and every list they got."""
+class Streamed(lc.Streams):
+    """STREAMS known users' GET /stream through the proxy (the stream app's route)."""
 
     def __init__(self, proxy: lc.Client, pop: lc.Population, tag: str) -> None:
         rng = random.Random(tag)
-        self.proxy = proxy
-        self.users = sorted({pop.known_user(rng) for _ in range(STREAMS * 4)})[:STREAMS]
-        self.pushes = _Arrivals()
-        self.readers: list[asyncio.Task] = []
-        self.trace: list[tuple[float, str]] = []  # (perf_counter, how a connection ended)
-
-    async def open(self, timeout_s: float = 60.0) -> None:
-        self.readers = [
-            asyncio.create_task(lc.follow_reconnecting(self.proxy, u, self.pushes, self.trace))
-            for u in self.users
-        ]
-        deadline = time.monotonic() + timeout_s
-        while len(self.pushes.connects) < len(self.users):
-            if time.monotonic() > deadline:
-                await self.close()
-                raise RuntimeError(f"{len(self.pushes.connects)} of {len(self.users)} opened")
-            await asyncio.sleep(0.1)
+        super().__init__(proxy, sorted({pop.known_user(rng) for _ in range(STREAMS * 4)})[:STREAMS])
 
     async def check(self, t_fault: float, direct: lc.Client) -> dict:
         """After the fault (perf_counter `t_fault`): when each stream had its list again (the
@@ -502,11 +485,6 @@ class Streamed:
         )
         return out
 
-    async def close(self) -> None:
-        for r in self.readers:
-            r.cancel()
-        await asyncio.gather(*self.readers, return_exceptions=True)
-
 
 def attempts(trace: list[tuple[float, str]], t_fault: float) -> list[dict]:
     """How stream connections ended, per second from the fault: [{t_s, how, n}]."""
@@ -515,19 +493,6 @@ def attempts(trace: list[tuple[float, str]], t_fault: float) -> list[dict]:
         key = (int((t - t_fault) // 1), how)
         counts[key] = counts.get(key, 0) + 1
     return [{"t_s": t, "how": how, "n": n} for (t, how), n in sorted(counts.items())]
-
-
-class _Arrivals(lc.Pushes):
-    """lc.Pushes that also keeps when each stream's `connect` lists came, per user."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.connects: dict[str, list[float]] = {}
-
-    def received(self, user: str, message: dict, at: float) -> None:
-        super().received(user, message, at)
-        if message.get("trigger") == "connect":
-            self.connects.setdefault(user, []).append(at)
 
 
 def read_request_ids(start: int, tag: str) -> list[str]:

@@ -463,12 +463,15 @@ class Pushes:
         self.never = 0
         self.messages = 0
         self.shown: dict[str, str] = {}  # user -> first item of the newest list
+        self.connects: dict[str, list[float]] = {}  # user -> arrivals of its `connect` lists
         self._got: dict[str, tuple[int, float]] = {}  # user -> (newest offset, arrival)
         self._waiting: dict[str, list[tuple[int, float, asyncio.Future]]] = {}
 
     def received(self, user: str, message: dict, at: float) -> None:
         self.messages += 1
         self._got[user] = (message["offset"], at)
+        if message.get("trigger") == "connect":
+            self.connects.setdefault(user, []).append(at)
         if message["items"]:
             self.shown[user] = message["items"][0]["item_id"]
         keep = []
@@ -546,6 +549,39 @@ async def follow_reconnecting(
             trace.append((time.perf_counter(), how if not opened.is_set() else f"open, {how}"))
         attempt = 0 if opened.is_set() else attempt + 1
         await asyncio.sleep(min(RECONNECT_FIRST_S * 2**attempt, RECONNECT_MAX_S))
+
+
+class Streams:
+    """GET /stream open for `users` through `client`, each reopened as the page does
+    (follow_reconnecting), every list handed to `pushes`; `trace` gets each attempt's end."""
+
+    def __init__(self, client: Client, users: list[str]) -> None:
+        self.client = client
+        self.users = users
+        self.pushes = Pushes()
+        self.readers: list[asyncio.Task] = []
+        self.trace: list[tuple[float, str]] = []
+
+    async def open(self, timeout_s: float = 60.0) -> None:
+        """Open every stream; RuntimeError when some have sent no list within `timeout_s`."""
+        self.readers = [
+            asyncio.create_task(follow_reconnecting(self.client, u, self.pushes, self.trace))
+            for u in self.users
+        ]
+        deadline = time.monotonic() + timeout_s
+        while len(self.pushes.connects) < len(self.users):
+            if time.monotonic() > deadline:
+                opened = len(self.pushes.connects)
+                await self.close()
+                raise RuntimeError(
+                    f"{opened} of {len(self.users)} streams opened: {self.trace[:1]}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        for r in self.readers:
+            r.cancel()
+        await asyncio.gather(*self.readers, return_exceptions=True)
 
 
 def push_step(

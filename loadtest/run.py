@@ -448,20 +448,11 @@ class Run:
 
         rng = random.Random(13)
         users = sorted({self.pop.known_user(rng) for _ in range(n_streams * 4)})[:n_streams]
-        pushes, rec, ev, clicks = lc.Pushes(), lc.Tally(), lc.Tally(), lc.Tally()
-        opened = [asyncio.Event() for _ in users]
-        proxy = self.clients["proxy"]
-        readers = [
-            asyncio.ensure_future(lc.follow(proxy, u, pushes, o))
-            for u, o in zip(users, opened, strict=True)
-        ]
+        rec, ev, clicks = lc.Tally(), lc.Tally(), lc.Tally()
+        streams = lc.Streams(self.clients["proxy"], users)
+        pushes = streams.pushes
+        await streams.open(timeout_s=30)
         try:
-            all_open = asyncio.ensure_future(asyncio.gather(*(o.wait() for o in opened)))
-            await asyncio.wait([all_open, *readers], timeout=30, return_when="FIRST_COMPLETED")
-            if not all_open.done():
-                all_open.cancel()
-                failed = [r.exception() for r in readers if r.done() and r.exception()]
-                raise RuntimeError(f"streams did not open: {failed[:1] or 'in 30 s'}")
             a = self.cpu.snap()
             _, wall = await lc.closed_loop(
                 n + 1,  # n mixed clients and the one that clicks for the streamed users
@@ -476,16 +467,13 @@ class Run:
             )
             b = self.cpu.snap()
         finally:
-            for r in readers:
-                r.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-        failed = [r.exception() for r in readers if not r.cancelled() and r.exception()]
+            await streams.close()
         row = report.scenario_row(
             "push",
             n,
             wall,
             pushes.ms,
-            pushes.never + clicks.errors + len(failed),
+            pushes.never + clicks.errors + len(streams.trace),  # trace: streams that ended
             cpu=self.cpu.delta(a, b),
             measures="POST /events answer -> list pushed on the user's stream reflecting it",
             streams=len(users),
@@ -500,8 +488,8 @@ class Run:
                 for k, t in (("recommend", rec), ("events", ev), ("clicks", clicks))
             },
         )
-        if failed:
-            row["error_examples"] = [repr(e)[:200] for e in failed[:3]]
+        if streams.trace:
+            row["error_examples"] = [how for _, how in streams.trace[:3]]
         self.add(row)
 
     async def new_items(self, trials: int = 5, timeout_s: float = 10.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
@@ -183,3 +184,25 @@ def test_client_resends_a_refused_request_to_another_replica() -> None:
     answers, sent_elsewhere, dead = asyncio.run(scenario())
     assert answers == [200] * 4 and sent_elsewhere >= 1
     assert dead == -1
+
+
+def test_pushes_time_a_click_to_the_list_past_its_offset_and_keep_connects() -> None:
+    from loadtest.client import Pushes
+
+    async def run() -> tuple:
+        pushes = Pushes()
+        first = {"offset": 4, "trigger": "connect", "items": [{"item_id": "i1"}]}
+        pushes.received("u", first, at=1.0)
+        waiting = asyncio.ensure_future(pushes.answered("u", 7, acked=2.0, timeout_s=5.0))
+        await asyncio.sleep(0)
+        pushes.received("u", {"offset": 7, "trigger": "event", "items": []}, at=2.5)  # not past
+        assert not waiting.done()
+        pushes.received("u", {"offset": 8, "trigger": "event", "items": [{"item_id": "i2"}]}, 2.75)
+        took = await waiting
+        never = await pushes.answered("u", 8, acked=3.0, timeout_s=0.01)
+        return pushes, took, never
+
+    pushes, took, never = asyncio.run(run())
+    assert took == 0.75 and never is None
+    assert pushes.connects == {"u": [1.0]} and pushes.shown == {"u": "i2"}
+    assert pushes.messages == 3
