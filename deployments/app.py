@@ -63,7 +63,7 @@ def build_app(
     ranker = RankerStage.options(
         ray_actor_options=actor_options(s.replica_cpus, s.ranker_num_gpus, s.ranker_resources),
         max_ongoing_requests=MAX_ONGOING,
-        health_check_period_s=s.health_check_period_s,
+        **serve_options(s, spread=False),  # GPU replicas go where the GPUs are
     ).bind(cfg)
     return ingress.bind(cfg, log, profile, recall, ranker, trainer=trainer)
 

@@ -94,11 +94,12 @@ def actor_options(
     return opts
 
 
-def serve_options(serving) -> dict:
+def serve_options(serving, spread: bool = True) -> dict:
     """The Serve deployment options every replica of ours takes from `serving`
-    (rec.config.ServingConfig): the health-check period and the per-node spread."""
+    (rec.config.ServingConfig): the health-check period and, where `spread`, the per-node
+    spread."""
     out: dict = {"health_check_period_s": serving.health_check_period_s}
-    if serving.max_replicas_per_node:
+    if spread and serving.max_replicas_per_node:
         out["max_replicas_per_node"] = serving.max_replicas_per_node
     return out
 

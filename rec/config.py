@@ -27,6 +27,13 @@ class EventLogConfig(_Config):
         gt=0,
         description="Newest records kept in memory to serve followers without disk reads.",
     )
+    tokens_kept: int = Field(
+        100_000,
+        gt=0,
+        description="Append tokens (request ids) remembered in memory while the writer runs, "
+        "so a caller's retry of an acknowledged append is not written twice; a restarted "
+        "writer knows those of its active segment.",
+    )
     max_batch_events: int = Field(
         10_000, gt=0, description="Largest batch accepted by one POST /events call."
     )

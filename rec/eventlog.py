@@ -63,7 +63,6 @@ _MAX_BODY = 0xFFFFFFFF
 _META_FIRST = b"rec.first"
 _META_LAST = b"rec.last"
 _META_TOKENS = b"rec.tokens"
-TOKENS_KEPT = 100_000  # append tokens remembered while the writer runs (retries come in seconds)
 _READ_BUFFER = 1 << 20
 # The tail cache merges each run of this many newest frames into one batch: a frame of a few
 # records costs kilobytes of per-batch bookkeeping in memory, whatever its rows (the soak,
@@ -169,8 +168,8 @@ class EventLog:
         A group whose token was written before (a caller's retry after its acknowledgement was
         lost: the writer died after the fsync) is not written again: it gets the offsets it
         got then and written=False. Tokens are kept in the frame's metadata, so the writer
-        that restarts knows those of the active segment again, and the newest TOKENS_KEPT in
-        memory while it runs.
+        that restarts knows those of the active segment again, and the newest
+        `config.tokens_kept` in memory while it runs.
         """
         if not groups or any(not records for _, records in groups):
             raise ValueError("append needs at least one record")
@@ -353,7 +352,7 @@ class EventLog:
 
     def _remember(self, tokens: dict[str, tuple[int, int]]) -> None:
         self._tokens.update(tokens)
-        while len(self._tokens) > TOKENS_KEPT:
+        while len(self._tokens) > self.config.tokens_kept:
             self._tokens.popitem(last=False)
 
     def _rewrite(

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from loadtest.chaos import Answer, summarize, timeline
-from loadtest.soak import slopes
+from loadtest.soak import SWAP_SETTLE_S, WARMUP_S, slopes, warmed_up_at
 
 
 def test_failures_in_the_first_second_are_the_faults_own():
@@ -51,3 +51,12 @@ def test_memory_slope_after_the_warm_up():
     )
     assert rows["b"]["rss_mb_after_warmup"] == pytest.approx(309.0)
     json.dumps(rows)  # what soak.json holds: plain JSON types
+
+
+def test_the_soak_warm_up_ends_after_the_first_model_swap() -> None:
+    assert warmed_up_at([]) == WARMUP_S
+    assert warmed_up_at([(5.0, "v1")]) == WARMUP_S
+    assert warmed_up_at([(5.0, "v1"), (60.0, "v2")]) == WARMUP_S  # swapped early
+    assert warmed_up_at([(0.0, None), (5.0, "v1"), (300.0, "v2"), (450.0, "v3")]) == (
+        300.0 + SWAP_SETTLE_S
+    )

@@ -409,6 +409,17 @@ def test_sigkill_loses_no_acknowledged_append(tmp_path: Path) -> None:
     assert acked == sorted(acked) and len(set(acked)) == len(acked)
 
 
+def test_the_writer_remembers_the_newest_tokens_kept(tmp_path):
+    """Memory for tokens is bounded by eventlog.tokens_kept: a retry of one of the newest is
+    still answered with its first offsets; the oldest are forgotten while the writer runs."""
+    log = EventLog(tmp_path, EventLogConfig(tokens_kept=3))
+    spans = [log.append(make_records(1, 1), token=f"t{i}") for i in range(5)]
+    assert log.append(make_records(1, 1), token="t4") == spans[4]  # among the newest 3
+    assert log.append(make_records(1, 1), token="t0") == (5, 5)  # forgotten: written again
+    assert len(log._tokens) == 3
+    log.close()
+
+
 def test_an_append_retried_with_its_token_is_written_once(tmp_path):
     """A writer that died after the fsync but before answering gets the same call again from
     Ray (max_task_retries): its token makes the retry answer the first offsets, written once,
