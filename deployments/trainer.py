@@ -18,6 +18,7 @@ from deployments.eventlog import get_log
 from deployments.runtime import ON_HEAD, BackgroundStarts, actor_options, lower_own_priority
 from rec import checkpoint
 from rec.config import RecConfig
+from rec.memory import release_memory
 from rec.model import collect_versions, current_version, load_basis, new_version_name, publish
 
 TRAINER_ACTOR = "rec_trainer"
@@ -165,11 +166,14 @@ class Trainer:
                     )
                 await asyncio.to_thread(_apply_low, state, records)
             path = await asyncio.to_thread(_save_low, state, config)
+            offset = state.offset
+            del state, records  # the state is a replica's worth of memory: give it back
+            await asyncio.to_thread(release_memory)
             await self._expire(log)
             self.last_checkpoint = {
                 "checkpoint": path.name,
-                "offset": state.offset,
-                "applied": state.offset - start,
+                "offset": offset,
+                "applied": offset - start,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
             log_.info("checkpoint %s", self.last_checkpoint)

@@ -12,8 +12,8 @@ of its first swap (the old and the new version both alive), which the later swap
 
 Reported (loadtest/results/soak.json and soak.md): requests and errors, latency, and per
 process of the stack its RSS after the warm-up and at the end with the least-squares slope in
-MB per 10 minutes; a process counts as flat when its fitted growth over the measured window is
-at most max(10 MB, 3% of its mean). Every event the load posted and got a 200 for is looked up
+MB per 10 minutes and the growth of its floor (`slopes`); a process counts as flat when its
+floor grew by at most max(10 MB, 3% of its mean). Every event the load posted and got a 200 for is looked up
 in the log at the end (lost: 0 expected).
 """
 
@@ -42,15 +42,19 @@ SWAP_SETTLE_S = 60.0
 SMALL_CACHE = 2_000
 FLAT_MB = 10.0
 FLAT_SHARE = 0.03
+FLOOR_SHARE = 0.2
 
 
 def label(p: psutil.Process) -> str:
     """What a process of the stack is: Ray's process title for workers and actors
-    (ray::ServeReplica:rec:Aggregator, ray::EventLogService ...), else the program's name."""
+    (ray::ServeReplica:rec:Aggregator, ray::EventLogService ...) without the method it runs
+    (ray::EventLogService.append is the same actor), else the program's name."""
     with contextlib.suppress(psutil.Error):
         cmd = p.cmdline()
         if cmd and cmd[0].startswith("ray::"):
-            return cmd[0].split()[0]
+            title = cmd[0].split()[0]
+            actor, _, method = title.rpartition(".")
+            return actor if actor and method.isidentifier() else title
         if cmd:
             prog = Path(cmd[0]).name
             if prog.startswith("python") and len(cmd) > 2:
@@ -60,8 +64,11 @@ def label(p: psutil.Process) -> str:
 
 
 def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list[dict]:
-    """Per process: RSS after the warm-up and at the end, and the least-squares slope (MB per
-    10 minutes) of the samples after it (pure)."""
+    """Per process: RSS after the warm-up and at the end, the least-squares slope (MB per 10
+    minutes) of the samples after it, and the growth of its floor: the lowest RSS of the last
+    FLOOR_SHARE of the window less the lowest of the first. A process is judged on its floor:
+    a job's working set (a log snapshot, a checkpoint, a swap being built) is a peak that goes
+    back down and tilts a fitted line, while a leak raises the floor (pure)."""
     rows = []
     end = max((t for points in samples.values() for t, _ in points), default=t_warm)
     for name, points in sorted(samples.items()):
@@ -70,11 +77,13 @@ def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list
             continue
         t, mb = np.array(after).T
         slope = float(np.polyfit(t, mb, 1)[0]) * 600.0
-        growth = slope * float(t[-1] - t[0]) / 600.0
+        span = float(t[-1] - t[0])
+        first, last = t <= t[0] + FLOOR_SHARE * span, t >= t[-1] - FLOOR_SHARE * span
+        floor = float(mb[last].min() - mb[first].min())
         # a process that lived only part of the window (a Train worker, a pooled worker) is
         # listed, not judged: its growth is its job's
-        whole = float(t[-1] - t[0]) >= 0.8 * (end - t_warm)
-        flat = bool(growth <= max(FLAT_MB, FLAT_SHARE * float(mb.mean())))
+        whole = span >= 0.8 * (end - t_warm)
+        flat = bool(floor <= max(FLAT_MB, FLAT_SHARE * float(mb.mean())))
         rows.append(
             {
                 "process": name,
@@ -82,7 +91,7 @@ def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list
                 "rss_mb_end": round(float(mb[-1]), 1),
                 "rss_mb_max": round(float(mb.max()), 1),
                 "slope_mb_per_10min": round(slope, 2),
-                "fitted_growth_mb": round(growth, 1),
+                "floor_growth_mb": round(floor, 1),
                 "flat": flat if whole else None,
             }
         )
@@ -212,13 +221,13 @@ def to_markdown(results: dict) -> str:
         + ", ".join(f"{v} from {t} s" for t, v in results["models_served"] if v),
         "",
         "| process | RSS MB after warm-up | at the end | max | of it file-backed or shared "
-        "(warm-up → end) | slope MB/10 min | flat |",
-        "|---|---|---|---|---|---|---|",
+        "(warm-up → end) | slope MB/10 min | floor growth MB | flat |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     out += [
         f"| {m['process']} | {m['rss_mb_after_warmup']} | {m['rss_mb_end']} | "
         f"{m['rss_mb_max']} | {m.get('file_mb_after_warmup')} → {m.get('file_mb_end')} | "
-        f"{m['slope_mb_per_10min']} | "
+        f"{m['slope_mb_per_10min']} | {m.get('floor_growth_mb')} | "
         f"{ {True: 'yes', False: 'no', None: 'part of the window'}[m['flat']] } |"
         for m in results["memory"]
     ]

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from loadtest.chaos import Answer, summarize, timeline
-from loadtest.soak import SWAP_SETTLE_S, WARMUP_S, slopes, warmed_up_at
+from loadtest.soak import SWAP_SETTLE_S, WARMUP_S, label, slopes, warmed_up_at
 
 
 def test_failures_in_the_first_second_are_the_faults_own():
@@ -43,7 +43,14 @@ def test_memory_slope_after_the_warm_up():
     flat = [(t, 500.0 + (t % 20) * 0.1) for t in range(0, 1200, 10)]
     growing = [(t, 300.0 + t * 0.05) for t in range(0, 1200, 10)]  # 30 MB per 10 minutes
     short = [(t, 400.0 + t) for t in range(600, 900, 10)]  # a Train worker's life
-    rows = {r["process"]: r for r in slopes({"a": flat, "b": growing, "c": short}, t_warm=180)}
+    # a job's working set: 60 MB for three minutes late in the window, then back down
+    peak = [(t, 300.0 + (60.0 if 900 <= t < 1080 else 0.0)) for t in range(0, 1200, 10)]
+    rows = {
+        r["process"]: r
+        for r in slopes({"a": flat, "b": growing, "c": short, "d": peak}, t_warm=180)
+    }
+    assert rows["d"]["flat"] is True and rows["d"]["floor_growth_mb"] == 0.0
+    assert rows["d"]["slope_mb_per_10min"] > 10  # what a fitted line would have judged on
     assert rows["c"]["flat"] is None  # listed, not judged
     assert rows["a"]["flat"] is True and abs(rows["a"]["slope_mb_per_10min"]) < 1
     assert rows["b"]["flat"] is False and rows["b"]["slope_mb_per_10min"] == pytest.approx(
@@ -59,4 +66,19 @@ def test_the_soak_warm_up_ends_after_the_first_model_swap() -> None:
     assert warmed_up_at([(5.0, "v1"), (60.0, "v2")]) == WARMUP_S  # swapped early
     assert warmed_up_at([(0.0, None), (5.0, "v1"), (300.0, "v2"), (450.0, "v3")]) == (
         300.0 + SWAP_SETTLE_S
+    )
+
+
+def test_a_process_keeps_its_label_while_it_runs_a_method() -> None:
+    class Proc:
+        def __init__(self, title: str) -> None:
+            self.title = title
+
+        def cmdline(self) -> list[str]:
+            return [self.title, ""]
+
+    assert label(Proc("ray::EventLogService.append")) == "ray::EventLogService"
+    assert label(Proc("ray::ServeReplica:rec:Aggregator")) == "ray::ServeReplica:rec:Aggregator"
+    assert label(Proc("ray::ServeReplica:rec:Aggregator.check_health")) == (
+        "ray::ServeReplica:rec:Aggregator"
     )
