@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 import zlib
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -86,11 +87,41 @@ class _Frame:
     last: int
 
 
+class _Frames:
+    """A segment's frame index, in four int64 arrays: 32 bytes a frame. A `_Frame` object each
+    would cost ~240 bytes (the object and its four ints), and with small group commits a
+    segment holds about one frame per record, so the index grew with the log."""
+
+    __slots__ = ("_cols",)
+
+    def __init__(self) -> None:
+        self._cols = tuple(array("q") for _ in range(4))  # pos, size, first, last
+
+    def append(self, frame: _Frame) -> None:
+        for col, value in zip(
+            self._cols, (frame.pos, frame.size, frame.first, frame.last), strict=True
+        ):
+            col.append(value)
+
+    def __len__(self) -> int:
+        return len(self._cols[0])
+
+    def __getitem__(self, i: int) -> _Frame:
+        return _Frame(*(col[i] for col in self._cols))
+
+    def __iter__(self) -> Iterator[_Frame]:
+        return self.since(0)
+
+    def since(self, j: int) -> Iterator[_Frame]:
+        """The frames from the j-th on."""
+        return (_Frame(*row) for row in zip(*(col[j:] for col in self._cols), strict=True))
+
+
 @dataclass(slots=True)
 class _Segment:
     first: int
     path: Path
-    frames: list[_Frame] | None = None  # None: a sealed segment not scanned yet
+    frames: _Frames | None = None  # None: a sealed segment not scanned yet
 
 
 @dataclass(slots=True)
@@ -118,7 +149,7 @@ class EventLog:
             stale.unlink()
         self._segments = [_Segment(int(p.stem), p) for p in sorted(self.path.glob("*.seg"))]
         if not self._segments:
-            self._segments.append(_Segment(0, self._segment_path(0), []))
+            self._segments.append(_Segment(0, self._segment_path(0), _Frames()))
             self._segments[0].path.touch()
             _fsync_dir(self.path)
         active = self._segments[-1]
@@ -342,7 +373,7 @@ class EventLog:
 
     def _roll(self) -> None:
         """Start a new segment at next_offset; the directory is fsynced so the file survives."""
-        seg = _Segment(self._next_offset, self._segment_path(self._next_offset), [])
+        seg = _Segment(self._next_offset, self._segment_path(self._next_offset), _Frames())
         new_file = open(seg.path, "ab", buffering=0)  # noqa: SIM115
         self._file.close()
         self._file = new_file
@@ -368,7 +399,7 @@ class EventLog:
         seg = self._segments[idx]
         data = seg.path.read_bytes() if data is None else data
         out = bytearray()
-        frames: list[_Frame] = []
+        frames = _Frames()
         removed = 0
         for fr in self._frames(idx):
             raw: bytes | memoryview = memoryview(data)[fr.pos : fr.pos + fr.size]
@@ -474,7 +505,7 @@ class EventLog:
         path = self._segments[idx].path
         with open(path, "rb", buffering=_READ_BUFFER) as fh:
             fh.seek(frames[j].pos)
-            for fr in frames[j:]:
+            for fr in frames.since(j):
                 if end is not None and fr.first >= end:
                     return
                 body = _valid_body(fh.read(fr.size), 0)
@@ -482,7 +513,7 @@ class EventLog:
                     raise CorruptLogError(f"{path}: bad frame at byte {fr.pos}")
                 yield fr.first, _read_batch(body)
 
-    def _frames(self, idx: int) -> list[_Frame]:
+    def _frames(self, idx: int) -> _Frames:
         """The frame index of segment `idx`, scanning a sealed segment strictly on first use."""
         seg = self._segments[idx]
         if seg.frames is None:
@@ -573,15 +604,13 @@ def _frame_meta(body: memoryview) -> tuple[int, int, dict[str, tuple[int, int]]]
     return first, last, {t: (int(a), int(b)) for t, (a, b) in tokens.items()}
 
 
-def _scan(
-    data: bytes, first: int, path: Path, tokens: dict | None = None
-) -> tuple[list[_Frame], int]:
+def _scan(data: bytes, first: int, path: Path, tokens: dict | None = None) -> tuple[_Frames, int]:
     """Index the leading run of valid frames of a segment; returns them and where they end
     (and adds their append tokens to `tokens`, given one).
 
     Frames must cover consecutive offsets starting at the segment's first offset.
     """
-    frames: list[_Frame] = []
+    frames = _Frames()
     pos = 0
     expected = first
     while (body := _valid_body(data, pos)) is not None:
