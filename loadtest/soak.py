@@ -13,8 +13,8 @@ of its first swap (the old and the new version both alive), which the later swap
 Reported (loadtest/results/soak.json and soak.md): requests and errors, latency, and per
 process of the stack its RSS after the warm-up and at the end with the least-squares slope in
 MB per 10 minutes and the growth of its floor (`slopes`); a process counts as flat when its
-floor grew by at most max(10 MB, 3% of its mean). Every event the load posted and got a 200 for is looked up
-in the log at the end (lost: 0 expected).
+floor grew by at most max(10 MB, 3% of its mean). Every event the load posted and got a 200
+for is looked up in the log at the end (lost: 0 expected).
 """
 
 from __future__ import annotations
