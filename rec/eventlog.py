@@ -70,6 +70,12 @@ _READ_BUFFER = 1 << 20
 # docs/benchmarks.md), so a cache of small group commits would grow with frames, not records.
 TAIL_MERGE_FRAMES = 64
 SNAPSHOT_ROWS = 1 << 16  # a snapshot holds at most about this many rows in memory at once
+# Frames decoded from disk are merged in runs of up to this many (and COALESCE_ROWS rows)
+# before they are kept: a frame's batch holds its whole IPC body and Arrow's per-batch
+# bookkeeping, kilobytes whatever its rows, so a read or snapshot of small group commits that
+# kept them apart would peak at kilobytes per record (docs/operations.md, memory).
+COALESCE_FRAMES = 256
+COALESCE_ROWS = 1 << 14
 _BEHAVIOUR = pa.array([KIND_EVENT, KIND_IMPRESSION])
 
 
@@ -272,7 +278,7 @@ class EventLog:
                     chunk: list[pa.RecordBatch] = []
                     rows = 0
                     for idx in range(len(self._segments)):
-                        for _, batch in self._segment_batches(idx, 0, None):
+                        for _, batch in _coalesced(self._segment_batches(idx, 0, None)):
                             if batch.num_rows:
                                 chunk.append(batch)
                                 rows += batch.num_rows
@@ -447,7 +453,7 @@ class EventLog:
     def _newest_ts(self, idx: int) -> float | None:
         """The newest event time of segment `idx`'s behaviour records (None: it has none)."""
         newest = None
-        for _, batch in self._segment_batches(idx, 0, None):
+        for _, batch in _coalesced(self._segment_batches(idx, 0, None)):
             ts = pc.max(batch["ts"].filter(_behaviour(batch))).as_py()
             if ts is not None and (newest is None or ts > newest):
                 newest = ts
@@ -492,7 +498,7 @@ class EventLog:
                 for idx in range(first_seg, len(self._segments))
                 for frame in self._segment_batches(idx, start, end)
             )
-            return _clip(frames, start, end, limit)
+            return _clip(_coalesced(frames), start, end, limit)
 
     def _segment_batches(
         self, idx: int, start: int, end: int | None
@@ -672,6 +678,26 @@ def _clip(
             if limit is not None and taken >= limit:
                 break
     return out
+
+
+def _coalesced(
+    frames: Iterable[tuple[int, pa.RecordBatch]],
+) -> Iterator[tuple[int, pa.RecordBatch]]:
+    """(first, batch) pairs in offset order, consecutive ones merged into one batch each
+    COALESCE_FRAMES frames or COALESCE_ROWS rows, so that few small batches are alive at once
+    (the first offset of a merged run is its first frame's)."""
+    run: list[pa.RecordBatch] = []
+    run_first = rows = 0
+    for first, batch in frames:
+        if not run:
+            run_first = first
+        run.append(batch)
+        rows += batch.num_rows
+        if len(run) >= COALESCE_FRAMES or rows >= COALESCE_ROWS:
+            yield run_first, run[0] if len(run) == 1 else pa.concat_batches(run)
+            run, rows = [], 0
+    if run:
+        yield run_first, run[0] if len(run) == 1 else pa.concat_batches(run)
 
 
 def _in_ranges(offsets: pa.Array, ranges: list[tuple[int, int]]) -> pa.Array:

@@ -202,12 +202,14 @@ def test_segments_roll_without_splitting_frames(tmp_path: Path) -> None:
         assert log.read(23, limit=3) == expected[23:26]
 
 
-@pytest.mark.parametrize("merge", [64, 2])
+@pytest.mark.parametrize(("merge", "coalesce"), [(64, 256), (2, 3)])
 def test_tail_cache_and_disk_reads_agree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, merge: int, coalesce: int
 ) -> None:
-    """Also with the cache's frames merged in twos (batches spanning segment boundaries)."""
+    """Also with the cache's frames merged in twos and frames read from disk merged in threes
+    (batches spanning segment boundaries)."""
     monkeypatch.setattr(eventlog, "TAIL_MERGE_FRAMES", merge)
+    monkeypatch.setattr(eventlog, "COALESCE_FRAMES", coalesce)
     config = EventLogConfig(segment_max_records=9, tail_cache_records=7)
     sizes = [random.Random(14).randint(1, 5) for _ in range(12)]
     with EventLog(tmp_path, config) as cached:
@@ -234,7 +236,11 @@ def test_tail_cache_and_disk_reads_agree(
             cached.read(0)
 
 
-def test_snapshot_writes_zstd_parquet(tmp_path: Path) -> None:
+@pytest.mark.parametrize("coalesce", [256, 2])
+def test_snapshot_writes_zstd_parquet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, coalesce: int
+) -> None:
+    monkeypatch.setattr(eventlog, "COALESCE_FRAMES", coalesce)
     config = EventLogConfig(segment_max_records=8)
     with EventLog(tmp_path / "log", config) as log:
         expected = append_frames(log, [5, 5, 5], seed=15)
@@ -252,7 +258,10 @@ def test_snapshot_writes_zstd_parquet(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_forget_user_erases_events_across_segments(tmp_path: Path) -> None:
+def test_forget_user_erases_events_across_segments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(eventlog, "COALESCE_FRAMES", 2)  # disk reads merge frames with gaps
     config = EventLogConfig(segment_max_records=6)
     log = EventLog(tmp_path, config)
     expected = append_frames(log, [4, 4, 4, 4], seed=17)
