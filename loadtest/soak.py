@@ -145,6 +145,7 @@ async def soak(args, results: dict) -> None:
                 samples: dict[str, list[tuple[float, float]]] = {}
                 files: dict[str, list[tuple[float, float]]] = {}  # file-backed part of RSS
                 served: list[tuple[float, str | None]] = []
+                probes: list[dict] = []  # GET /models through the proxy that did not answer 200
                 end = args.minutes * 60.0
                 done = asyncio.get_running_loop().create_future()
 
@@ -156,8 +157,17 @@ async def soak(args, results: dict) -> None:
                                 mem = p.memory_info()
                                 samples.setdefault(key, []).append((load.now(), mem.rss / 2**20))
                                 files.setdefault(key, []).append((load.now(), mem.shared / 2**20))
-                        status, data, _ = await proxy.call("GET", "/models")
+                        status, data, took = await proxy.call("GET", "/models")
                         version = json.loads(data).get("serving") if status == 200 else None
+                        if status != 200:
+                            probes.append(
+                                {
+                                    "t_s": round(load.now()),
+                                    "status": status,
+                                    "seconds": round(took, 2),
+                                    "body": data[:200].decode("replace"),
+                                }
+                            )
                         if version is not None and (not served or served[-1][1] != version):
                             served.append((round(load.now(), 1), version))
                         print(
@@ -186,6 +196,7 @@ async def soak(args, results: dict) -> None:
                 events_acked=figures["events_acked"],
                 events_lost=figures["events_lost"],
                 models_served=served,
+                proxy_probe_failures=probes,
                 warmup_s=warm,
                 memory=with_files(slopes(samples, warm), files, warm),
                 samples={k: [(round(t), round(mb, 1)) for t, mb in v] for k, v in samples.items()},
@@ -233,6 +244,16 @@ def to_markdown(results: dict) -> str:
     ]
     if results.get("error_examples"):
         out += ["", "Errors: " + "; ".join(results["error_examples"])]
+    if results.get("proxy_probe_failures"):
+        out += [
+            "",
+            "GET /models through the Serve proxy (the sampler's, not the load's) not answered "
+            "200: "
+            + "; ".join(
+                f"at {f['t_s']} s {f['status']} after {f['seconds']} s ({f['body'][:80]})"
+                for f in results["proxy_probe_failures"]
+            ),
+        ]
     out += ["", f"Reproduce: `make soak` ({results.get('total_s')} s)."]
     return "\n".join(out) + "\n"
 
