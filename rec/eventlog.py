@@ -76,6 +76,9 @@ SNAPSHOT_ROWS = 1 << 16  # a snapshot holds at most about this many rows in memo
 # kept them apart would peak at kilobytes per record (docs/operations.md, memory).
 COALESCE_FRAMES = 256
 COALESCE_ROWS = 1 << 14
+# Sealed segments whose frame index stays in memory after a read (the most recently used):
+# a snapshot reads every segment, and keeping every index would grow with the whole log.
+SEALED_INDEXES_KEPT = 2
 _BEHAVIOUR = pa.array([KIND_EVENT, KIND_IMPRESSION])
 
 
@@ -94,26 +97,38 @@ class _Frame:
 
 
 class _Frames:
-    """A segment's frame index, in four int64 arrays: 32 bytes a frame. A `_Frame` object each
-    would cost ~240 bytes (the object and its four ints), and with small group commits a
-    segment holds about one frame per record, so the index grew with the log."""
+    """A segment's frame index: each frame's position and first offset, in two int64 arrays
+    (16 bytes a frame; a `_Frame` object each would cost ~240). Frames are contiguous on both
+    counts (each starts where the one before it ends, at the offset after its last), so a
+    frame's size and last offset are where the next one starts, or the index's end. With small
+    group commits a segment holds about one frame per record: this index grows with the
+    segment, up to `segment_max_records` frames."""
 
-    __slots__ = ("_cols",)
+    __slots__ = ("_pos", "_first", "_end", "_next")
 
     def __init__(self) -> None:
-        self._cols = tuple(array("q") for _ in range(4))  # pos, size, first, last
+        self._pos, self._first = array("q"), array("q")
+        self._end = 0  # byte after the last frame
+        self._next = 0  # offset after the last frame
 
     def append(self, frame: _Frame) -> None:
-        for col, value in zip(
-            self._cols, (frame.pos, frame.size, frame.first, frame.last), strict=True
-        ):
-            col.append(value)
+        if self._pos and (frame.pos != self._end or frame.first != self._next):
+            raise ValueError(f"frame {frame} does not follow the index's last one")
+        self._pos.append(frame.pos)
+        self._first.append(frame.first)
+        self._end, self._next = frame.pos + frame.size, frame.last + 1
 
     def __len__(self) -> int:
-        return len(self._cols[0])
+        return len(self._pos)
 
     def __getitem__(self, i: int) -> _Frame:
-        return _Frame(*(col[i] for col in self._cols))
+        n = len(self._pos)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("frame index out of range")
+        end, nxt = (self._pos[i + 1], self._first[i + 1]) if i + 1 < n else (self._end, self._next)
+        return _Frame(self._pos[i], end - self._pos[i], self._first[i], nxt - 1)
 
     def __iter__(self) -> Iterator[_Frame]:
         return self.since(0)
@@ -172,6 +187,7 @@ class EventLog:
         self._tail_unmerged = 0  # newest frames in the cache not merged yet
         self._tail_start = self._next_offset
         self._expired: set[int] = set()  # first offsets of segments with no behaviour records
+        self._indexed: OrderedDict[int, _Segment] = OrderedDict()  # sealed, index held; LRU
         self._closed = False
 
     def __enter__(self) -> EventLog:
@@ -383,6 +399,7 @@ class EventLog:
         new_file = open(seg.path, "ab", buffering=0)  # noqa: SIM115
         self._file.close()
         self._file = new_file
+        self._kept(self._segments[-1])  # sealed now, its index in memory
         self._segments.append(seg)
         self._active_size = 0
         _fsync_dir(self.path)
@@ -498,7 +515,8 @@ class EventLog:
                 for idx in range(first_seg, len(self._segments))
                 for frame in self._segment_batches(idx, start, end)
             )
-            return _clip(_coalesced(frames), start, end, limit)
+            rows = COALESCE_ROWS if limit is None else max(min(COALESCE_ROWS, limit), 1)
+            return _clip(_coalesced(frames, rows), start, end, limit)
 
     def _segment_batches(
         self, idx: int, start: int, end: int | None
@@ -520,8 +538,12 @@ class EventLog:
                 yield fr.first, _read_batch(body)
 
     def _frames(self, idx: int) -> _Frames:
-        """The frame index of segment `idx`, scanning a sealed segment strictly on first use."""
+        """The frame index of segment `idx`. A sealed segment is scanned strictly on first use
+        and its index kept while it is among the SEALED_INDEXES_KEPT most recently used."""
         seg = self._segments[idx]
+        if idx == len(self._segments) - 1:
+            assert seg.frames is not None  # the active segment's index lives while it is written
+            return seg.frames
         if seg.frames is None:
             data = seg.path.read_bytes()
             frames, good = _scan(data, seg.first, seg.path)
@@ -534,7 +556,16 @@ class EventLog:
                     f"{seg.path} ends at offset {end} but the next segment starts at {following}"
                 )
             seg.frames = frames
+        self._kept(seg)
         return seg.frames
+
+    def _kept(self, seg: _Segment) -> None:
+        """Mark a sealed segment's index as just used; drop the least recently used beyond
+        SEALED_INDEXES_KEPT (a reader iterating one holds its own reference)."""
+        self._indexed[seg.first] = seg
+        self._indexed.move_to_end(seg.first)
+        while len(self._indexed) > SEALED_INDEXES_KEPT:
+            self._indexed.popitem(last=False)[1].frames = None
 
 
 # -- frames --------------------------------------------------------------------------------
@@ -681,11 +712,12 @@ def _clip(
 
 
 def _coalesced(
-    frames: Iterable[tuple[int, pa.RecordBatch]],
+    frames: Iterable[tuple[int, pa.RecordBatch]], max_rows: int = COALESCE_ROWS
 ) -> Iterator[tuple[int, pa.RecordBatch]]:
     """(first, batch) pairs in offset order, consecutive ones merged into one batch each
-    COALESCE_FRAMES frames or COALESCE_ROWS rows, so that few small batches are alive at once
-    (the first offset of a merged run is its first frame's)."""
+    COALESCE_FRAMES frames or `max_rows` rows, so that few small batches are alive at once
+    (the first offset of a merged run is its first frame's). A read of `limit` rows passes
+    it as max_rows, so it decodes no more frames than it needs."""
     run: list[pa.RecordBatch] = []
     run_first = rows = 0
     for first, batch in frames:
@@ -693,7 +725,7 @@ def _coalesced(
             run_first = first
         run.append(batch)
         rows += batch.num_rows
-        if len(run) >= COALESCE_FRAMES or rows >= COALESCE_ROWS:
+        if len(run) >= COALESCE_FRAMES or rows >= max_rows:
             yield run_first, run[0] if len(run) == 1 else pa.concat_batches(run)
             run, rows = [], 0
     if run:

@@ -451,3 +451,45 @@ def test_an_append_retried_with_its_token_is_written_once(tmp_path):
     with EventLog(tmp_path) as after:
         assert after.append(make_records(3, 1), token="t1") == (0, 2)
         assert after.next_offset == 6
+
+
+def test_sealed_segments_keep_only_the_newest_used_indexes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot reads every segment; only SEALED_INDEXES_KEPT sealed indexes stay in memory
+    afterwards, and a segment whose index was dropped reads the same again."""
+    monkeypatch.setattr(eventlog, "SEALED_INDEXES_KEPT", 2)
+    config = EventLogConfig(segment_max_records=4, tail_cache_records=1)
+    with EventLog(tmp_path, config) as log:
+        expected = append_frames(log, [1] * 30, seed=40)
+        assert len(segments(tmp_path)) >= 7
+        assert sum(s.frames is not None for s in log._segments[:-1]) == 2  # sealed by rolls
+        path, _ = log.snapshot(tmp_path / "snaps")
+        assert pq.read_table(path).to_pylist() == expected
+        held = [s.frames is not None for s in log._segments]
+        assert held[-1] and sum(held[:-1]) == 2 and held[-3] and held[-2]  # the last two read
+        for start in (0, 5, 13, 29):
+            assert log.read(start, 3) == expected[start : start + 3]
+        # the two sealed segments read last: offsets 4.. (read from 5) and 12.. (from 13)
+        assert [s.first for s in log._segments[:-1] if s.frames is not None] == [4, 12]
+    with EventLog(tmp_path, config) as reopened:  # every sealed index dropped: rescanned
+        assert reopened.read() == expected
+
+
+def test_frame_index_derives_sizes_and_last_offsets(tmp_path: Path) -> None:
+    frames = eventlog._Frames()
+    for f in (eventlog._Frame(0, 10, 5, 7), eventlog._Frame(10, 4, 8, 8)):
+        frames.append(f)
+    frames.append(eventlog._Frame(14, 6, 9, 12))
+    assert list(frames) == [
+        eventlog._Frame(0, 10, 5, 7),
+        eventlog._Frame(10, 4, 8, 8),
+        eventlog._Frame(14, 6, 9, 12),
+    ]
+    assert frames[-1] == eventlog._Frame(14, 6, 9, 12) and len(frames) == 3
+    with pytest.raises(IndexError):
+        frames[3]
+    with pytest.raises(ValueError, match="does not follow"):
+        frames.append(eventlog._Frame(21, 1, 13, 13))  # a gap in the file
+    with pytest.raises(ValueError, match="does not follow"):
+        frames.append(eventlog._Frame(20, 1, 14, 14))  # a gap in the offsets
