@@ -150,34 +150,40 @@ async def soak(args, results: dict) -> None:
                 done = asyncio.get_running_loop().create_future()
 
                 async def sample() -> None:
-                    while load.now() < end:
-                        for p in stack.tree():
-                            with contextlib.suppress(psutil.Error):
-                                key = f"{label(p)} (pid {p.pid})"  # a restart: a new row
-                                mem = p.memory_info()
-                                samples.setdefault(key, []).append((load.now(), mem.rss / 2**20))
-                                files.setdefault(key, []).append((load.now(), mem.shared / 2**20))
-                        status, data, took = await proxy.call("GET", "/models")
-                        version = json.loads(data).get("serving") if status == 200 else None
-                        if status != 200:
-                            probes.append(
-                                {
-                                    "t_s": round(load.now()),
-                                    "status": status,
-                                    "seconds": round(took, 2),
-                                    "body": data[:200].decode("replace"),
-                                }
+                    try:
+                        while load.now() < end:
+                            for p in stack.tree():
+                                with contextlib.suppress(psutil.Error):
+                                    key = f"{label(p)} (pid {p.pid})"  # a restart: a new row
+                                    mem = p.memory_info()
+                                    samples.setdefault(key, []).append(
+                                        (load.now(), mem.rss / 2**20)
+                                    )
+                                    files.setdefault(key, []).append(
+                                        (load.now(), mem.shared / 2**20)
+                                    )
+                            status, data, took = await proxy.call("GET", "/models")
+                            version = json.loads(data).get("serving") if status == 200 else None
+                            if status != 200:
+                                probes.append(
+                                    {
+                                        "t_s": round(load.now()),
+                                        "status": status,
+                                        "seconds": round(took, 2),
+                                        "body": data[:200].decode(errors="replace"),
+                                    }
+                                )
+                            if version is not None and (not served or served[-1][1] != version):
+                                served.append((round(load.now(), 1), version))
+                            print(
+                                f"  {load.now():6.0f} s  {len(load.answers)} requests, "
+                                f"{sum(a.status != 200 for a in load.answers)} errors, "
+                                f"serving {version}",
+                                flush=True,
                             )
-                        if version is not None and (not served or served[-1][1] != version):
-                            served.append((round(load.now(), 1), version))
-                        print(
-                            f"  {load.now():6.0f} s  {len(load.answers)} requests, "
-                            f"{sum(a.status != 200 for a in load.answers)} errors, "
-                            f"serving {version}",
-                            flush=True,
-                        )
-                        await asyncio.sleep(SAMPLE_S)
-                    done.set_result(None)
+                            await asyncio.sleep(SAMPLE_S)
+                    finally:  # the load runs until this says so, also when sampling fails
+                        done.set_result(None)
 
                 sampler = asyncio.create_task(sample())
                 await load.run(done)
