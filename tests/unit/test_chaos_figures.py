@@ -82,3 +82,29 @@ def test_a_process_keeps_its_label_while_it_runs_a_method() -> None:
     assert label(Proc("ray::ServeReplica:rec:Aggregator.check_health")) == (
         "ray::ServeReplica:rec:Aggregator"
     )
+
+
+def test_the_soak_report_lists_proxy_probes_not_answered() -> None:
+    from loadtest.soak import to_markdown
+
+    results = {
+        "started": "2026-12-08T02:00:00+00:00",
+        "machine": "test",
+        "minutes": 20,
+        "retrain_every_s": 150,
+        "warmup_s": 300,
+        "requests": 10,
+        "errors": 0,
+        "by_kind": {"recommend": {"p50_ms": 1, "p99_ms": 2}, "events": {"p99_ms": 3}},
+        "events_acked": 1,
+        "events_lost": 0,
+        "models_served": [(0.1, "v1")],
+        "memory": [],
+        "proxy_probe_failures": [
+            {"t_s": 594, "status": -1, "seconds": 30.0, "body": "TimeoutError()"}
+        ],
+        "total_s": 1,
+    }
+    md = to_markdown(results)
+    assert "at 594 s -1 after 30.0 s (TimeoutError())" in md
+    assert "not answered 200" not in to_markdown({**results, "proxy_probe_failures": []})
