@@ -70,7 +70,7 @@ _READ_BUFFER = 1 << 20
 # docs/benchmarks.md), so a cache of small group commits would grow with frames, not records.
 TAIL_MERGE_FRAMES = 64
 SNAPSHOT_ROWS = 1 << 16  # a snapshot holds at most about this many rows in memory at once
-# Frames decoded from disk are merged in runs of up to this many (and COALESCE_ROWS rows)
+# Frames decoded from disk are merged in runs of up to this many (or COALESCE_ROWS rows)
 # before they are kept: a frame's batch holds its whole IPC body and Arrow's per-batch
 # bookkeeping, kilobytes whatever its rows, so a read or snapshot of small group commits that
 # kept them apart would peak at kilobytes per record (docs/operations.md, memory).
@@ -294,7 +294,7 @@ class EventLog:
                     chunk: list[pa.RecordBatch] = []
                     rows = 0
                     for idx in range(len(self._segments)):
-                        for _, batch in _coalesced(self._segment_batches(idx, 0, None)):
+                        for _, batch in self._segment_batches(idx, 0, None):
                             if batch.num_rows:
                                 chunk.append(batch)
                                 rows += batch.num_rows
@@ -470,7 +470,7 @@ class EventLog:
     def _newest_ts(self, idx: int) -> float | None:
         """The newest event time of segment `idx`'s behaviour records (None: it has none)."""
         newest = None
-        for _, batch in _coalesced(self._segment_batches(idx, 0, None)):
+        for _, batch in self._segment_batches(idx, 0, None):
             ts = pc.max(batch["ts"].filter(_behaviour(batch))).as_py()
             if ts is not None and (newest is None or ts > newest):
                 newest = ts
@@ -510,32 +510,45 @@ class EventLog:
             return _clip(((c.first, c.batch) for c in reversed(picked)), start, end, limit)
         with self._write_lock:
             first_seg = max(bisect.bisect_right([s.first for s in self._segments], start) - 1, 0)
+            rows = COALESCE_ROWS if limit is None else max(min(COALESCE_ROWS, limit), 1)
             frames = (
                 frame
                 for idx in range(first_seg, len(self._segments))
-                for frame in self._segment_batches(idx, start, end)
+                for frame in self._segment_batches(idx, start, end, rows)
             )
-            rows = COALESCE_ROWS if limit is None else max(min(COALESCE_ROWS, limit), 1)
-            return _clip(_coalesced(frames, rows), start, end, limit)
+            return _clip(frames, start, end, limit)
 
     def _segment_batches(
-        self, idx: int, start: int, end: int | None
+        self, idx: int, start: int, end: int | None, max_rows: int = COALESCE_ROWS
     ) -> Iterator[tuple[int, pa.RecordBatch]]:
-        """(first offset, batch) of the frames of segment `idx` that overlap [start, end)."""
+        """(first offset, batch) of the frames of segment `idx` that overlap [start, end),
+        consecutive frames merged into one batch each COALESCE_FRAMES frames or `max_rows`
+        rows as they are decoded, so that few small batches are alive at once (a read of
+        `limit` rows passes it as max_rows: it decodes no more frames than it needs)."""
         frames = self._frames(idx)
         j = bisect.bisect_left(frames, start, key=lambda f: f.last)
         if j == len(frames) or (end is not None and frames[j].first >= end):
             return
         path = self._segments[idx].path
+        run: list[pa.RecordBatch] = []
+        run_first = rows = 0
         with open(path, "rb", buffering=_READ_BUFFER) as fh:
             fh.seek(frames[j].pos)
             for fr in frames.since(j):
                 if end is not None and fr.first >= end:
-                    return
+                    break
                 body = _valid_body(fh.read(fr.size), 0)
                 if body is None:
                     raise CorruptLogError(f"{path}: bad frame at byte {fr.pos}")
-                yield fr.first, _read_batch(body)
+                if not run:
+                    run_first = fr.first
+                run.append(_read_batch(body))
+                rows += run[-1].num_rows
+                if len(run) >= COALESCE_FRAMES or rows >= max_rows:
+                    yield run_first, _merged(run)
+                    run, rows = [], 0
+        if run:
+            yield run_first, _merged(run)
 
     def _frames(self, idx: int) -> _Frames:
         """The frame index of segment `idx`. A sealed segment is scanned strictly on first use
@@ -711,25 +724,8 @@ def _clip(
     return out
 
 
-def _coalesced(
-    frames: Iterable[tuple[int, pa.RecordBatch]], max_rows: int = COALESCE_ROWS
-) -> Iterator[tuple[int, pa.RecordBatch]]:
-    """(first, batch) pairs in offset order, consecutive ones merged into one batch each
-    COALESCE_FRAMES frames or `max_rows` rows, so that few small batches are alive at once
-    (the first offset of a merged run is its first frame's). A read of `limit` rows passes
-    it as max_rows, so it decodes no more frames than it needs."""
-    run: list[pa.RecordBatch] = []
-    run_first = rows = 0
-    for first, batch in frames:
-        if not run:
-            run_first = first
-        run.append(batch)
-        rows += batch.num_rows
-        if len(run) >= COALESCE_FRAMES or rows >= max_rows:
-            yield run_first, run[0] if len(run) == 1 else pa.concat_batches(run)
-            run, rows = [], 0
-    if run:
-        yield run_first, run[0] if len(run) == 1 else pa.concat_batches(run)
+def _merged(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    return batches[0] if len(batches) == 1 else pa.concat_batches(batches)
 
 
 def _in_ranges(offsets: pa.Array, ranges: list[tuple[int, int]]) -> pa.Array:
