@@ -66,6 +66,8 @@ class _Names:
 
 def save(state: LiveState, root: str | Path) -> Path:
     """Write `state` under root/<offset>-<version> (atomically, via a temporary directory)."""
+    if state.profiles is not None and state.profiles.offset != state.offset:
+        raise ValueError("the state's profiles are shared and at another offset than its counts")
     root = Path(root)
     final = root / _name(state.offset, state.model_version)
     tmp = root / f".{final.name}.tmp"
@@ -296,6 +298,8 @@ def load(
     state = LiveState(config, profiles=profiles, stats=stats)
     state.catalog = _catalog(arrays, item_ids, names)
     state.offset = int(meta["offset"])
+    if profiles:
+        state.profiles.offset = state.offset
     state.checkpoint = path.name
     if same:
         state.model_version = version

@@ -54,6 +54,7 @@ class Live:
         self._catching_up: asyncio.Task | None = None
         self._head: HeadReader | None = None
         self.reloads = 0
+        self._started = False  # swaps share the serving state's profiles once it has synced
         self.sync_failures = 0  # background catch-ups failed in a row
 
     async def start(self) -> None:
@@ -63,6 +64,7 @@ class Live:
         if not await self.reload_if_changed():  # no model (or a part that holds none)
             self.rec = await asyncio.to_thread(self._fresh, None, None)
         await self.sync()
+        self._started = True
         gc.collect()
         gc.freeze()
         self._reloader = asyncio.get_running_loop().create_task(self._watch())
@@ -148,11 +150,18 @@ class Live:
             return False
         path = Path(self.config.model_dir) / version
         model, index = await asyncio.to_thread(self._load, path)
-        # The new version's state is built as a fresh replica would build it, beside the one
-        # serving: from the newest checkpoint it can use, the log after it applied in slices,
-        # yielding to requests between them, and only the records that arrived meanwhile
-        # applied under the lock before the switch.
-        fresh = await asyncio.to_thread(self._fresh, model, index)
+        # The new version's state is built beside the one serving: its catalogue and counts as
+        # a fresh replica would build them, from the newest checkpoint it can use and the log
+        # after it applied in slices, yielding to requests between them, and only the records
+        # that arrived meanwhile applied under the lock before the switch. Its profiles are the
+        # serving state's own, which depend on no version: rebuilding them cost a second copy
+        # of every user active since the checkpoint at each swap, and the churn of freeing the
+        # first (once the replica has started; at start-up they come from the checkpoint).
+        share = self._started and self.parts["profiles"]
+        fresh = await asyncio.to_thread(self._fresh, model, index, not share)
+        if share:
+            await self.sync()  # the profiles must be at or past the checkpoint's offset
+            fresh.state.share_profiles(self.rec.state)
         async for records in self._pages(fresh.offset):
             for i in range(0, len(records), APPLY_SLICE):
                 fresh.apply(records[i : i + APPLY_SLICE])
@@ -176,11 +185,16 @@ class Live:
         log.info("now serving model %s", version)
         return True
 
-    def _fresh(self, model: ModelBundle | None, index: Index | None) -> Recommender:
-        """A Recommender of this replica's part for `model`, its state from a checkpoint."""
+    def _fresh(
+        self, model: ModelBundle | None, index: Index | None, profiles: bool = True
+    ) -> Recommender:
+        """A Recommender of this replica's part for `model`, its state from a checkpoint
+        (without profiles when profiles=False: the caller shares the serving state's)."""
         parts = self.parts
         basis = model.basis if model is not None else None
-        state = checkpoint.start_state(self.config, basis, parts["profiles"], parts["recall"])
+        state = checkpoint.start_state(
+            self.config, basis, profiles and parts["profiles"], parts["recall"]
+        )
         return Recommender(self.config, model, index, **parts, state=state)
 
     def _load(self, path: Path) -> tuple[ModelBundle, Index | None]:

@@ -56,11 +56,16 @@ class ProfileView:
 
 class ProfileStore:
     """All profiles of the users this process serves (those in a checkpoint built from its
-    arrays when read, `rec.rows.LazyRows`)."""
+    arrays when read, `rec.rows.LazyRows`), and the log offset they are at.
+
+    Profiles depend on no model version, so a replica keeps one store across its swaps: the
+    state it serves and the next version's warming state share it, and each log record
+    reaches it once, through whichever state applies it first (`LiveState.apply`)."""
 
     def __init__(self, config: ProfileConfig) -> None:
         self.config = config
         self.users: LazyRows[UserProfile] = LazyRows()
+        self.offset = 0  # next log offset to apply
 
     def __len__(self) -> int:
         return len(self.users)

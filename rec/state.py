@@ -162,9 +162,10 @@ class LiveState:
                 if off < self.offset:
                     continue
                 self.offset = off + 1
+            profiles = self._profiles_for(off)
             kind = r["kind"]
             if kind == KIND_EVENT:
-                self._apply_event(r, learn, in_model)
+                self._apply_event(r, learn, in_model, profiles)
             elif kind == KIND_ITEM:
                 self._apply_item(r)
             elif kind == KIND_ITEM_DELETE:
@@ -172,20 +173,42 @@ class LiveState:
                 if idx is not None and (listener := self.listener) is not None:
                     listener.item_deleted(idx)
             elif kind == KIND_USER_DELETE:
-                if self.profiles is not None:
-                    self.profiles.forget(r["user_id"])
+                if profiles is not None:
+                    profiles.forget(r["user_id"])
                 if self.stats is not None:
                     self.stats.forget(r["user_id"])
 
-    def _apply_event(self, r: dict, learn: bool, in_model: bool) -> None:
+    def share_profiles(self, other: LiveState) -> None:
+        """Take `other`'s profile store (a replica's serving state, for the next version's
+        warming one): records it has applied already are applied here to the other parts
+        only. `other` must be at or past this state's offset, so that no record between them
+        is missing from the store."""
+        store = other.profiles
+        if store is None or store.offset < self.offset:
+            raise ValueError("the profiles to share are behind this state")
+        self.profiles = store
+
+    def _profiles_for(self, off: int | None) -> ProfileStore | None:
+        """The profile store if the record at `off` is new to it (advancing its offset)."""
+        store = self.profiles
+        if store is None or off is None:
+            return store
+        if off < store.offset:
+            return None  # applied through the state that shares the store
+        store.offset = off + 1
+        return store
+
+    def _apply_event(
+        self, r: dict, learn: bool, in_model: bool, profiles: ProfileStore | None
+    ) -> None:
         item_id, user_id = r["item_id"], r["user_id"]
         idx = self._ensure(item_id, float(r["ts"]))
         if self.stats is not None:
             w = event_weight(r["type"], r.get("value"), self.config.profile)
             count = not in_model and r.get("offset", self.offset) >= self.model_offset
             self.stats.observe(user_id, idx, item_id, float(r["ts"]), w, learn, count)
-        if self.profiles is not None:
-            self.profiles.apply_event(r, self.catalog.meta.get(item_id))
+        if profiles is not None:
+            profiles.apply_event(r, self.catalog.meta.get(item_id))
 
     def _apply_item(self, r: dict) -> None:
         p = parse_payload(r)

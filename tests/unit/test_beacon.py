@@ -149,11 +149,11 @@ def test_forgetting_wipes_the_ring_and_a_restart_invalidates_it(tmp_path) -> Non
     assert b"earlier-user" not in (tmp_path / RECENT_FILE).read_bytes()
 
 
-def _live(tmp_path, body) -> None:
+def _live(tmp_path, body, config: RecConfig | None = None) -> None:
     """Run `await body(live, log, reads)`: a started Live following an in-process EventLog
     actor, with its reads counted from here on ("log": actor calls; "ring": ranges served by
     the records ring; "ring refused": ranges it could not serve)."""
-    config = RecConfig(data_dir=tmp_path)
+    config = config if config is not None else RecConfig(data_dir=tmp_path)
     log = LocalHandle(lambda: EventLogService(str(config.log_dir), config.eventlog.model_dump()))
     reads: Counter = Counter()
     actor_read = log._obj.read

@@ -149,6 +149,31 @@ def test_a_newer_version_starts_from_a_checkpoint_taken_before_its_training(
         assert full.recommend(user, 10)["items"] == resumed.recommend(user, 10)["items"]
 
 
+def test_a_swap_shares_the_serving_profiles_and_applies_each_record_once(
+    tmp_path, v1, v2, log
+) -> None:
+    """A replica's swap: the next version's state starts from a checkpoint without profiles
+    and takes the serving state's store, which is ahead of it; the two then apply the log in
+    interleaved pages (the serving one follows requests, the warming one replays). Every
+    record reaches the store once, and the warming state ends as a full replay of v2."""
+    serving = replayed(v1, log[:4500])
+    path = checkpoint.save(replayed(v1, log[:CUT]).state, tmp_path)
+    warming_state = checkpoint.load(path, CONFIG, v2.basis, profiles=False)
+    assert warming_state.profiles is None and warming_state.offset == CUT
+    with pytest.raises(ValueError, match="behind"):
+        warming_state.share_profiles(replayed(v1, log[:3000]).state)
+    warming_state.share_profiles(serving.state)
+    warming = Recommender(CONFIG, v2, state=warming_state)
+    for who, stop in ((warming, 4300), (serving, 4700), (warming, 4700), (serving, len(log))):
+        who.apply(log[who.offset : stop])
+    assert warming.profiles is serving.profiles and warming.profiles.offset == len(log)
+    with pytest.raises(ValueError, match="shared"):  # its counts are behind its profiles
+        checkpoint.save(warming.state, tmp_path / "mid")
+    warming.apply(log[warming.offset :])
+    assert_same_state(replayed(v2, log).state, warming.state)
+    assert checkpoint.save(warming.state, tmp_path / "end").exists()
+
+
 def test_a_checkpoint_taken_after_a_versions_training_cannot_serve_it(tmp_path, v1, v2, log):
     path = checkpoint.save(replayed(v1, log[: CUT + 100]).state, tmp_path)
     assert checkpoint.usable(tmp_path, v2.basis) == []
