@@ -51,6 +51,7 @@ RECENT_FILE = "RECENT"
 RECENT_BYTES = 16 << 20  # the records ring's data: about 100k events of ~150 bytes
 RECENT_HEADER = 1  # written: bytes ever reserved, the end of the newest batch's entry
 _ENTRY = struct.Struct("<qqq")  # a batch's first offset, its record count, its payload's bytes
+PAGE = 4096
 RING = 1 << 16  # offsets whose owners are kept; a replica further behind than this just reads
 HEADER = 3  # head, nonce, marked (the end of the newest batch whose owners are written)
 NOBODY = 0  # an impression: serving applies nothing from it
@@ -208,6 +209,14 @@ class HeadReader:
         return out
 
 
+def _fault_in(*maps: np.memmap) -> None:
+    """Map every page now: the ring's fixed size is in this process's resident memory from
+    the start, not faulted in while the ring first fills (growth a long run cannot tell from
+    a leak)."""
+    for m in maps:
+        m[:: PAGE // m.itemsize].sum()
+
+
 class _RecentMaps:
     """The records ring's file: [written] and, per offset slot, the position of the
     entry holding it (int64), then RECENT_BYTES of entries `first | count | nbytes | payload`
@@ -224,6 +233,7 @@ class _RecentMaps:
         self.header = words_map[:RECENT_HEADER]
         self.index = words_map[RECENT_HEADER:]
         self.data = np.memmap(path, np.uint8, mode=mode, offset=8 * words, shape=(RECENT_BYTES,))
+        _fault_in(words_map, self.data)
 
     def put(self, pos: int, blob: bytes) -> None:
         start = pos % RECENT_BYTES

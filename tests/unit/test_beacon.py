@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
@@ -359,3 +360,25 @@ def test_a_retried_append_is_acknowledged_and_followed_once(tmp_path) -> None:
         assert [r["user_id"] for r in await log.read.remote(0)] == ["u", "w"]
 
     _live(tmp_path, body)
+
+
+def _resident_kb(path) -> int:
+    """This process's resident KiB of its mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            inside = len(fields) > 5 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_the_records_ring_is_resident_from_the_start_in_writer_and_reader(tmp_path) -> None:
+    """The ring's fixed size shows at once, not as growth while it first fills."""
+    writer = HeadWriter(tmp_path)
+    path = (tmp_path / RECENT_FILE).resolve()
+    assert _resident_kb(path) >= RECENT_BYTES // 1024
+    reader = HeadReader.open(writer.info())
+    assert reader is not None
+    assert _resident_kb(path) >= 2 * (RECENT_BYTES // 1024)  # the reader's own mapping too
