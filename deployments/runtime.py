@@ -42,6 +42,29 @@ ENV = {
 }
 
 
+def allocator_env() -> dict[str, str]:
+    """The process environment that puts jemalloc under rec's actors and replicas: the copy
+    Ray ships for its own daemons. Long-lived processes that build and free large transient
+    states (a model swap, a checkpoint, a log snapshot) kept glibc's freed chunks resident in
+    its per-thread arenas, so their memory crept up with nothing live behind it; jemalloc
+    gives unused pages back on a timer (a background thread, for idle processes too).
+    `REC_ALLOCATOR=system` where the actors start keeps glibc's malloc; none where Ray ships
+    no jemalloc (outside Linux)."""
+    if os.environ.get("REC_ALLOCATOR", "jemalloc") != "jemalloc":
+        return {}
+    import ray
+
+    lib = Path(ray.__file__).parent / "core" / "libjemalloc.so"
+    if not lib.exists():
+        return {}
+    return {"LD_PRELOAD": str(lib), "MALLOC_CONF": JEMALLOC_CONF}
+
+
+# Purge dirty pages a second after they are freed, keep no lazily freed (muzzy) ones, and do
+# it from jemalloc's background thread rather than only on the next allocation.
+JEMALLOC_CONF = "background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0"
+
+
 def set_process_env() -> None:
     """Apply ENV to this process (call before importing torch / starting Ray)."""
     for key, value in ENV.items():
@@ -86,7 +109,7 @@ ON_HEAD = {"node:__internal_head__": 0.001}
 def actor_options(
     num_cpus: float, num_gpus: float = 0.0, resources: dict[str, float] | None = None
 ) -> dict:
-    opts: dict = {"num_cpus": num_cpus, "runtime_env": {"env_vars": dict(ENV)}}
+    opts: dict = {"num_cpus": num_cpus, "runtime_env": {"env_vars": {**ENV, **allocator_env()}}}
     if num_gpus:
         opts["num_gpus"] = num_gpus
     if resources:
