@@ -1,7 +1,7 @@
 """`make soak`: the `mixed` load at 8 clients for 20 minutes (--minutes) against a local fused
 stack that retrains and checkpoints on its own schedule meanwhile (train.every_s 150 unless
 --retrain-every says otherwise: several model swaps in the window), sampling every process's
-resident memory every 10 s.
+memory every 10 s.
 
 A leak shows as growth once every bounded store is full, so the stack runs with the log's
 in-memory stores (tail cache, recent records, append tokens) at SMALL_CACHE records, which the
@@ -10,11 +10,19 @@ their growth would read as a leak. The warm-up ends WARMUP_S in, or SWAP_SETTLE_
 first retrained version is served, whichever is later: a replica's memory keeps the high-water
 of its first swap (the old and the new version both alive), which the later swaps reuse.
 
+A process is judged on its private memory (USS: the pages only it maps). Its RSS also counts
+shared pages, each the first time the process touches it: the code of the libraries it runs
+(torch's is ~200 MB), the mapped checkpoint and model files, the log's record ring and Ray's
+object store (512 MB, shared by every worker: each large reply or argument lands in pages the
+process may not have touched yet). All are bounded by what is on disk or by configuration,
+yet fault in over hours and read as growth; the RSS is reported beside it.
+
 Reported (loadtest/results/soak.json and soak.md): requests and errors, latency, and per
-process of the stack its RSS after the warm-up and at the end with the least-squares slope in
-MB per 10 minutes and the growth of its floor (`slopes`); a process counts as flat when its
-floor grew by at most max(10 MB, 3% of its mean). Every event the load posted and got a 200
-for is looked up in the log at the end (lost: 0 expected).
+process of the stack its private memory after the warm-up and at the end with the
+least-squares slope in MB per 10 minutes and the growth of its floor (`slopes`), and its RSS;
+a process counts as flat when its floor grew by at most max(10 MB, 3% of its mean). Every
+event the load posted and got a 200 for is looked up in the log at the end (lost: 0
+expected).
 """
 
 from __future__ import annotations
@@ -64,9 +72,9 @@ def label(p: psutil.Process) -> str:
 
 
 def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list[dict]:
-    """Per process: RSS after the warm-up and at the end, the least-squares slope (MB per 10
-    minutes) of the samples after it, and the growth of its floor: the lowest RSS of the last
-    FLOOR_SHARE of the window less the lowest of the first. A process is judged on its floor:
+    """Per process: its memory (MB) after the warm-up and at the end, the least-squares slope
+    (MB per 10 minutes) of the samples after it, and the growth of its floor: the lowest sample
+    of the last FLOOR_SHARE of the window less the lowest of the first. A process is judged on its floor:
     a job's working set (a log snapshot, a checkpoint, a swap being built) is a peak that goes
     back down and tilts a fitted line, while a leak raises the floor (pure)."""
     rows = []
@@ -87,9 +95,9 @@ def slopes(samples: dict[str, list[tuple[float, float]]], t_warm: float) -> list
         rows.append(
             {
                 "process": name,
-                "rss_mb_after_warmup": round(float(mb[0]), 1),
-                "rss_mb_end": round(float(mb[-1]), 1),
-                "rss_mb_max": round(float(mb.max()), 1),
+                "mb_after_warmup": round(float(mb[0]), 1),
+                "mb_end": round(float(mb[-1]), 1),
+                "mb_max": round(float(mb.max()), 1),
                 "slope_mb_per_10min": round(slope, 2),
                 "floor_growth_mb": round(floor, 1),
                 "flat": flat if whole else None,
@@ -105,14 +113,14 @@ def warmed_up_at(served: list[tuple[float, str | None]]) -> float:
     return max(WARMUP_S, versions[1] + SWAP_SETTLE_S) if len(versions) > 1 else WARMUP_S
 
 
-def with_files(rows: list[dict], files: dict[str, list[tuple[float, float]]], t_warm: float):
-    """`slopes` rows with the file-backed and shared part of each process's RSS (mapped model,
-    checkpoint and log files, shared memory) after the warm-up and at the end (pure)."""
+def with_rss(rows: list[dict], rss: dict[str, list[tuple[float, float]]], t_warm: float):
+    """`slopes` rows of private memory with each process's RSS after the warm-up and at the
+    end (pure)."""
     for row in rows:
-        after = [mb for t, mb in files.get(row["process"], []) if t >= t_warm]
+        after = [mb for t, mb in rss.get(row["process"], []) if t >= t_warm]
         if after:
-            row["file_mb_after_warmup"] = round(after[0], 1)
-            row["file_mb_end"] = round(after[-1], 1)
+            row["rss_mb_after_warmup"] = round(after[0], 1)
+            row["rss_mb_end"] = round(after[-1], 1)
     return rows
 
 
@@ -142,8 +150,8 @@ async def soak(args, results: dict) -> None:
             async with Client(urls, args.api_key) as direct:
                 follower = asyncio.create_task(follow_targets(direct, targets, stop))
                 load = Load(direct, pop, f"soak-{results['run_id']}")
-                samples: dict[str, list[tuple[float, float]]] = {}
-                files: dict[str, list[tuple[float, float]]] = {}  # file-backed part of RSS
+                private: dict[str, list[tuple[float, float]]] = {}  # USS, what is judged
+                rss: dict[str, list[tuple[float, float]]] = {}
                 served: list[tuple[float, str | None]] = []
                 probes: list[dict] = []  # GET /models through the proxy that did not answer 200
                 end = args.minutes * 60.0
@@ -155,13 +163,11 @@ async def soak(args, results: dict) -> None:
                             for p in stack.tree():
                                 with contextlib.suppress(psutil.Error):
                                     key = f"{label(p)} (pid {p.pid})"  # a restart: a new row
-                                    mem = p.memory_info()
-                                    samples.setdefault(key, []).append(
-                                        (load.now(), mem.rss / 2**20)
+                                    mem = p.memory_full_info()
+                                    private.setdefault(key, []).append(
+                                        (load.now(), mem.uss / 2**20)
                                     )
-                                    files.setdefault(key, []).append(
-                                        (load.now(), mem.shared / 2**20)
-                                    )
+                                    rss.setdefault(key, []).append((load.now(), mem.rss / 2**20))
                             status, data, took = await proxy.call("GET", "/models")
                             version = json.loads(data).get("serving") if status == 200 else None
                             if status != 200:
@@ -204,8 +210,11 @@ async def soak(args, results: dict) -> None:
                 models_served=served,
                 proxy_probe_failures=probes,
                 warmup_s=warm,
-                memory=with_files(slopes(samples, warm), files, warm),
-                samples={k: [(round(t), round(mb, 1)) for t, mb in v] for k, v in samples.items()},
+                memory=with_rss(slopes(private, warm), rss, warm),
+                private_samples={
+                    k: [(round(t), round(mb, 1)) for t, mb in v] for k, v in private.items()
+                },
+                rss_samples={k: [(round(t), round(mb, 1)) for t, mb in v] for k, v in rss.items()},
             )
     finally:
         stop.set()
@@ -223,7 +232,7 @@ def to_markdown(results: dict) -> str:
         f"{results['started']} on {results['machine']}: mixed load (90% GET /recommend, 10% "
         f"POST /events) at 8 clients for {results.get('minutes')} minutes, retrain every "
         f"{results.get('retrain_every_s')} s and checkpoints on their default schedule, the "
-        f"log's in-memory stores at {SMALL_CACHE} records; RSS sampled every {SAMPLE_S:.0f} s, "
+        f"log's in-memory stores at {SMALL_CACHE} records; memory sampled every {SAMPLE_S:.0f} s, "
         f"slopes after a warm-up of {results.get('warmup_s')} s (past the first model swap).",
         "",
     ]
@@ -237,13 +246,16 @@ def to_markdown(results: dict) -> str:
         f"{results['events_lost']}. Models served: "
         + ", ".join(f"{v} from {t} s" for t, v in results["models_served"] if v),
         "",
-        "| process | RSS MB after warm-up | at the end | max | of it file-backed or shared "
-        "(warm-up → end) | slope MB/10 min | floor growth MB | flat |",
+        "Private memory (USS, MB) is judged; RSS adds the shared pages the process has touched "
+        "(libraries, mapped files, the record ring, Ray's object store).",
+        "",
+        "| process | private MB after warm-up | at the end | max | RSS MB (warm-up → end) | "
+        "slope MB/10 min | floor growth MB | flat |",
         "|---|---|---|---|---|---|---|---|",
     ]
     out += [
-        f"| {m['process']} | {m['rss_mb_after_warmup']} | {m['rss_mb_end']} | "
-        f"{m['rss_mb_max']} | {m.get('file_mb_after_warmup')} → {m.get('file_mb_end')} | "
+        f"| {m['process']} | {m['mb_after_warmup']} | {m['mb_end']} | "
+        f"{m['mb_max']} | {m.get('rss_mb_after_warmup')} → {m.get('rss_mb_end')} | "
         f"{m['slope_mb_per_10min']} | {m.get('floor_growth_mb')} | "
         f"{ {True: 'yes', False: 'no', None: 'part of the window'}[m['flat']] } |"
         for m in results["memory"]

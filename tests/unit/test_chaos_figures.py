@@ -56,7 +56,7 @@ def test_memory_slope_after_the_warm_up():
     assert rows["b"]["flat"] is False and rows["b"]["slope_mb_per_10min"] == pytest.approx(
         30, rel=1e-3
     )
-    assert rows["b"]["rss_mb_after_warmup"] == pytest.approx(309.0)
+    assert rows["b"]["mb_after_warmup"] == pytest.approx(309.0)
     json.dumps(rows)  # what soak.json holds: plain JSON types
 
 
