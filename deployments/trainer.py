@@ -22,7 +22,10 @@ from rec.memory import release_memory
 from rec.model import collect_versions, current_version, load_basis, new_version_name, publish
 
 TRAINER_ACTOR = "rec_trainer"
-READ_PAGE = 20_000  # log records per read while a checkpoint catches up
+# Log records per read while a checkpoint catches up. Two pages are alive at once (one being
+# applied, the next travelling), as Python dicts of ~1 KB a record: the job's peak, which the
+# trainer's memory keeps as its high-water.
+READ_PAGE = 5_000
 FIRST_MODEL_POLL_S = 10.0  # how often a trainer with no published model checks the log
 log_ = logging.getLogger("rec.trainer")
 
