@@ -2,7 +2,8 @@
 arrays (memory-mapped, so the replicas of one machine share the pages) and become Python
 objects only when an event changes them; users new since the checkpoint are objects from the
 start. Start-up then costs what the checkpoint's arrays cost to map, not a Python object per
-user, and a replica's private memory grows with the users active since the checkpoint."""
+user, and a replica's private memory grows with the users active since the checkpoint (for
+profiles, which a replica keeps across model swaps, since the replica started)."""
 
 from __future__ import annotations
 
