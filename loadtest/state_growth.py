@@ -6,8 +6,8 @@ taken for, as a replica does after a swap, then applies the soak's kind of event
 load's: known users by activity, items by popularity) in steps, with offsets after the
 checkpoint's, and prints after each step the memory `tracemalloc` traces to Python
 allocations: first users' profiles and co-occurrence rows materialised from the checkpoint's
-arrays (bounded by the users, and started again at each swap), then growth with the data
-itself. RSS is printed too, but tracing inflates it.
+arrays (bounded by the users; a replica keeps its profiles across swaps and materialises
+its co-occurrence rows again at each), then growth with the data itself. RSS is printed too, but tracing inflates it.
 """
 
 from __future__ import annotations
