@@ -8,7 +8,8 @@ in-memory stores (tail cache, recent records, append tokens) at SMALL_CACHE reco
 load fills in the first minutes; at their defaults they fill over hours of this load and
 their growth would read as a leak. The warm-up ends WARMUP_S in, or SWAP_SETTLE_S after the
 first retrained version is served, whichever is later: a replica's memory keeps the high-water
-of its first swap (the old and the new version both alive), which the later swaps reuse.
+of its first swap (the old and the new version both alive); a later swap raises it only
+when its two versions together need more (the data grew).
 
 A process is judged on its private memory (USS: the pages only it maps). Its RSS also counts
 shared pages, each the first time the process touches it: the code of the libraries it runs
